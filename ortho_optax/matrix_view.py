@@ -1,0 +1,142 @@
+"""Per-leaf matrix views: which axes of a parameter are fan-in, fan-out and batch.
+
+Every orthogonalizing stage works on a stack of matrices in the PyTorch orientation
+``(batch, out, in)`` so that the formulas of the seed systems (rows = out, cols = in)
+apply unchanged. A :class:`MatrixDims` tells how to get there from a parameter of any
+rank: the reduction (fan-in) axes are flattened into ``in``, the output (fan-out) axes
+into ``out``, and every other axis is a batch axis (stacked layers under ``scan``, heads,
+experts). The layer axis is therefore never folded into rows or columns.
+
+Flax stores dense kernels as ``(in, out)``: the default view of a 2-D leaf is
+``MatrixDims(reduction_axes=(0,), output_axes=(1,))``. PyTorch-layout arrays use
+``MatrixDims(reduction_axes=(1,), output_axes=(0,))`` (see :data:`TORCH_LAYOUT`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import jax.numpy as jnp
+
+
+class MatrixDims(NamedTuple):
+  """How to view one parameter as a stack of matrices.
+
+  Attributes:
+    reduction_axes: axes contracted with the layer input (fan-in); flattened into
+      the matrix's columns.
+    output_axes: axes of the layer output (fan-out); flattened into the matrix's rows.
+    num_splits: split the output axis into this many equal blocks and treat each block
+      as its own matrix (fused QKV projections: ``num_splits=3``).
+
+  All other axes are batch axes: each index along them is an independent matrix.
+  """
+
+  reduction_axes: tuple[int, ...] = (0,)
+  output_axes: tuple[int, ...] = (1,)
+  num_splits: int = 1
+
+
+#: The default view of a 2-D Flax kernel ``(in, out)``.
+FLAX_LAYOUT = MatrixDims(reduction_axes=(0,), output_axes=(1,))
+#: The view of a 2-D PyTorch weight ``(out, in)`` (and of the golden vectors).
+TORCH_LAYOUT = MatrixDims(reduction_axes=(1,), output_axes=(0,))
+#: A Flax conv kernel ``(*spatial, in, out)`` of rank 3, 4 or 5.
+def conv_dims(ndim: int) -> MatrixDims:
+  """The view of a Flax convolution kernel ``(*spatial, in, out)``."""
+  return MatrixDims(reduction_axes=tuple(range(ndim - 1)), output_axes=(ndim - 1,))
+
+
+def _normalize_axes(axes: Sequence[int], ndim: int, what: str) -> tuple[int, ...]:
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(f"{what} axis {a} is out of range for a parameter of rank {ndim}.")
+    out.append(a % ndim)
+  return tuple(out)
+
+
+def validate_dims(dims: MatrixDims, shape: Sequence[int]) -> MatrixDims:
+  """Checks ``dims`` against ``shape`` and returns it with non-negative axes.
+
+  Raises:
+    ValueError: naming the bad axes, when axes overlap, are out of range, are empty,
+      or when ``num_splits`` does not divide the output size.
+  """
+  ndim = len(shape)
+  red = _normalize_axes(dims.reduction_axes, ndim, "reduction")
+  out = _normalize_axes(dims.output_axes, ndim, "output")
+  if not red or not out:
+    raise ValueError(
+        f"MatrixDims needs at least one reduction and one output axis, got {dims} "
+        f"for a parameter of shape {tuple(shape)}.")
+  if set(red) & set(out) or len(set(red)) != len(red) or len(set(out)) != len(out):
+    raise ValueError(f"MatrixDims axes overlap or repeat: {dims} for shape {tuple(shape)}.")
+  n_out = math.prod(shape[a] for a in out)
+  if dims.num_splits < 1 or n_out % dims.num_splits:
+    raise ValueError(
+        f"num_splits={dims.num_splits} must be >= 1 and divide the output size {n_out} "
+        f"(shape {tuple(shape)}, output axes {out}).")
+  return MatrixDims(red, out, dims.num_splits)
+
+
+def matrix_shape(shape: Sequence[int], dims: MatrixDims) -> tuple[int, int, int]:
+  """``(batch, out, in)`` of the matrix stack that :func:`to_matrices` produces."""
+  dims = validate_dims(dims, shape)
+  n_in = math.prod(shape[a] for a in dims.reduction_axes)
+  n_out = math.prod(shape[a] for a in dims.output_axes)
+  n_batch = math.prod(
+      shape[a] for a in range(len(shape)) if a not in dims.reduction_axes + dims.output_axes)
+  return n_batch * dims.num_splits, n_out // dims.num_splits, n_in
+
+
+def to_matrices(
+    x: jnp.ndarray, dims: MatrixDims
+) -> tuple[jnp.ndarray, Callable[[jnp.ndarray], jnp.ndarray]]:
+  """Views ``x`` as a stack ``(batch, out, in)`` and returns it with its inverse.
+
+  Args:
+    x: a parameter-shaped array.
+    dims: the parameter's :class:`MatrixDims`.
+
+  Returns:
+    ``(mats, restore)`` where ``mats`` has shape ``(batch, out, in)`` and
+    ``restore(mats_like)`` maps an array of the same shape back to ``x``'s shape and
+    axis order.
+  """
+  dims = validate_dims(dims, x.shape)
+  ndim = x.ndim
+  batch_axes = tuple(a for a in range(ndim) if a not in dims.reduction_axes + dims.output_axes)
+  perm = batch_axes + dims.output_axes + dims.reduction_axes
+  xt = jnp.transpose(x, perm)
+  permuted_shape = xt.shape
+  n_batch = math.prod(x.shape[a] for a in batch_axes)
+  n_out = math.prod(x.shape[a] for a in dims.output_axes)
+  n_in = math.prod(x.shape[a] for a in dims.reduction_axes)
+  k = dims.num_splits
+  # (batch, out, in) -> (batch, k, out/k, in) -> (batch*k, out/k, in): each split block of
+  # the output axis becomes its own matrix.
+  mats = xt.reshape(n_batch * k, n_out // k, n_in)
+  inv_perm = tuple(perm.index(a) for a in range(ndim))
+
+  def restore(m: jnp.ndarray) -> jnp.ndarray:
+    return jnp.transpose(m.reshape(permuted_shape), inv_perm)
+
+  return mats, restore
+
+
+def default_dims(path: str, shape: Sequence[int]) -> MatrixDims | None:
+  """The view assumed for a leaf when the user gives none.
+
+  2-D leaves are Flax ``(in, out)`` kernels. Rank-3 to rank-5 leaves whose path ends in
+  ``kernel`` and whose name mentions ``conv`` are Flax conv kernels. Anything else has
+  no default and returns ``None``: the caller must raise a clear error asking for an
+  explicit :class:`MatrixDims` (a stacked ``(layers, in, out)`` kernel, for instance,
+  is ``MatrixDims(reduction_axes=(1,), output_axes=(2,))``).
+  """
+  if len(shape) == 2:
+    return FLAX_LAYOUT
+  if 3 <= len(shape) <= 5 and "conv" in path.lower() and path.lower().endswith("kernel"):
+    return conv_dims(len(shape))
+  return None

@@ -1,0 +1,1 @@
+"""The seed optimizers, each a function returning an ``optax.GradientTransformation``."""

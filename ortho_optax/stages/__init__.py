@@ -1,0 +1,1 @@
+"""Composable stages: momentum -> orthogonalize -> second moment -> scale -> decay."""

@@ -1,0 +1,55 @@
+"""Shared test set-up: 8 fake CPU devices (sharding tests), golden-vector access, GPU skip."""
+
+import os
+
+# Must happen before JAX initialises its backends: sharding tests use 8 host devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+REFERENCE_DIR = pathlib.Path(
+    os.environ.get("ORTHO_OPTAX_REFERENCE",
+                   pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"))
+
+
+def has_gpu() -> bool:
+  try:
+    return any(d.platform == "gpu" for d in jax.devices())
+  except RuntimeError:
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+  if has_gpu():
+    return
+  skip = pytest.mark.skip(reason="needs a GPU")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)
+
+
+def load_golden(rel: str):
+  """Returns (arrays, meta) of one golden file, or skips when the references are absent."""
+  path = REFERENCE_DIR / rel
+  if not path.exists():
+    pytest.skip(f"golden vectors not found at {path}")
+  z = np.load(path)
+  meta = json.loads(str(z["__meta__"]))
+  return {k: z[k] for k in z.files if k != "__meta__"}, meta
+
+
+def golden_tolerance(meta, key):
+  tol = meta["output_keys"][key]["tolerance"]
+  return tol["rtol"], tol["atol"]
+
+
+@pytest.fixture
+def highest_precision():
+  """fp32 goldens need true fp32 matmuls."""
+  with jax.default_matmul_precision("highest"):
+    yield
