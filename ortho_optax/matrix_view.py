@@ -140,3 +140,76 @@ def default_dims(path: str, shape: Sequence[int]) -> MatrixDims | None:
   if 3 <= len(shape) <= 5 and "conv" in path.lower() and path.lower().endswith("kernel"):
     return conv_dims(len(shape))
   return None
+
+
+def path_str(path) -> str:
+  """A readable ``a/b/c`` name for a pytree key path.
+
+  Flax NNX wraps leaves in ``Variable`` objects whose value sits under an attribute
+  ``value``; that key is dropped so a leaf has the same name inside and outside NNX.
+  """
+  parts = []
+  for k in path:
+    name = getattr(k, "key", None)
+    if name is None:
+      name = getattr(k, "name", None)
+    if name is None:
+      name = getattr(k, "idx", None)
+    if name is None:
+      name = str(k)
+    parts.append(str(name))
+  if parts and parts[-1] == "value":
+    parts.pop()
+  return "/".join(parts)
+
+
+DimensionNumbers = (
+    "None | MatrixDims | pytree of (MatrixDims | None) | Callable[[params], pytree]")
+
+
+def resolve_dims(tree, dimension_numbers=None):
+  """A pytree (same structure as ``tree``) of :class:`MatrixDims`, one per array leaf.
+
+  Args:
+    tree: parameters or updates (``None`` leaves are kept as ``None``).
+    dimension_numbers: ``None`` (use :func:`default_dims` by path and shape), one
+      :class:`MatrixDims` for every leaf, a pytree of ``MatrixDims`` (or ``None`` for the
+      default) matching ``tree``, or a callable ``tree -> such a pytree``.
+
+  Returns:
+    A pytree of validated ``MatrixDims`` with the structure of ``tree``.
+
+  Raises:
+    ValueError: for a leaf with no view, naming its path and shape and how to give one.
+  """
+  if callable(dimension_numbers) and not isinstance(dimension_numbers, MatrixDims):
+    dimension_numbers = dimension_numbers(tree)
+  is_dims = lambda x: isinstance(x, MatrixDims) or x is None
+
+  def one(path, leaf, dims=None):
+    if leaf is None:
+      return None
+    name = path_str(path)
+    shape = tuple(leaf.shape)
+    if dims is None:
+      dims = default_dims(name, shape)
+    if dims is None:
+      raise ValueError(
+          f"Parameter '{name}' of shape {shape} (rank {len(shape)}) has no default matrix "
+          "view: only rank-2 kernels (in, out) and conv kernels are inferred. Pass "
+          "dimension_numbers with a MatrixDims(reduction_axes=..., output_axes=...) for it "
+          "(e.g. a stacked (layers, in, out) kernel is MatrixDims((1,), (2,))), or route it "
+          "to the AdamW branch with label_fn.")
+    try:
+      return validate_dims(dims, shape)
+    except ValueError as e:
+      raise ValueError(f"Parameter '{name}': {e}") from None
+
+  import jax  # local: keeps this module importable without initialising JAX backends
+
+  if dimension_numbers is None or isinstance(dimension_numbers, MatrixDims):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: one(p, x, dimension_numbers), tree, is_leaf=lambda x: x is None)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x, d: one(p, x, d), tree, dimension_numbers,
+      is_leaf=lambda x: x is None)

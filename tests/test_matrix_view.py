@@ -46,3 +46,14 @@ def test_defaults():
   assert default_dims("dense/kernel", (3, 4)) == MatrixDims()
   assert default_dims("conv1/kernel", (3, 3, 8, 16)).output_axes == (3,)
   assert default_dims("blocks/kernel", (12, 8, 16)) is None
+
+
+def test_resolve_dims_errors_name_the_leaf():
+  from ortho_optax.matrix_view import resolve_dims
+  params = {"blocks": {"kernel": jnp.zeros((12, 8, 16))}, "w": jnp.zeros((3, 4)), "none": None}
+  with pytest.raises(ValueError, match="blocks/kernel"):
+    resolve_dims(params)
+  dims = resolve_dims(params, {"blocks": {"kernel": MatrixDims((1,), (2,))}, "w": None, "none": None})
+  assert dims["blocks"]["kernel"] == MatrixDims((1,), (2,))
+  assert dims["w"] == MatrixDims((0,), (1,))
+  assert dims["none"] is None
