@@ -1,0 +1,190 @@
+"""Shared pieces of the optimizers: the AdamW fallback and hyperparameter checks.
+
+Validation helpers follow one policy (team brief): they check *Python numbers* only and
+raise a ``ValueError`` that names the hyperparameter, its value and what is allowed.
+Anything else (a ``jax.Array``, a NumPy array, a schedule, a tracer under
+``optax.inject_hyperparams``) is accepted as is, because it may only be known at run
+time.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable, Optional
+
+import jax
+import optax
+
+from ortho_optax import matrix_view
+from ortho_optax import routing
+
+
+# ---------------------------------------------------------------------------------------
+# Hyperparameter validation
+# ---------------------------------------------------------------------------------------
+
+
+def _is_number(value) -> bool:
+  """True for Python (and NumPy scalar) real numbers; False for arrays and callables."""
+  return isinstance(value, numbers.Real) and not callable(value)
+
+
+def check_non_negative(name: str, value) -> None:
+  """Raises ``ValueError`` if ``value`` is a number < 0 (or NaN)."""
+  if _is_number(value) and not value >= 0:
+    raise ValueError(f"{name} must be >= 0, got {name}={value!r}.")
+
+
+def check_positive(name: str, value) -> None:
+  """Raises ``ValueError`` if ``value`` is a number <= 0 (or NaN)."""
+  if _is_number(value) and not value > 0:
+    raise ValueError(f"{name} must be > 0, got {name}={value!r}.")
+
+
+def check_in_range(name: str, value, low=None, high=None, *, low_inclusive: bool = True,
+                   high_inclusive: bool = True) -> None:
+  """Raises ``ValueError`` if the number ``value`` is outside ``[low, high]``.
+
+  Args:
+    name: hyperparameter name used in the message.
+    value: the value to check (non-numbers are skipped).
+    low, high: bounds, ``None`` for unbounded.
+    low_inclusive, high_inclusive: whether the bounds themselves are allowed.
+  """
+  if not _is_number(value):
+    return
+  ok = value == value  # NaN fails every range
+  if low is not None:
+    ok = ok and (value >= low if low_inclusive else value > low)
+  if high is not None:
+    ok = ok and (value <= high if high_inclusive else value < high)
+  if not ok:
+    lo = "(-inf" if low is None else ("[" if low_inclusive else "(") + repr(low)
+    hi = "inf)" if high is None else repr(high) + ("]" if high_inclusive else ")")
+    raise ValueError(f"{name} must be in {lo}, {hi}, got {name}={value!r}.")
+
+
+def check_choice(name: str, value, choices: Iterable) -> None:
+  """Raises ``ValueError`` if ``value`` is not one of ``choices``."""
+  choices = tuple(choices)
+  if value not in choices:
+    raise ValueError(
+        f"{name}={value!r} is not supported; valid choices: "
+        + ", ".join(repr(c) for c in choices) + ".")
+
+
+def check_int(name: str, value, minimum: Optional[int] = None) -> None:
+  """Raises ``ValueError`` unless ``value`` is a Python ``int`` (>= ``minimum``).
+
+  Step counts and iteration counts fix array shapes / loop lengths, so they must be
+  static Python integers (``bool`` is rejected).
+  """
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{name} must be a Python int, got {name}={value!r}.")
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}.")
+
+
+def check_learning_rate(value, name: str = "learning_rate") -> None:
+  """A learning rate is a number >= 0 or a schedule (callable) or an array."""
+  if value is None:
+    raise ValueError(f"{name} must be a number or a schedule, got None.")
+  check_non_negative(name, value)
+
+
+def check_momentum(value, name: str = "momentum") -> None:
+  """EMA coefficients live in [0, 1]."""
+  check_in_range(name, value, 0.0, 1.0)
+
+
+def check_adam(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay) -> None:
+  """Validates the ``adam_*`` hyperparameters shared by every optimizer."""
+  check_learning_rate(adam_learning_rate, "adam_learning_rate")
+  check_in_range("adam_b1", adam_b1, 0.0, 1.0, high_inclusive=False)
+  check_in_range("adam_b2", adam_b2, 0.0, 1.0, high_inclusive=False)
+  check_non_negative("adam_eps", adam_eps)
+  check_non_negative("adam_weight_decay", adam_weight_decay)
+
+
+# ---------------------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------------------
+
+
+def with_adamw_fallback(
+    ortho_tx: optax.GradientTransformation,
+    *,
+    adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-10,
+    adam_weight_decay: float = 0.0,
+    label_fn: Any = None,
+    adam_tx: Optional[optax.GradientTransformation] = None,
+) -> optax.GradientTransformation:
+  """Sends hidden matrices to ``ortho_tx`` and every other parameter to AdamW.
+
+  Built on :func:`optax.multi_transform` with the labels of
+  :mod:`ortho_optax.routing`: ``"ortho"`` -> ``ortho_tx``, ``"adam"`` -> AdamW (or
+  ``adam_tx``), ``"frozen"`` (non floating-point leaves) -> :func:`optax.set_to_zero`.
+  ``ortho_tx`` only ever sees the ``"ortho"`` leaves (the others are
+  ``optax.MaskedNode``), so its stages may assume matrices.
+
+  Args:
+    ortho_tx: the orthogonalized chain (already including its learning rate).
+    adam_learning_rate: AdamW learning rate, a number or a schedule.
+    adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW hyperparameters
+      (:func:`optax.adamw`; bias-corrected, ``eps`` outside the square root, decoupled
+      decay multiplied by the learning rate).
+    label_fn: ``None`` (:func:`ortho_optax.routing.default_label_fn`), a callable
+      ``params -> label pytree`` or the label pytree itself; labels ``"ortho"``,
+      ``"adam"`` and ``"frozen"``.
+    adam_tx: replaces the AdamW branch entirely (e.g. AuON's custom Adam, or a
+      :func:`optax.inject_hyperparams`-wrapped AdamW); the ``adam_*`` numbers are then
+      ignored.
+
+  Returns:
+    An ``optax.GradientTransformation`` (a ``multi_transform``; its state is
+    ``optax.MultiTransformState`` with ``inner_states["ortho" | "adam" | "frozen"]``).
+  """
+  if adam_tx is None:
+    check_adam(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay)
+    adam_tx = optax.adamw(
+        learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+        weight_decay=adam_weight_decay)
+  transforms = {
+      routing.ORTHO: ortho_tx,
+      routing.ADAM: adam_tx,
+      routing.FROZEN: optax.set_to_zero(),
+  }
+  return optax.multi_transform(
+      transforms, routing.default_label_fn if label_fn is None else label_fn)
+
+
+def masked_dimension_numbers(dimension_numbers):
+  """Makes ``dimension_numbers`` usable on a sub-tree masked by ``multi_transform``.
+
+  A pytree of ``MatrixDims`` given for the *full* parameter tree does not match the
+  masked tree the orthogonalized branch sees (non-matrix leaves become
+  ``optax.MaskedNode``). This returns a callable that looks each leaf's dims up by its
+  path (:func:`ortho_optax.matrix_view.path_str`), which is the same in both trees.
+  ``None``, a single ``MatrixDims`` and callables are returned unchanged.
+  """
+  if (dimension_numbers is None or callable(dimension_numbers)
+      or isinstance(dimension_numbers, matrix_view.MatrixDims)):
+    return dimension_numbers
+  by_path = routing.dims_path_dict(dimension_numbers)
+
+  def dims_for(tree):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: by_path.get(matrix_view.path_str(p)), tree)
+
+  return dims_for
+
+
+__all__ = [
+    "check_adam", "check_choice", "check_in_range", "check_int", "check_learning_rate",
+    "check_momentum", "check_non_negative", "check_positive", "masked_dimension_numbers",
+    "with_adamw_fallback",
+]
+

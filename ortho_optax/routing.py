@@ -1,0 +1,330 @@
+"""Which parameters are orthogonalized and which go to the AdamW fallback.
+
+Every optimizer of the library orthogonalizes only *hidden weight matrices*; biases,
+norm scales, scalars, embeddings and output heads go to an element-wise optimizer
+(AdamW, or OAdamW's StableAdamW core). The split is a pytree of string labels, the
+``param_labels`` of :func:`optax.multi_transform`:
+
+* ``"ortho"``: a hidden weight matrix, sent to the orthogonalized chain;
+* ``"adam"``: everything else that is trained, sent to the AdamW branch;
+* ``"frozen"``: leaves that are not floating point (integer / bool counters, PRNG key
+  data, ``float0`` gradients): their update is set to zero
+  (:func:`optax.set_to_zero`), so they are left untouched and never reach a
+  floating-point formula.
+
+The default rules (:func:`default_label_fn`) read the leaf's *path*, never the rank
+alone: a leaf is ``"ortho"`` when its own name is a hidden-matrix name
+(:data:`HIDDEN_MATRIX_NAMES`: Flax ``kernel`` of Linear / Conv / Einsum /
+LinearGeneral, Haiku ``w``, Equinox / PyTorch-style ``weight``), its rank is >= 2, it is
+floating point, and no part of its path names an embedding (:data:`EMBEDDING_NAMES`,
+anything containing ``embed``) or an output head (:data:`OUTPUT_HEAD_NAMES`, anything
+ending in ``_head``). Everything else is ``"adam"`` (or ``"frozen"``).
+:func:`label_from_model` uses the module *types* of a Flax NNX model instead of names.
+
+Overriding: every optimizer takes ``label_fn``, anything :func:`optax.multi_transform`
+accepts as ``param_labels``: a callable ``params -> pytree of labels`` or the label
+pytree itself. Common recipes::
+
+  # route by your own rule on the path
+  label_fn = ortho_optax.routing.label_by_path(
+      lambda path, leaf: "ortho" if path.startswith("blocks/") and leaf.ndim >= 2 else "adam")
+  # use NNX module types
+  label_fn = ortho_optax.routing.label_from_model(model)
+  # check the result before training
+  print(ortho_optax.routing.routing_report(params, label_fn))
+
+Leaves given as NNX ``Variable`` objects (``nnx.Optimizer`` calls ``init`` with an
+``nnx.State``) and as plain arrays (``update``) get the same label: paths go through
+:func:`ortho_optax.matrix_view.path_str`, which drops NNX's trailing ``value`` key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ortho_optax import matrix_view
+
+ORTHO = "ortho"
+ADAM = "adam"
+FROZEN = "frozen"
+#: All labels the fallback wrapper understands.
+LABELS = (ORTHO, ADAM, FROZEN)
+
+#: Leaf names of hidden weight matrices: Flax ``kernel`` (nnx / linen Linear, Conv,
+#: Einsum, LinearGeneral), Haiku ``w``, Equinox / PyTorch-style ``weight``. A leaf with
+#: one of these names (and rank >= 2) is orthogonalized unless its path is an
+#: embedding or an output head.
+HIDDEN_MATRIX_NAMES = ("kernel", "w", "weight")
+
+#: Path parts that mark an embedding table (compared lower-case). Any part that
+#: *contains* ``embed`` (``embedding``, ``value_embeds``, ``unembed``...) also counts,
+#: and so does any part ending in ``_emb`` or starting with ``emb_``.
+EMBEDDING_NAMES = (
+    "embedding", "embeddings", "embed", "emb", "wte", "wpe", "tok_emb", "pos_emb",
+    "token_embedding", "position_embedding", "embed_tokens", "word_embeddings",
+    "position_embeddings",
+)
+
+#: Path parts that mark an output layer (compared lower-case). Any part ending in
+#: ``_head`` (``lm_head``, ``cls_head``...) also counts. The attention output
+#: projection (``out_proj``, ``c_proj``, ``o_proj``) is a hidden matrix and is NOT listed.
+OUTPUT_HEAD_NAMES = (
+    "lm_head", "head", "unembed", "unembedding", "logits", "output_proj",
+    "output_layer", "output", "classifier", "readout", "out_head",
+)
+
+
+def _is_embedding_part(part: str) -> bool:
+  p = part.lower()
+  return (p in EMBEDDING_NAMES or "embed" in p or p.endswith("_emb")
+          or p.startswith("emb_"))
+
+
+def _is_head_part(part: str) -> bool:
+  p = part.lower()
+  return p in OUTPUT_HEAD_NAMES or p.endswith("_head")
+
+
+def _leaf_array(leaf):
+  """The array inside an NNX ``Variable`` (or the leaf itself)."""
+  if _is_variable(leaf):
+    return leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+  return leaf
+
+
+def _is_floating(leaf) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is None:  # Python scalars
+    return isinstance(leaf, float)
+  try:
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
+  except TypeError:  # float0 and other exotic dtypes
+    return False
+
+
+def _ndim(leaf) -> int:
+  return len(getattr(leaf, "shape", ()))
+
+
+def _is_variable(x) -> bool:
+  try:
+    from flax import nnx  # local: flax is only needed for NNX inputs
+  except ImportError:  # pragma: no cover
+    return False
+  return isinstance(x, nnx.Variable)
+
+
+def path_parts(path) -> tuple[str, ...]:
+  """The parts of :func:`matrix_view.path_str` (NNX ``value`` key dropped)."""
+  s = matrix_view.path_str(path)
+  return tuple(s.split("/")) if s else ()
+
+
+def default_label(path: str, leaf) -> str:
+  """The default label of one leaf given its ``a/b/c`` path (see module docstring)."""
+  leaf = _leaf_array(leaf)
+  if not _is_floating(leaf):
+    return FROZEN
+  parts = tuple(path.split("/")) if path else ()
+  name = parts[-1].lower() if parts else ""
+  if _ndim(leaf) < 2 or name not in HIDDEN_MATRIX_NAMES:
+    return ADAM
+  if any(_is_embedding_part(p) or _is_head_part(p) for p in parts):
+    return ADAM
+  return ORTHO
+
+
+def _map_leaves(fn: Callable[[str, Any], Any], tree):
+  """``fn(path_str, leaf)`` over array leaves; NNX Variables count as one leaf."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: fn(matrix_view.path_str(p), x), tree, is_leaf=_is_variable)
+
+
+def default_label_fn(params):
+  """Labels hidden weight matrices ``"ortho"``, other float leaves ``"adam"``.
+
+  Args:
+    params: a pytree of parameters or updates (plain arrays, ``nnx.State`` or
+      ``nnx.Variable`` leaves).
+
+  Returns:
+    A pytree with the structure of ``params`` whose leaves are ``"ortho"``, ``"adam"``
+    or ``"frozen"`` (non floating-point leaves, left untouched).
+  """
+  return _map_leaves(default_label, params)
+
+
+def label_by_path(rule: Callable[[str, Any], str]) -> Callable[[Any], Any]:
+  """A ``label_fn`` from a rule ``(path, leaf) -> label``.
+
+  The path is the ``a/b/c`` string of :func:`matrix_view.path_str`. Non floating-point
+  leaves are labelled ``"frozen"`` before the rule is asked.
+  """
+
+  def label_fn(params):
+    def one(path, leaf):
+      if not _is_floating(_leaf_array(leaf)):
+        return FROZEN
+      label = rule(path, leaf)
+      if label not in LABELS:
+        raise ValueError(f"label rule returned {label!r} for '{path}'; valid labels: {LABELS}.")
+      return label
+    return _map_leaves(one, params)
+
+  return label_fn
+
+
+#: NNX module types whose ``kernel`` is a hidden weight matrix (unless under a head).
+_NNX_MATRIX_MODULES = ("Linear", "LinearGeneral", "Einsum", "Conv", "ConvTranspose")
+#: NNX module types whose every parameter goes to AdamW.
+_NNX_EMBED_MODULES = ("Embed",)
+
+
+def label_from_model(model) -> Callable[[Any], Any]:
+  """A ``label_fn`` from the module types of a Flax NNX model.
+
+  Walks the model's graph (``nnx.iter_graph``). Parameters of an ``nnx.Embed`` are
+  ``"adam"``; the ``kernel`` of an ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` /
+  ``Conv`` / ``ConvTranspose`` is ``"ortho"`` unless the module path names an output head
+  (:data:`OUTPUT_HEAD_NAMES`) or an embedding. Every other parameter (biases, norm
+  scales, custom modules' parameters) follows :func:`default_label`.
+
+  Args:
+    model: an ``nnx.Module``.
+
+  Returns:
+    ``label_fn(params) -> pytree of labels`` for ``nnx.state(model, nnx.Param)``-shaped
+    trees (with or without ``Variable`` wrappers; the path is the key).
+  """
+  from flax import nnx
+
+  by_path: dict[str, str] = {}
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.Module):
+      continue
+    kind = type(node).__name__
+    prefix = "/".join(str(p) for p in path)
+    under_head = any(_is_head_part(str(p)) or _is_embedding_part(str(p)) for p in path)
+    for attr, value in vars(node).items():
+      if not isinstance(value, nnx.Variable):
+        continue
+      key = f"{prefix}/{attr}" if prefix else attr
+      if isinstance(node, nnx.Embed) or kind in _NNX_EMBED_MODULES:
+        by_path[key] = ADAM
+      elif (kind in _NNX_MATRIX_MODULES and attr == "kernel" and not under_head
+            and _ndim(value) >= 2):
+        by_path[key] = ORTHO
+      elif kind in _NNX_MATRIX_MODULES:
+        by_path[key] = ADAM
+
+  def label_fn(params):
+    def one(path, leaf):
+      if not _is_floating(_leaf_array(leaf)):
+        return FROZEN
+      return by_path.get(path, None) or default_label(path, leaf)
+    return _map_leaves(one, params)
+
+  return label_fn
+
+
+def resolve_labels(params, label_fn=None):
+  """The label pytree: ``label_fn(params)``, the pytree ``label_fn`` itself, or defaults."""
+  if label_fn is None:
+    return default_label_fn(params)
+  if callable(label_fn):
+    return label_fn(params)
+  return label_fn
+
+
+def routing_report(params, label_fn=None, dimension_numbers=None) -> str:
+  """A dry-run table: where each leaf goes and how it is viewed as a matrix.
+
+  Args:
+    params: the parameter pytree (arrays, ``jax.ShapeDtypeStruct`` or NNX state).
+    label_fn: as the optimizers take it (``None`` = :func:`default_label_fn`).
+    dimension_numbers: as the optimizers take it (``None`` = Flax defaults).
+
+  Returns:
+    A text table with columns path, shape, dtype, label, matrix view: ``(batch, out,
+    in)`` for ``"ortho"`` leaves, or the reason there is none (an error that
+    ``init`` would raise), and the totals per label.
+  """
+  labels = resolve_labels(params, label_fn)
+  flat_params = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]
+  flat_labels = jax.tree_util.tree_leaves(labels, is_leaf=lambda x: x is None or _is_variable(x))
+  flat_labels = [_leaf_array(lbl) for lbl in flat_labels]
+  if len(flat_labels) != len(flat_params):
+    raise ValueError(
+        f"label_fn returned {len(flat_labels)} labels for {len(flat_params)} parameters.")
+  dims_by_path = _dims_by_path(params, dimension_numbers)
+
+  rows = [("path", "shape", "dtype", "label", "matrix view (batch, out, in)")]
+  counts: dict[str, list[int]] = {}
+  for (path, leaf), label in zip(flat_params, flat_labels):
+    leaf = _leaf_array(leaf)
+    name = matrix_view.path_str(path)
+    shape = tuple(getattr(leaf, "shape", ()))
+    dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
+    if label == ORTHO:
+      dims = dims_by_path.get(name)
+      if dims is None:
+        dims = matrix_view.default_dims(name, shape)
+      if dims is None:
+        view = "ERROR: no default view; pass dimension_numbers for it or route it to adam"
+      else:
+        try:
+          b, o, i = matrix_view.matrix_shape(shape, dims)
+          dims = matrix_view.validate_dims(dims, shape)
+          view = (f"({b}, {o}, {i}) out_axes={dims.output_axes} in_axes={dims.reduction_axes}"
+                  + (f" splits={dims.num_splits}" if dims.num_splits > 1 else ""))
+        except ValueError as e:
+          view = f"ERROR: {e}"
+    elif label == ADAM:
+      view = "- (element-wise)"
+    elif label == FROZEN:
+      view = "- (not floating point: update zero)"
+    else:
+      view = f"- (custom label {label!r})"
+    rows.append((name, str(shape), dtype, str(label), view))
+    c = counts.setdefault(str(label), [0, 0])
+    c[0] += 1
+    c[1] += math.prod(shape)
+  widths = [max(len(r[k]) for r in rows) for k in range(4)]
+  lines = ["  ".join(r[k].ljust(widths[k]) for k in range(4)) + "  " + r[4] for r in rows]
+  lines.insert(1, "-" * (sum(widths) + 8 + len(rows[0][4])))
+  total = ", ".join(f"{lbl}: {n} leaves / {size:,} values" for lbl, (n, size) in counts.items())
+  lines.append(f"total: {total}")
+  return "\n".join(lines)
+
+
+def _dims_by_path(params, dimension_numbers) -> dict:
+  """``path -> MatrixDims or None`` from any ``dimension_numbers`` form."""
+  if dimension_numbers is None:
+    return {}
+  if callable(dimension_numbers) and not isinstance(dimension_numbers, matrix_view.MatrixDims):
+    dimension_numbers = dimension_numbers(params)
+  if isinstance(dimension_numbers, matrix_view.MatrixDims):
+    return {matrix_view.path_str(p): dimension_numbers
+            for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]}
+  return dims_path_dict(dimension_numbers)
+
+
+def _is_dims_leaf(x) -> bool:
+  return x is None or isinstance(x, matrix_view.MatrixDims)
+
+
+def dims_path_dict(dims_tree) -> dict:
+  """Flattens a pytree of ``MatrixDims`` (or ``None``) into ``{path: dims}``."""
+  flat = jax.tree_util.tree_flatten_with_path(dims_tree, is_leaf=_is_dims_leaf)[0]
+  return {matrix_view.path_str(p): d for p, d in flat}
+
+
+__all__ = [
+    "ADAM", "EMBEDDING_NAMES", "FROZEN", "HIDDEN_MATRIX_NAMES", "LABELS", "ORTHO",
+    "OUTPUT_HEAD_NAMES", "default_label", "default_label_fn", "dims_path_dict",
+    "label_by_path", "label_from_model", "resolve_labels", "routing_report",
+]

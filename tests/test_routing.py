@@ -1,0 +1,194 @@
+"""Routing: which leaves are orthogonalized, the AdamW fallback and the validation helpers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ortho_optax import routing
+from ortho_optax.matrix_view import TORCH_LAYOUT, MatrixDims
+from ortho_optax.optimizers import _common
+
+
+class TinyLM(nnx.Module):
+
+  def __init__(self, rngs):
+    self.wte = nnx.Embed(11, 8, rngs=rngs)
+    self.tokens = nnx.Embed(11, 8, rngs=rngs)  # an embedding whose name says nothing
+    self.fc = nnx.Linear(8, 16, rngs=rngs)
+    self.proj = nnx.Linear(16, 8, use_bias=False, rngs=rngs)
+    self.norm = nnx.LayerNorm(8, rngs=rngs)
+    self.blocks = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(2)])
+    self.lm_head = nnx.Linear(8, 11, rngs=rngs)
+    self.gain = nnx.Param(jnp.ones(()))
+
+  def __call__(self, x):
+    h = self.wte(x) + self.tokens(x)
+    h = self.proj(jax.nn.relu(self.fc(h)))
+    for b in self.blocks:
+      h = h + b(h)
+    return self.lm_head(self.norm(h)) * self.gain
+
+
+EXPECTED_NNX = {
+    "wte/embedding": "adam", "tokens/embedding": "adam",
+    "fc/kernel": "ortho", "fc/bias": "adam", "proj/kernel": "ortho",
+    "norm/scale": "adam", "norm/bias": "adam",
+    "blocks/0/kernel": "ortho", "blocks/0/bias": "adam",
+    "blocks/1/kernel": "ortho", "blocks/1/bias": "adam",
+    "lm_head/kernel": "adam", "lm_head/bias": "adam", "gain": "adam",
+}
+
+
+def _labels_by_path(labels):
+  flat = jax.tree_util.tree_flatten_with_path(labels)[0]
+  from ortho_optax.matrix_view import path_str
+  return {path_str(p): v for p, v in flat}
+
+
+def test_default_label_fn_plain_dict():
+  params = {
+      "Dense_0": {"kernel": jnp.ones((4, 5)), "bias": jnp.ones(5)},
+      "conv": {"kernel": jnp.ones((3, 3, 4, 8))},
+      "embed": {"embedding": jnp.ones((10, 4))},
+      "wpe": {"kernel": jnp.ones((10, 4))},  # name marks an embedding even for "kernel"
+      "head": {"kernel": jnp.ones((4, 10))},
+      "out_proj": {"kernel": jnp.ones((4, 4))},  # attention output: hidden
+      "output_proj": {"kernel": jnp.ones((4, 4))},  # documented head name
+      "classifier_head": {"kernel": jnp.ones((4, 3))},
+      "w_matrix_without_kernel_name": jnp.ones((4, 4)),  # rank alone never decides
+      "scalar": jnp.float32(1.0),
+      "step": jnp.zeros((), jnp.int32),
+      "int_table": {"kernel": jnp.zeros((3, 3), jnp.int32)},
+  }
+  got = _labels_by_path(routing.default_label_fn(params))
+  assert got == {
+      "Dense_0/kernel": "ortho", "Dense_0/bias": "adam", "conv/kernel": "ortho",
+      "embed/embedding": "adam", "wpe/kernel": "adam", "head/kernel": "adam",
+      "out_proj/kernel": "ortho", "output_proj/kernel": "adam",
+      "classifier_head/kernel": "adam", "w_matrix_without_kernel_name": "adam",
+      "scalar": "adam", "step": "frozen", "int_table/kernel": "frozen",
+  }
+
+
+def test_nnx_state_variables_and_pure_arrays_get_the_same_labels():
+  model = TinyLM(nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  by_default = _labels_by_path(routing.default_label_fn(state))
+  by_pure = _labels_by_path(routing.default_label_fn(nnx.as_pure(state)))
+  assert by_default == by_pure
+  # Names alone cannot tell that "tokens" is an embedding, but its leaf name can.
+  assert by_default == EXPECTED_NNX
+  # Variable objects as leaves (older NNX passes them to tx.init).
+  leaves = {"fc": {"kernel": model.fc.kernel, "bias": model.fc.bias}}
+  assert _labels_by_path(routing.default_label_fn(leaves)) == {
+      "fc/kernel": "ortho", "fc/bias": "adam"}
+
+
+def test_label_from_model_uses_module_types():
+
+  class Odd(nnx.Module):
+    def __init__(self, rngs):
+      self.lookup = nnx.Embed(7, 4, rngs=rngs)
+      self.mixer = nnx.Linear(4, 4, rngs=rngs)
+      self.einsum = nnx.Einsum("ab,bc->ac", (4, 4), (4,), rngs=rngs)
+
+  model = Odd(nnx.Rngs(0))
+  label_fn = routing.label_from_model(model)
+  got = _labels_by_path(label_fn(nnx.state(model, nnx.Param)))
+  assert got == {
+      "lookup/embedding": "adam", "mixer/kernel": "ortho", "mixer/bias": "adam",
+      "einsum/kernel": "ortho", "einsum/bias": "adam",
+  }
+  got_full = _labels_by_path(routing.label_from_model(TinyLM(nnx.Rngs(0)))(
+      nnx.as_pure(nnx.state(TinyLM(nnx.Rngs(0)), nnx.Param))))
+  assert got_full == EXPECTED_NNX
+
+
+def test_label_by_path_and_validation():
+  label_fn = routing.label_by_path(lambda path, leaf: "ortho" if leaf.ndim == 2 else "adam")
+  got = label_fn({"a": jnp.ones((2, 2)), "b": jnp.ones(3), "c": jnp.zeros((2, 2), jnp.int8)})
+  assert got == {"a": "ortho", "b": "adam", "c": "frozen"}
+  bad = routing.label_by_path(lambda path, leaf: "muon")
+  with pytest.raises(ValueError, match="muon"):
+    bad({"a": jnp.ones((2, 2))})
+
+
+def test_routing_report_lists_every_leaf_and_views():
+  model = TinyLM(nnx.Rngs(0))
+  report = routing.routing_report(nnx.state(model, nnx.Param))
+  lines = report.splitlines()
+  assert len(lines) == 2 + len(EXPECTED_NNX) + 1
+  fc = next(line for line in lines if line.startswith("fc/kernel "))
+  assert "ortho" in fc and "(1, 16, 8)" in fc  # Flax (in, out) -> (batch, out, in)
+  assert "lm_head/kernel" in report and "total:" in lines[-1]
+  # explicit views, a missing view reported instead of raised, and a bad view.
+  params = {"a": {"kernel": jnp.ones((6, 4))}, "b": {"kernel": jnp.ones((2, 3, 4))},
+            "c": {"kernel": jnp.ones((2, 3, 4))}}
+  dims = {"a": {"kernel": TORCH_LAYOUT}, "b": {"kernel": None},
+          "c": {"kernel": MatrixDims((2,), (1,))}}
+  rep = routing.routing_report(params, dimension_numbers=dims)
+  row = {line.split()[0]: line for line in rep.splitlines()[2:-1]}
+  assert "(1, 6, 4)" in row["a/kernel"]
+  assert "ERROR" in row["b/kernel"] and "dimension_numbers" in row["b/kernel"]
+  assert "(2, 3, 4)" in row["c/kernel"]
+
+
+def test_with_adamw_fallback_routes_and_accepts_schedules():
+  params = {"hidden": {"kernel": jnp.ones((3, 4))}, "bias": jnp.ones(4),
+            "count": jnp.zeros((), jnp.int32)}
+  grads = {"hidden": {"kernel": jnp.full((3, 4), 2.0)}, "bias": jnp.full(4, 2.0),
+           "count": jnp.zeros((), jnp.int32)}
+  tx = _common.with_adamw_fallback(
+      optax.sgd(1.0), adam_learning_rate=optax.linear_schedule(0.1, 0.0, 10))
+  state = tx.init(params)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  np.testing.assert_allclose(updates["hidden"]["kernel"], -2.0)  # sgd
+  # AdamW's first step is -lr * sign(g) (eps negligible).
+  np.testing.assert_allclose(updates["bias"], -0.1, rtol=1e-5)
+  assert updates["count"] == 0
+  # A custom adam branch and a label pytree.
+  labels = {"hidden": {"kernel": "adam"}, "bias": "ortho", "count": "frozen"}
+  tx = _common.with_adamw_fallback(optax.sgd(1.0), adam_tx=optax.sgd(0.5), label_fn=labels)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["hidden"]["kernel"], -1.0)
+  np.testing.assert_allclose(updates["bias"], -2.0)
+
+
+def test_masked_dimension_numbers_follows_paths():
+  dims = {"a": TORCH_LAYOUT, "b": None}
+  fn = _common.masked_dimension_numbers(dims)
+  got = fn({"a": jnp.ones((2, 3)), "b": optax.MaskedNode()})
+  assert got["a"] == TORCH_LAYOUT and isinstance(got["b"], optax.MaskedNode)
+  assert _common.masked_dimension_numbers(None) is None
+  assert _common.masked_dimension_numbers(TORCH_LAYOUT) is TORCH_LAYOUT
+
+
+@pytest.mark.parametrize("check, args, match", [
+    (_common.check_non_negative, ("learning_rate", -1.0), "learning_rate=-1.0"),
+    (_common.check_positive, ("eps", 0.0), "eps=0.0"),
+    (_common.check_in_range, ("momentum", 1.5, 0.0, 1.0), r"\[0.0, 1.0\].*momentum=1.5"),
+    (_common.check_in_range, ("b2", 1.0, 0.0, 1.0), None),
+    (_common.check_choice, ("method", "svd", ("polar", "newton_schulz")), "'polar'"),
+    (_common.check_int, ("ns_steps", 2.5, 1), "ns_steps=2.5"),
+    (_common.check_int, ("ns_steps", 0, 1), ">= 1"),
+    (_common.check_non_negative, ("weight_decay", float("nan")), "nan"),
+])
+def test_validators_raise(check, args, match):
+  if match is None:  # check_in_range with an exclusive bound
+    with pytest.raises(ValueError):
+      _common.check_in_range(*args, high_inclusive=False)
+    return
+  with pytest.raises(ValueError, match=match):
+    check(*args)
+
+
+def test_validators_skip_arrays_and_schedules():
+  _common.check_non_negative("learning_rate", optax.constant_schedule(-1.0))
+  _common.check_non_negative("learning_rate", jnp.array(-1.0))
+  _common.check_in_range("momentum", jnp.array(3.0), 0.0, 1.0)
+  _common.check_positive("lr", 1)
+  with pytest.raises(ValueError, match="adam_b2"):
+    _common.with_adamw_fallback(optax.sgd(1.0), adam_b2=1.0)
