@@ -1,0 +1,88 @@
+"""Kahan-compensated updates for low-precision (bf16 / fp16) parameters.
+
+A bf16 parameter keeps 8 significant bits, so an update smaller than half an
+ulp of the weight is rounded away entirely and small learning rates stall.
+Kahan summation keeps the rounding error of every ``p + u`` in a compensation
+buffer ``c`` and feeds it back into the next step (as torch-optimi's
+``kahan_sum`` used by OAdamW):
+
+  y = u + c;   p_new = round(p + y);   c = (p + y) - p_new
+
+``kahan_summation()`` is the LAST stage of a chain. Its output is the update
+``p_new - p``, returned in float32 (the difference of two bf16/fp16 values is
+exact in float32), so ``optax.apply_updates(p, out)`` computes ``p + (p_new - p)``
+in float32 and casts back to the parameter dtype, which yields ``p_new``
+exactly. Full-precision leaves (float32 and wider) pass through untouched and
+carry no buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_NO_PARAMS = ("This transformation needs the parameters: call update(updates, state, "
+              "params).")
+
+
+class KahanSummationState(NamedTuple):
+  """Compensation buffers; ``None`` for full-precision leaves."""
+  compensation: Any
+
+
+def _is_low(x) -> bool:
+  return jnp.dtype(x.dtype) in LOW_PRECISION
+
+
+def kahan_summation(compensation_dtype: Optional[Any] = None) -> optax.GradientTransformation:
+  """Compensated summation of updates into low-precision parameters.
+
+  Args:
+    compensation_dtype: dtype of the compensation buffer of low-precision
+      leaves. ``None`` (default) uses the parameter's dtype, as torch-optimi does
+      (half the memory; the buffer holds the rounding error, which is small
+      relative to it and fits); ``jnp.float32`` keeps a more exact residual.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`KahanSummationState`.
+    It needs ``params`` in ``update``.
+
+  References:
+    Kahan, "Further remarks on reducing truncation errors", CACM 1965.
+    Zamirai et al., "Revisiting BFloat16 Training", 2020.
+    Warner, torch-optimi (``kahan_sum``), 2023.
+  """
+
+  def init_fn(params):
+    leaves, treedef = jax.tree.flatten(params)
+    comp = [jnp.zeros(p.shape, compensation_dtype or p.dtype) if _is_low(p) else None
+            for p in leaves]
+    return KahanSummationState(compensation=jax.tree.unflatten(treedef, comp))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(_NO_PARAMS)
+    u_leaves, treedef = jax.tree.flatten(updates)
+    p_leaves = treedef.flatten_up_to(params)
+    c_leaves = treedef.flatten_up_to(state.compensation)
+    out, new_c = [], []
+    for u, p, c in zip(u_leaves, p_leaves, c_leaves):
+      if c is None:
+        out.append(u)
+        new_c.append(None)
+        continue
+      pf = p.astype(jnp.float32)
+      y = u.astype(jnp.float32) + c.astype(jnp.float32)
+      exact = pf + y
+      p_new = exact.astype(p.dtype)
+      delta = p_new.astype(jnp.float32) - pf  # exact in float32
+      out.append(delta)
+      new_c.append((exact - p_new.astype(jnp.float32)).astype(c.dtype))
+    return (jax.tree.unflatten(treedef, out),
+            KahanSummationState(compensation=jax.tree.unflatten(treedef, new_c)))
+
+  return optax.GradientTransformation(init_fn, update_fn)
