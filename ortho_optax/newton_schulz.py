@@ -83,29 +83,48 @@ def _frobenius_normalize(x, eps, compute_dtype):
   acc = _accum_dtype(x.dtype, compute_dtype)
   xa = x.astype(acc)
   norm = jnp.sqrt(jnp.sum(jnp.square(xa), axis=(-2, -1), keepdims=True))
-  return (xa / (norm + eps)).astype(compute_dtype)
+  return _round_to(xa / (norm + eps), compute_dtype)
+
+
+def _round_to(v, dtype):
+  """Rounds ``v`` to ``dtype`` so that XLA cannot skip the rounding.
+
+  XLA may drop a ``convert(f32 -> bf16 -> f32)`` round trip (excess precision), which
+  would silently change the bf16 semantics; an explicit ``reduce_precision`` keeps it.
+  """
+  dtype = jnp.dtype(dtype)
+  if v.dtype == dtype:
+    return v
+  info = jnp.finfo(dtype)
+  return lax.reduce_precision(v, exponent_bits=info.nexp, mantissa_bits=info.nmant).astype(dtype)
+
+
+def _mm(u, v, acc):
+  return jnp.matmul(u, v, preferred_element_type=acc)
+
+
+def _gram(x, acc=None):
+  """``XXᵀ`` accumulated in ``acc`` (>= f32) and rounded once to ``x.dtype``."""
+  acc = _accum_dtype(x.dtype) if acc is None else acc
+  return _round_to(_mm(x, _swap(x), acc), x.dtype)
 
 
 def _ns_step(x, gram, abc, cubic):
   """One step ``X ← aX + (bA + cA²)X`` given ``A = XXᵀ``.
 
-  Matmuls run in ``x.dtype`` (bf16 GEMMs accumulate in f32 on accelerators); the
-  elementwise combinations are formed in the coefficients' (>= f32) dtype and rounded
-  once, like PyTorch's ``addmm`` epilogue, so bf16 never rounds the coefficients.
+  GEMM operands are in ``x.dtype``; products are accumulated in the coefficients' (>= f32)
+  dtype, combined there, and each intermediate (``A``, ``bA + cA²``, new ``X``) is rounded
+  to ``x.dtype`` once, like PyTorch's fused ``addmm``/``baddbmm`` epilogues. With bf16
+  this reproduces NVIDIA's bf16 ("medium") reference bit for bit on the goldens, and bf16
+  never rounds the coefficients themselves.
   """
   dt = x.dtype
   acc = abc.dtype
   a, b, c = abc[0], abc[1], abc[2]
   if cubic:  # c == 0: X ← aX + b·A·X, one GEMM fewer (NVIDIA's cubic path).
-    ax = jnp.matmul(gram, x)
-    return (a * x.astype(acc) + b * ax.astype(acc)).astype(dt)
-  gram2 = jnp.matmul(gram, gram)
-  poly = (b * gram.astype(acc) + c * gram2.astype(acc)).astype(dt)
-  return (a * x.astype(acc) + jnp.matmul(poly, x).astype(acc)).astype(dt)
-
-
-def _gram(x):
-  return jnp.matmul(x, _swap(x))
+    return _round_to(a * x.astype(acc) + b * _mm(gram, x, acc), dt)
+  poly = _round_to(b * gram.astype(acc) + c * _mm(gram, gram, acc), dt)
+  return _round_to(a * x.astype(acc) + _mm(poly, x, acc), dt)
 
 
 def _power_sigma_max(gram):
@@ -140,8 +159,8 @@ def _precondition_first_step(x, preconditioning, eps):
     # ‖diag(s) X‖₂ <= 1 by the AOL bound, so no Frobenius normalisation is needed.
     rowsum = jnp.sum(jnp.abs(gram.astype(acc)), axis=-1)
     s = lax.rsqrt(jnp.maximum(rowsum, eps))
-    x = (s[..., :, None] * x.astype(acc)).astype(dt)
-    gram = (s[..., :, None] * gram.astype(acc) * s[..., None, :]).astype(dt)
+    x = _round_to(s[..., :, None] * x.astype(acc), dt)
+    gram = _round_to(s[..., :, None] * gram.astype(acc) * s[..., None, :], dt)
     return x, gram
   if preconditioning == "schatten":
     # ‖X‖_S4 = ‖XXᵀ‖_F^(1/2) >= σ_max: a tighter bound than ‖X‖_F, from the same Gram.
@@ -153,8 +172,8 @@ def _precondition_first_step(x, preconditioning, eps):
   else:
     raise AssertionError(preconditioning)
   scale = jnp.where(scale > 0, scale, 1.0)
-  x = (x.astype(acc) / scale).astype(dt)
-  gram = (gram.astype(acc) / jnp.square(scale)).astype(dt)
+  x = _round_to(x.astype(acc) / scale, dt)
+  gram = _round_to(gram.astype(acc) / jnp.square(scale), dt)
   return x, gram
 
 
