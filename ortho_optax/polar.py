@@ -1,0 +1,316 @@
+"""Polar factors beyond plain Newton–Schulz: exact SVD polar, Aurora's polar and its
+leverage-balanced variants, and AuON's cosh normalisation.
+
+All matrix functions work on the last two axes with any leading batch axes and return
+``x.dtype``.
+
+References:
+  Aurora: tilde-research/aurora-release (``src/polar.py``, ``src/aurora.py``,
+  ``src/riemannian_aurora.py``); SPEC.md §4.
+  AuON: ryyzn9/AuON (``auon/optimizer.py``); SPEC.md §1.2.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ortho_optax.newton_schulz import _accum_dtype, _swap, newton_schulz
+
+#: Aurora's polar normalises by ``‖X‖_F + 1e-7`` (hard-coded in the reference).
+AURORA_POLAR_EPS = 1e-7
+
+
+def _check_matrix(x, name):
+  x = jnp.asarray(x)
+  if x.ndim < 2:
+    raise ValueError(f"{name} needs an array of rank >= 2 (matrices on the last two axes), "
+                     f"got shape {x.shape}.")
+  return x
+
+
+def _check_positive_int(value, name, minimum=1):
+  if isinstance(value, numbers.Number) and (
+      isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum):
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_positive(value, name, allow_zero=False):
+  if isinstance(value, numbers.Real) and not (value >= 0 if allow_zero else value > 0):
+    raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
+
+
+def polar(x: jax.Array) -> jax.Array:
+  """Exact polar factor ``U Vᵀ`` of each matrix (``x = U Σ Vᵀ``) via an SVD.
+
+  Computed in float32 (float64 for float64 input). Directions whose singular value is
+  numerically zero (``σ <= max(m, n) · eps · σ_max``, numpy's rank tolerance) are dropped,
+  so the polar factor of a rank-deficient matrix is the partial isometry on its range,
+  like the limit of Newton–Schulz; an all-zero matrix maps to zeros.
+
+  Args:
+    x: array of rank >= 2.
+
+  Returns:
+    An array of ``x``'s shape and dtype.
+  """
+  x = _check_matrix(x, "polar")
+  acc = _accum_dtype(x.dtype)
+  u, s, vh = jnp.linalg.svd(x.astype(acc), full_matrices=False)
+  tol = max(x.shape[-2:]) * jnp.finfo(acc).eps * s[..., :1]
+  keep = (s > tol).astype(acc)
+  return jnp.matmul(u * keep[..., None, :], vh,
+                    precision=lax.Precision.HIGHEST).astype(x.dtype)
+
+
+def aurora_polar(x: jax.Array, steps: int = 12, compute_dtype=jnp.bfloat16,
+                 backend: str = "auto") -> jax.Array:
+  """Aurora's ``polar``: ``X/(‖X‖_F + 1e-7)`` then ``steps`` × ``(2, −1.5, 0.5)``.
+
+  ``p(σ) = 2σ − 1.5σ³ + 0.5σ⁵`` has fixed points 0, 1, √2 and ``p'(1) = 0``; it converges
+  quadratically near 1, and singular values below ~2⁻¹² are not brought to 1 in 12 steps.
+  The reference always runs in bfloat16 and returns bfloat16; here the iterations run in
+  ``compute_dtype`` (``None``: ``x.dtype``) and the result has ``x.dtype``.
+
+  Args:
+    x: array of rank >= 2 (rows > cols are transposed internally).
+    steps: number of iterations (12 in Aurora).
+    compute_dtype: dtype of the iterations.
+    backend: see :func:`ortho_optax.newton_schulz.newton_schulz`.
+  """
+  x = _check_matrix(x, "aurora_polar")
+  return newton_schulz(x, steps=steps, coefficients="aurora", preconditioning="frobenius",
+                       eps=AURORA_POLAR_EPS, compute_dtype=compute_dtype, backend=backend)
+
+
+def _to_tall(x):
+  """Transposes wide matrices so the long side is the rows; returns (y, transposed)."""
+  transposed = x.shape[-2] < x.shape[-1]
+  return (_swap(x) if transposed else x), transposed
+
+
+def _row_norm(y):
+  return jnp.sqrt(jnp.sum(jnp.square(y), axis=-1, keepdims=True))
+
+
+def leverage_uniform_polar(
+    x: jax.Array,
+    *,
+    pp_iterations: int = 2,
+    pp_beta: float = 0.5,
+    eps: float = 1e-7,
+    compute_dtype=jnp.bfloat16,
+    steps: int = 12,
+    backend: str = "auto",
+) -> jax.Array:
+  """Aurora's leverage-uniform polar factor (SPEC §4.2 step 3).
+
+  Square matrices: plain :func:`aurora_polar`. Non-square: work on the tall orientation
+  ``Y`` (m × n, m > n) in float32 and find a row scaling ``D`` such that the polar factor
+  ``P = polar(D Y)`` has uniform row norms² ``n/m`` (equal leverage): start from
+  ``D₀ = 1/max(‖Y_i‖, eps)`` and, between the ``pp_iterations`` polar evaluations, update
+  ``D ← D · (n/m / max(‖P_i‖², eps²))^pp_beta``. ``pp_iterations = 1`` is the polar of
+  the row-normalised matrix. Unlike the reference (2-D only), leading batch axes are
+  supported; each matrix is balanced independently.
+
+  Args:
+    x: array of rank >= 2.
+    pp_iterations: number of polar evaluations (>= 1).
+    pp_beta: damping exponent of the row re-weighting (0.5 = undamped square root).
+    eps: clamp for row norms.
+    compute_dtype: dtype of the inner Aurora polar iterations.
+    steps: Aurora polar iterations per evaluation (12 in the reference).
+    backend: see :func:`ortho_optax.newton_schulz.newton_schulz`.
+
+  Returns:
+    An array of ``x``'s shape and dtype (the aspect-ratio factor is NOT applied).
+  """
+  x = _check_matrix(x, "leverage_uniform_polar")
+  _check_positive_int(pp_iterations, "pp_iterations")
+  _check_positive(pp_beta, "pp_beta")
+  _check_positive(eps, "eps")
+  m, n = x.shape[-2:]
+  polar_fn = lambda y: aurora_polar(y, steps=steps, compute_dtype=compute_dtype, backend=backend)
+  if m == n:
+    return polar_fn(x)
+  y, transposed = _to_tall(x)
+  m, n = y.shape[-2:]
+  acc = _accum_dtype(x.dtype)
+  y = y.astype(acc)
+  target_row_sq = n / m  # a tall polar factor has ‖·‖_F² = n, spread over m rows
+  d = 1.0 / jnp.maximum(_row_norm(y), eps)
+  p = None
+  for k in range(pp_iterations):
+    p = polar_fn(d * y)
+    if k < pp_iterations - 1:
+      row_sq = jnp.maximum(jnp.sum(jnp.square(p), axis=-1, keepdims=True), eps * eps)
+      d = d * (target_row_sq / row_sq) ** pp_beta
+  if transposed:
+    p = _swap(p)
+  return p.astype(x.dtype)
+
+
+def _hp_matmul(a, b):
+  return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+
+
+def _solve_row_norm_multipliers(u, r, q, cg_steps):
+  """CG for ``(r_eff I − P∘P) λ = q`` with ``P = UUᵀ``, never forming P (one matrix).
+
+  ``r_eff = r + max(0, max_i ‖U_i‖⁴ − r + 1e-3)`` regularises the operator. CG starts
+  from 0 and stops (as the reference's ``break``s) when ``pᵀAp < 1e-30``, when the
+  residual norm² is non-finite, or when ``‖res‖ < 1e-8 · max(‖q‖, 1e-12)``. A
+  non-finite solution is replaced by zeros.
+  """
+  h_sq = jnp.square(jnp.sum(jnp.square(u), axis=-1))
+  r_eff = r + jnp.maximum(jnp.max(h_sq) - r + 1e-3, 0.0)
+
+  def matvec(v):
+    t = _hp_matmul(_swap(u), v[:, None] * u)  # Uᵀ diag(v) U, (n, n)
+    return r_eff * v - jnp.sum(_hp_matmul(u, t) * u, axis=-1)
+
+  q_norm = jnp.maximum(jnp.linalg.norm(q), 1e-12)
+
+  def cond(state):
+    it, _, _, _, _, stop = state
+    return jnp.logical_and(it < cg_steps, jnp.logical_not(stop))
+
+  def body(state):
+    it, sol, res, p, rs_old, _ = state
+    ap = matvec(p)
+    denom = jnp.sum(p * ap)
+    proceed = jnp.logical_not(denom < 1e-30)  # NaN proceeds, as in the reference
+    alpha = rs_old / jnp.where(proceed, denom, 1.0)
+    sol = jnp.where(proceed, sol + alpha * p, sol)
+    res = jnp.where(proceed, res - alpha * ap, res)
+    rs_new = jnp.sum(res * res)
+    stop = jnp.logical_or(jnp.logical_not(proceed), jnp.logical_not(jnp.isfinite(rs_new)))
+    stop = jnp.logical_or(stop, jnp.sqrt(rs_new) < 1e-8 * q_norm)
+    p = jnp.where(stop, p, res + (rs_new / jnp.maximum(rs_old, 1e-30)) * p)
+    rs_old = jnp.where(stop, rs_old, rs_new)
+    return it + 1, sol, res, p, rs_old, stop
+
+  init = (jnp.asarray(0, jnp.int32), jnp.zeros_like(q), q, q, jnp.sum(q * q),
+          jnp.asarray(False))
+  _, sol, _, _, _, _ = lax.while_loop(cond, body, init)
+  return jnp.where(jnp.all(jnp.isfinite(sol)), sol, jnp.zeros_like(sol))
+
+
+def _riemannian_balanced_polar_2d(g, outer_steps, cg_steps, riemannian_eta, retraction_steps,
+                                  eps, polar_fn):
+  """One tall float matrix ``g`` (m > n) -> its approximately balanced-Stiefel polar."""
+  m, n = g.shape
+  r = n / m
+  target_row_norm = math.sqrt(r)
+  u0 = polar_fn(g)
+
+  def retract(_, y):
+    y = y * (target_row_norm / jnp.maximum(_row_norm(y), eps))
+    return polar_fn(y)
+
+  def outer(_, carry):
+    u, done = carry
+    utg = _hp_matmul(_swap(u), g)
+    b = 0.5 * (utg + _swap(utg))
+    q = jnp.sum(g * u, axis=-1) - jnp.sum(_hp_matmul(u, b) * u, axis=-1)
+    q = q - jnp.mean(q)
+    lam = _solve_row_norm_multipliers(u, r, q, cg_steps)
+    lam = lam - jnp.mean(lam)
+    s = b - _hp_matmul(_swap(u), lam[:, None] * u)
+    z = g - _hp_matmul(u, s) - lam[:, None] * u
+    # The reference `break`s out of the outer loop when Z is non-finite.
+    done = jnp.logical_or(done, jnp.logical_not(jnp.all(jnp.isfinite(z))))
+    y = u + riemannian_eta * jnp.where(done, 0.0, z)
+    y = lax.fori_loop(0, retraction_steps, retract, y)
+    return jnp.where(done, u, y), done
+
+  u, _ = lax.fori_loop(0, outer_steps, outer, (u0, jnp.asarray(False)))
+  return u
+
+
+def riemannian_balanced_polar(
+    x: jax.Array,
+    *,
+    outer_steps: int = 3,
+    cg_steps: int = 20,
+    riemannian_eta: float = 0.1,
+    retraction_steps: int = 2,
+    eps: float = 1e-7,
+    compute_dtype=jnp.bfloat16,
+    steps: int = 12,
+    backend: str = "auto",
+) -> jax.Array:
+  """Riemannian Aurora's balanced polar factor (SPEC §4.3).
+
+  Approximately solves ``max_U ⟨G, U⟩`` s.t. ``UᵀU = I_n`` and ``‖U_i‖² = n/m`` for a tall
+  ``G`` (wide inputs are transposed): from ``U = polar(G)``, ``outer_steps`` Riemannian
+  ascent steps whose row-norm Lagrange multipliers come from ``cg_steps`` of CG, each
+  followed by ``retraction_steps`` rounds of (row normalisation, Aurora polar). Square
+  matrices have no leverage freedom and get :func:`aurora_polar`, as in
+  ``riemannian_aurora``. The reference is 2-D only; here leading batch axes are mapped
+  over (each matrix keeps its own CG early exits).
+
+  Args:
+    x: array of rank >= 2.
+    outer_steps: Riemannian ascent steps.
+    cg_steps: maximum CG iterations per ascent step.
+    riemannian_eta: ascent step size.
+    retraction_steps: (row normalisation, polar) rounds per ascent step.
+    eps: clamp of row norms.
+    compute_dtype: dtype of the inner Aurora polar iterations.
+    steps: Aurora polar iterations per evaluation.
+    backend: see :func:`ortho_optax.newton_schulz.newton_schulz`.
+
+  Returns:
+    An array of ``x``'s shape and dtype (the aspect-ratio factor is NOT applied).
+  """
+  x = _check_matrix(x, "riemannian_balanced_polar")
+  _check_positive_int(outer_steps, "outer_steps", minimum=0)
+  _check_positive_int(cg_steps, "cg_steps", minimum=0)
+  _check_positive_int(retraction_steps, "retraction_steps", minimum=0)
+  _check_positive(riemannian_eta, "riemannian_eta", allow_zero=True)
+  _check_positive(eps, "eps")
+  polar_fn = lambda y: aurora_polar(y, steps=steps, compute_dtype=compute_dtype, backend=backend)
+  if x.shape[-2] == x.shape[-1]:
+    return polar_fn(x)
+  y, transposed = _to_tall(x)
+  acc = _accum_dtype(x.dtype)
+  lead = y.shape[:-2]
+  stack = y.astype(acc).reshape((-1,) + y.shape[-2:])
+  one = lambda g: _riemannian_balanced_polar_2d(
+      g, outer_steps, cg_steps, riemannian_eta, retraction_steps, eps,
+      lambda v: polar_fn(v).astype(acc))
+  out = jax.vmap(one)(stack).reshape(lead + y.shape[-2:])
+  if transposed:
+    out = _swap(out)
+  return out.astype(x.dtype)
+
+
+def cosh_normalize(x: jax.Array, gamma: float = 1.5) -> jax.Array:
+  """AuON's cosh normalisation of a whole tensor (any rank): ``G / (r + 1e-8)``.
+
+  ``n = ‖G‖`` over all elements, ``Ĝ = γ G / (n + 1e-7)`` and
+  ``r = sqrt(mean(cosh(Ĝ)²))``, so ``1 <= r <= sqrt(1 + sinh²(γ)/N)``: a mild scalar
+  brake, not a normalisation to unit norm (SPEC §1.2 steps 4-6). When ``n == 0`` AuON
+  skips the parameter update, which is returned here as an all-zero update.
+
+  Args:
+    x: array of any rank.
+    gamma: the γ of AuON (1.5 by default).
+
+  Returns:
+    An array of ``x``'s shape and dtype (computed in >= float32).
+  """
+  x = jnp.asarray(x)
+  _check_positive(gamma, "gamma", allow_zero=True)
+  acc = _accum_dtype(x.dtype)
+  g = x.astype(acc)
+  norm = jnp.sqrt(jnp.sum(jnp.square(g)))
+  g_hat = gamma * g / (norm + 1e-7)
+  r = jnp.sqrt(jnp.mean(jnp.square(jnp.cosh(g_hat))))
+  out = jnp.where(norm == 0, jnp.zeros_like(g), g / (r + 1e-8))
+  return out.astype(x.dtype)
