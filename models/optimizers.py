@@ -1,0 +1,161 @@
+"""Optimizer registry for the GPT trainer: names -> ``optax.GradientTransformation``.
+
+``adamw`` is :func:`optax.adamw` on every parameter. Every other name is the
+ortho-optax optimizer of that name (``ortho_optax.<name>``), which orthogonalizes the
+hidden matrices and sends embeddings and the head to its AdamW branch (``adam_*``
+arguments). :data:`TINY_DEFAULTS` holds a tuned-by-sweep learning rate per optimizer for
+the ``tiny`` preset on the embedded corpus; the AdamW branch of the hybrid optimizers
+uses ``adam_learning_rate`` (default :data:`TINY_ADAM_LR`) so that only the hidden
+matrices differ between optimizers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable
+
+import optax
+
+#: Every name the trainer accepts.
+OPTIMIZERS = ("adamw", "muon", "turbo_muon", "auon", "hybrid_auon", "aurora",
+              "riemannian_aurora", "normuon", "adamuon", "namo", "adaptive_muon", "oadamw")
+
+#: ``compare`` with no ``--opt``: the main contenders (fast enough for 2 CPU cores).
+COMPARE_DEFAULT = ("adamw", "muon", "turbo_muon", "auon", "aurora", "normuon", "oadamw")
+
+#: Learning rate of the embeddings and head (AdamW branch) in every hybrid optimizer.
+TINY_ADAM_LR = 3e-3
+
+#: Peak learning rates for the ``tiny`` preset (warm-up then cosine decay), picked from
+#: the sweep in benchmarks/results/tiny_compare.md (x0.5 / x1 / x2 around these).
+TINY_DEFAULTS: dict[str, float] = {
+    "adamw": 3e-3,
+    "muon": 0.02,
+    "turbo_muon": 0.02,
+    "auon": 0.5,
+    "hybrid_auon": 0.02,
+    "aurora": 0.02,
+    "riemannian_aurora": 0.02,
+    "normuon": 0.02,
+    "adamuon": 2e-3,
+    "namo": 0.02,
+    "adaptive_muon": 0.02,
+    "oadamw": 3e-3,
+}
+
+# Where an optimizer may live until the lead exports it from ``ortho_optax``.
+_MODULES = ("ortho_optax", "ortho_optax.optimizers", "ortho_optax.optimizers.muon",
+            "ortho_optax.optimizers.turbo_muon", "ortho_optax.optimizers.adaptive_muon",
+            "ortho_optax.optimizers.auon", "ortho_optax.optimizers.aurora",
+            "ortho_optax.optimizers.oadamw")
+
+
+def resolve(name: str) -> Callable[..., optax.GradientTransformation]:
+  """The factory of optimizer ``name``.
+
+  Raises:
+    ValueError: for an unknown name (listing the valid ones).
+    ImportError: when the name is valid but ortho-optax does not provide it (yet).
+  """
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {name!r}; valid choices: {list(OPTIMIZERS)}.")
+  if name == "adamw":
+    return optax.adamw
+  for mod_name in _MODULES:
+    try:
+      mod = importlib.import_module(mod_name)
+    except ImportError:
+      continue
+    fn = getattr(mod, name, None)
+    if callable(fn) and not inspect.ismodule(fn):
+      return fn
+  raise ImportError(f"optimizer {name!r} is not available in this ortho-optax "
+                    f"(looked in {', '.join(_MODULES)}).")
+
+
+def available() -> list[str]:
+  """Registered names whose implementation can be imported now."""
+  out = []
+  for name in OPTIMIZERS:
+    try:
+      resolve(name)
+      out.append(name)
+    except ImportError:
+      pass
+  return out
+
+
+def default_lr(name: str) -> float:
+  if name not in TINY_DEFAULTS:
+    raise ValueError(f"unknown optimizer {name!r}; valid choices: {list(OPTIMIZERS)}.")
+  return TINY_DEFAULTS[name]
+
+
+def parse_value(text: str) -> Any:
+  """``"0.1"`` -> 0.1, ``"5"`` -> 5, ``"true"`` -> True, ``"none"`` -> None, else str."""
+  low = text.strip().lower()
+  if low in ("true", "false"):
+    return low == "true"
+  if low in ("none", "null"):
+    return None
+  for conv in (int, float):
+    try:
+      return conv(text)
+    except ValueError:
+      pass
+  return text
+
+
+def parse_opt_args(items: list[str] | None) -> dict[str, Any]:
+  """``["momentum=0.9", "nesterov=false"]`` -> ``{"momentum": 0.9, "nesterov": False}``."""
+  out = {}
+  for item in items or []:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"--opt-arg {item!r} must look like key=value.")
+    out[key.strip()] = parse_value(value)
+  return out
+
+
+def build(name: str, learning_rate, *, adam_learning_rate=None, weight_decay: float = 0.0,
+          **kwargs) -> optax.GradientTransformation:
+  """Builds optimizer ``name``.
+
+  Args:
+    name: one of :data:`OPTIMIZERS`.
+    learning_rate: number or schedule for the optimizer's main (orthogonalized) branch;
+      for ``adamw`` the only learning rate.
+    adam_learning_rate: number or schedule for the AdamW branch of hybrid optimizers
+      (ignored by ``adamw``); ``None`` keeps the optimizer's own default.
+    weight_decay: decoupled weight decay of the main branch (``adamw``: of everything).
+    **kwargs: further keyword arguments of the optimizer (``--opt-arg``).
+
+  Returns:
+    The ``optax.GradientTransformation``.
+
+  Raises:
+    ValueError: for an unknown optimizer or a keyword it does not take.
+  """
+  fn = resolve(name)
+  if name == "adamw":
+    kwargs.setdefault("b1", 0.9)
+    kwargs.setdefault("b2", 0.95)
+    kwargs.setdefault("eps", 1e-10)
+    return _call(fn, name, learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
+  params = inspect.signature(fn).parameters
+  if adam_learning_rate is not None and "adam_learning_rate" in params:
+    kwargs.setdefault("adam_learning_rate", adam_learning_rate)
+  if "weight_decay" in params:
+    kwargs.setdefault("weight_decay", weight_decay)
+  return _call(fn, name, learning_rate=learning_rate, **kwargs)
+
+
+def _call(fn, name, **kwargs):
+  params = inspect.signature(fn).parameters
+  takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+  bad = [k for k in kwargs if k not in params and not takes_var_kw]
+  if bad:
+    raise ValueError(f"optimizer {name!r} takes no argument(s) {bad}; it takes: "
+                     f"{[p for p in params if params[p].kind is not inspect.Parameter.VAR_POSITIONAL]}.")
+  return fn(**kwargs)
