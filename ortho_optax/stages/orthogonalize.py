@@ -1,0 +1,247 @@
+"""The orthogonalization stage: replaces each matrix-shaped update by its (approximate)
+polar factor, and AuON's cosh normalisation stage.
+
+``orthogonalize`` views every leaf as a stack of PyTorch-oriented ``(batch, out, in)``
+matrices (:mod:`ortho_optax.matrix_view`), concatenates the stacks of all leaves with the
+same ``(out, in, dtype)`` so each distinct shape costs one batched call (what the Pallas
+kernels want), runs the chosen method and restores every leaf's shape and dtype.
+
+References:
+  Jordan et al., *Muon*, 2024; jeb1399/OAdamW (``MuonProjector``, ``update_proj_gap``);
+  tilde-research/aurora-release; ryyzn9/AuON. See SPEC.md §1-5.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from ortho_optax import matrix_view
+from ortho_optax.coefficients import resolve_coefficients
+from ortho_optax.newton_schulz import _check_compute_dtype, newton_schulz, validate_args
+from ortho_optax.polar import (cosh_normalize, leverage_uniform_polar, polar,
+                               riemannian_balanced_polar)
+
+METHODS = ("newton_schulz", "polar", "aurora", "riemannian_aurora")
+#: ``steps=None`` means this many iterations for the method (Aurora's polar uses 12).
+DEFAULT_STEPS = {"newton_schulz": 5, "polar": 0, "aurora": 12, "riemannian_aurora": 12}
+
+
+class OrthogonalizeState(NamedTuple):
+  """State of :func:`orthogonalize`.
+
+  Attributes:
+    count: number of updates processed so far (int32). The OAdamW step ``t`` of the
+      current update is ``count + 1``.
+    cache: the last computed output per leaf (a pytree like the updates) when
+      ``update_proj_gap > 1``, else ``None``.
+  """
+  count: jax.Array
+  cache: Any
+
+
+def _is_int(v):
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_int(value, name, minimum):
+  if isinstance(value, numbers.Number) and (not _is_int(value) or value < minimum):
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_real(value, name, minimum=0.0, strict=True):
+  if isinstance(value, numbers.Real) and not (value > minimum if strict else value >= minimum):
+    raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}.")
+
+
+def orthogonalize(
+    method: str = "newton_schulz",
+    *,
+    steps: int | None = None,
+    coefficients="muon",
+    order: str | None = None,
+    preconditioning: str = "frobenius",
+    eps: float = 1e-7,
+    compute_dtype=jnp.bfloat16,
+    backend: str = "auto",
+    dimension_numbers=None,
+    update_proj_gap: int = 1,
+    pp_iterations: int = 2,
+    pp_beta: float = 0.5,
+    outer_steps: int = 3,
+    cg_steps: int = 20,
+    riemannian_eta: float = 0.1,
+    retraction_steps: int = 2,
+) -> optax.GradientTransformation:
+  """Orthogonalizes every (non-None) update leaf, viewed as a stack of matrices.
+
+  Routing (which leaves are matrices worth orthogonalizing) happens outside: this stage
+  processes every leaf it receives, so 1-D leaves need an explicit view or must be
+  routed elsewhere (``resolve_dims`` raises a clear error).
+
+  Args:
+    method: ``"newton_schulz"`` (:func:`~ortho_optax.newton_schulz.newton_schulz`),
+      ``"polar"`` (exact SVD, :func:`~ortho_optax.polar.polar`), ``"aurora"``
+      (leverage-uniform polar, :func:`~ortho_optax.polar.leverage_uniform_polar`) or
+      ``"riemannian_aurora"`` (:func:`~ortho_optax.polar.riemannian_balanced_polar`).
+    steps: NS steps; ``None`` = the method's default (5 for ``newton_schulz``, Aurora's
+      12 polar iterations for the Aurora methods; unused by ``polar``).
+    coefficients: NS coefficient preset or table (``newton_schulz`` only; the Aurora
+      methods always use Aurora's ``(2, −1.5, 0.5)``).
+    order: coefficient order (``None``: the preset's default).
+    preconditioning: ``"frobenius"`` | ``"aol"`` | ``"schatten"`` | ``"spectral"``
+      (``newton_schulz`` only).
+    eps: NS normalisation epsilon; the row-norm clamp of the Aurora methods.
+    compute_dtype: dtype of the iterations (``None``: the update's dtype).
+    backend: ``"auto"`` | ``"xla"`` | ``"pallas"``.
+    dimension_numbers: per-leaf matrix views, see
+      :func:`ortho_optax.matrix_view.resolve_dims` (``None``: Flax ``(in, out)`` for
+      2-D leaves and conv kernels, an error otherwise).
+    update_proj_gap: OAdamW's projection gap: with per-tensor step ``t`` (starting at 1),
+      the output is recomputed when there is no cache yet (``t = 1``) or
+      ``t % update_proj_gap == 0``; otherwise the cached output of an earlier gradient
+      is returned (stale, as in the reference). 1 recomputes every step.
+    pp_iterations, pp_beta: Aurora's leverage balancing.
+    outer_steps, cg_steps, riemannian_eta, retraction_steps: Riemannian Aurora.
+
+  Returns:
+    An ``optax.GradientTransformation`` with :class:`OrthogonalizeState`.
+
+  Raises:
+    ValueError: at construction for an unknown method / preset / preconditioning / backend
+      or out-of-range Python numbers, naming the value and the choices.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method={method!r} is not one of {METHODS}.")
+  if steps is None:
+    steps = DEFAULT_STEPS[method]
+  elif method != "polar":
+    _check_int(steps, "steps", 1)
+  validate_args(preconditioning, backend, eps)
+  if compute_dtype is not None:
+    _check_compute_dtype(compute_dtype, jnp.float32)
+  if method == "newton_schulz":
+    resolve_coefficients(coefficients, steps, order)  # raises for bad names / lengths
+  if method in ("aurora", "riemannian_aurora") and preconditioning != "frobenius":
+    raise ValueError(
+        f"preconditioning={preconditioning!r} only applies to method='newton_schulz'; "
+        f"Aurora's polar always uses Frobenius normalisation.")
+  _check_int(update_proj_gap, "update_proj_gap", 1)
+  _check_int(pp_iterations, "pp_iterations", 1)
+  _check_real(pp_beta, "pp_beta")
+  _check_int(outer_steps, "outer_steps", 0)
+  _check_int(cg_steps, "cg_steps", 0)
+  _check_real(riemannian_eta, "riemannian_eta", strict=False)
+  _check_int(retraction_steps, "retraction_steps", 0)
+  if method in ("aurora", "riemannian_aurora"):
+    _check_real(eps, "eps")
+  use_cache = update_proj_gap > 1
+
+  def run_method(stack):
+    if method == "newton_schulz":
+      return newton_schulz(stack, steps=steps, coefficients=coefficients, order=order,
+                           preconditioning=preconditioning, eps=eps,
+                           compute_dtype=compute_dtype, backend=backend)
+    if method == "polar":
+      return polar(stack)
+    if method == "aurora":
+      return leverage_uniform_polar(stack, pp_iterations=pp_iterations, pp_beta=pp_beta,
+                                    eps=eps, compute_dtype=compute_dtype, steps=steps,
+                                    backend=backend)
+    return riemannian_balanced_polar(
+        stack, outer_steps=outer_steps, cg_steps=cg_steps, riemannian_eta=riemannian_eta,
+        retraction_steps=retraction_steps, eps=eps, compute_dtype=compute_dtype, steps=steps,
+        backend=backend)
+
+  def orthogonalize_tree(updates):
+    dims_tree = matrix_view.resolve_dims(updates, dimension_numbers)
+    is_none = lambda x: x is None
+    leaves, treedef = jax.tree_util.tree_flatten(updates, is_leaf=is_none)
+    dims_leaves = treedef.flatten_up_to(dims_tree)
+    # Group the matrix stacks of all leaves by (out, in, dtype): one batched call each.
+    groups: dict[tuple, list[tuple[int, jax.Array]]] = {}
+    restores = {}
+    for i, (leaf, dims) in enumerate(zip(leaves, dims_leaves)):
+      if leaf is None:
+        continue
+      mats, restore = matrix_view.to_matrices(leaf, dims)
+      restores[i] = restore
+      groups.setdefault((mats.shape[1], mats.shape[2], mats.dtype), []).append((i, mats))
+    out_leaves = list(leaves)
+    for members in groups.values():
+      sizes = [m.shape[0] for _, m in members]
+      stack = members[0][1] if len(members) == 1 else jnp.concatenate(
+          [m for _, m in members], axis=0)
+      result = run_method(stack)
+      offset = 0
+      for (i, _), size in zip(members, sizes):
+        out_leaves[i] = restores[i](result[offset:offset + size]).astype(leaves[i].dtype)
+        offset += size
+    return jax.tree_util.tree_unflatten(treedef, out_leaves)
+
+  def init_fn(params):
+    matrix_view.resolve_dims(params, dimension_numbers)  # fail early on leaves with no view
+    cache = None
+    if use_cache:
+      cache = jax.tree_util.tree_map(jnp.zeros_like, params)
+    return OrthogonalizeState(count=jnp.zeros([], jnp.int32), cache=cache)
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count) if hasattr(optax, "safe_increment") else (
+        state.count + 1)
+    if not use_cache:
+      return orthogonalize_tree(updates), OrthogonalizeState(count=count, cache=None)
+    # OAdamW: t = count (1-based after the increment); recompute when there is no cache
+    # yet (t == 1) or t % gap == 0, else return the stale cached output.
+    recompute = jnp.logical_or(count == 1, count % update_proj_gap == 0)
+    cache_like = jax.tree_util.tree_map(
+        lambda u, c: None if u is None else c.astype(u.dtype), updates, state.cache,
+        is_leaf=lambda x: x is None)
+    new = lax.cond(recompute, orthogonalize_tree, lambda u: cache_like, updates)
+    # Keep the cache's dtypes fixed (those of init) so the state is loop-carry stable.
+    cache = jax.tree_util.tree_map(
+        lambda n, c: c if n is None else n.astype(c.dtype), new, state.cache,
+        is_leaf=lambda x: x is None)
+    return new, OrthogonalizeState(count=count, cache=cache)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByCoshNormState(NamedTuple):
+  """:func:`scale_by_cosh_norm` is stateless."""
+
+
+def scale_by_cosh_norm(gamma: float = 1.5) -> optax.GradientTransformation:
+  """AuON's cosh normalisation, per leaf, for leaves of any rank.
+
+  Each leaf ``G`` becomes ``G / (r + 1e-8)`` with ``r = sqrt(mean(cosh(γG/(‖G‖+1e-7))²))``
+  (:func:`ortho_optax.polar.cosh_normalize`); an all-zero leaf stays zero (AuON skips
+  that parameter's update).
+
+  Args:
+    gamma: AuON's γ (>= 0).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    ryyzn9/AuON, ``auon/optimizer.py`` (SPEC.md §1.2).
+  """
+  _check_real(gamma, "gamma", strict=False)
+
+  def init_fn(params):
+    del params
+    return ScaleByCoshNormState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    updates = jax.tree_util.tree_map(lambda g: cosh_normalize(g, gamma), updates)
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
