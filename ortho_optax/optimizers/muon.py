@@ -1,0 +1,206 @@
+"""Muon (Keller Jordan; the AuON repository's baseline, SPEC 1.4) and its chain builder.
+
+Every orthogonalized optimizer of this module family is one chain::
+
+  [l2 decay] -> ema_momentum -> orthogonalize -> [second moment] -> scale_by_shape
+             -> learning rate + decay
+
+applied to the hidden matrices, with every other parameter sent to AdamW by
+:func:`ortho_optax.optimizers._common.with_adamw_fallback`.
+
+``optax.inject_hyperparams`` can drive the floating-point hyperparameters
+(``learning_rate``, ``momentum``, ``weight_decay``, ...) of the whole optimizer;
+the structural ones (step counts, names, dtypes, callables) must be static::
+
+  opt = optax.inject_hyperparams(muon, static_args=inject_static_args(muon))(
+      learning_rate=0.02)
+  state.hyperparams["learning_rate"] = 0.01  # later, e.g. from a controller
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+import jax.numpy as jnp
+import optax
+
+from ortho_optax import coefficients as coefficients_lib
+from ortho_optax.optimizers import _common
+from ortho_optax.stages.decay import WEIGHT_DECAY_METHODS, weight_decay_stages
+from ortho_optax.stages.momentum import ema_momentum
+from ortho_optax.stages.scale import SCALE_MODES, scale_by_shape
+
+PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+
+
+def inject_static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
+  """Names of ``factory``'s arguments that ``optax.inject_hyperparams`` must keep static.
+
+  ``inject_hyperparams`` turns every numeric argument into an array and treats every
+  callable as a schedule. Step counts (``ns_steps``), dtypes (``compute_dtype`` is a
+  callable class), ``label_fn`` and ``dimension_numbers`` must not be, so every
+  argument whose default is not a ``float`` is returned.
+  """
+  sig = inspect.signature(factory)
+  return tuple(name for name, p in sig.parameters.items()
+               if not (isinstance(p.default, float) and not isinstance(p.default, bool)))
+
+
+def validate_common(*, learning_rate, momentum, weight_decay, weight_decay_method, ns_steps,
+                    coefficients, preconditioning, scale_mode, extra_scale_factor, eps,
+                    backend) -> None:
+  """Construction-time checks shared by the Muon-family optimizers (Python values only)."""
+  _common.check_learning_rate(learning_rate)
+  _common.check_in_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
+  _common.check_non_negative("weight_decay", weight_decay)
+  _common.check_choice("weight_decay_method", weight_decay_method, WEIGHT_DECAY_METHODS)
+  _common.check_int("ns_steps", ns_steps, minimum=1)
+  _common.check_choice("preconditioning", preconditioning, PRECONDITIONINGS)
+  _common.check_choice("scale_mode", scale_mode, SCALE_MODES)
+  _common.check_non_negative("extra_scale_factor", extra_scale_factor)
+  _common.check_non_negative("eps", eps)
+  _common.check_choice("backend", backend, ("auto", "xla", "pallas"))
+  # Unknown preset names, malformed tables, cubic5 with steps != 5, ...
+  coefficients_lib.resolve_coefficients(coefficients, ns_steps)
+
+
+def orthogonalized_chain(
+    *,
+    learning_rate,
+    momentum,
+    nesterov: bool,
+    weight_decay,
+    weight_decay_method: str,
+    ns_steps: int,
+    coefficients,
+    preconditioning: str,
+    eps,
+    compute_dtype,
+    scale_mode: str,
+    extra_scale_factor,
+    mu_dtype,
+    dimension_numbers,
+    backend: str,
+    second_moment: Optional[Callable[..., optax.GradientTransformation]] = None,
+) -> optax.GradientTransformation:
+  """The orthogonalized branch (no routing), see the module docstring.
+
+  ``second_moment(momentum_tx, orthogonalize_tx)`` may wrap the momentum and
+  orthogonalization stages (NAMO needs both; see
+  :func:`ortho_optax.stages.second_moment.scale_by_second_moment`).
+  ``dimension_numbers`` must already be usable on a masked sub-tree.
+  """
+  # Imported here: the orthogonalize stage may import optimizers-level helpers.
+  from ortho_optax.stages.orthogonalize import orthogonalize
+
+  first, last = weight_decay_stages(learning_rate, weight_decay, weight_decay_method)
+  momentum_tx = ema_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype)
+  orth_tx = orthogonalize(
+      "newton_schulz", steps=ns_steps, coefficients=coefficients,
+      preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype, backend=backend,
+      dimension_numbers=dimension_numbers)
+  if second_moment is None:
+    middle = (momentum_tx, orth_tx)
+  else:
+    middle = (second_moment(momentum_tx, orth_tx),)
+  return optax.chain(
+      first, *middle,
+      scale_by_shape(scale_mode, extra_scale_factor, dimension_numbers),
+      last)
+
+
+def muon(
+    learning_rate: optax.ScalarOrSchedule = 0.02,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    coefficients: Any = "muon",
+    preconditioning: str = "frobenius",
+    scale_mode: str = "shape_scaling",
+    extra_scale_factor: float = 1.0,
+    weight_decay: float = 0.01,
+    weight_decay_method: str = "decoupled",
+    compute_dtype: Any = jnp.bfloat16,
+    eps: float = 1e-7,
+    mu_dtype: Optional[Any] = None,
+    adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-10,
+    adam_weight_decay: float = 0.0,
+    label_fn: Any = None,
+    dimension_numbers: Any = None,
+    backend: str = "auto",
+) -> optax.GradientTransformation:
+  r"""Muon: Nesterov EMA momentum, Newton-Schulz orthogonalization, shape scaling.
+
+  Defaults are Keller Jordan's Muon as in the AuON repository's baseline
+  (SPEC 1.4): lr 0.02, momentum 0.95 with the Nesterov blend, 5 Newton-Schulz
+  steps with the ``(3.4445, -4.7750, 2.0315)`` triple on ``X / (||X||_F + 1e-7)``
+  in bfloat16, update scaled by ``sqrt(max(1, out/in))``, decoupled weight
+  decay 0.01 (``p <- p (1 - lr wd) - lr sqrt(max(1, out/in)) O``). For each
+  matrix, with ``mu = momentum``::
+
+    m <- mu m + (1 - mu) g;   U = (1 - mu) g + mu m  (or m)
+    O = NS(U);   p <- p - lr * (scale(out, in) * extra_scale_factor * O) - decay
+
+  Hidden matrices (per ``label_fn``, default
+  :func:`ortho_optax.routing.default_label_fn`) take this path; everything else
+  goes to AdamW with the ``adam_*`` hyperparameters (defaults of Turbo-Muon's
+  auxiliary Adam / modded-nanogpt: lr 3e-4, betas (0.9, 0.95), eps 1e-10, no decay).
+
+  Args:
+    learning_rate: lr of the orthogonalized branch; a number or an ``optax.Schedule``.
+    momentum: EMA coefficient in ``[0, 1)``.
+    nesterov: feed ``(1 - mu) g + mu m`` (True) or ``m`` to Newton-Schulz.
+    ns_steps: Newton-Schulz steps (>= 1).
+    coefficients: preset name of :data:`ortho_optax.coefficients.PRESETS` or a
+      sequence of ``(a, b, c)`` triples.
+    preconditioning: ``"frobenius"``, ``"spectral"``, ``"aol"`` or ``"schatten"``
+      (see :func:`ortho_optax.newton_schulz.newton_schulz`).
+    scale_mode: ``"shape_scaling"``, ``"spectral"``, ``"unit_rms_norm"``,
+      ``"consistent_rms"`` or ``"none"`` (see :func:`ortho_optax.stages.scale.scale_by_shape`).
+    extra_scale_factor: multiplies the shape factor (0.2 with ``"spectral"``
+      matches AdamW's update RMS).
+    weight_decay: decay coefficient (>= 0).
+    weight_decay_method: ``"decoupled"``, ``"independent"``, ``"l2"`` or ``"palm"``
+      (see :mod:`ortho_optax.stages.decay`).
+    compute_dtype: dtype of the Newton-Schulz iterations (``None``: the update's).
+    eps: Frobenius-normalisation epsilon (AOL row-sum clamp for ``"aol"``).
+    mu_dtype: dtype of the momentum buffer (``None``: the parameter's).
+    adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay: the AdamW
+      branch (``optax.adamw``).
+    label_fn: parameter routing (``params -> labels "ortho"|"adam"|"frozen"``) or
+      a label pytree; ``None`` for the default rules.
+    dimension_numbers: matrix views, see :func:`ortho_optax.matrix_view.resolve_dims`
+      (``None``: Flax ``(in, out)`` kernels; ``ortho_optax.TORCH_LAYOUT`` for
+      PyTorch-layout weights).
+    backend: Newton-Schulz backend, ``"auto"``, ``"xla"`` or ``"pallas"``.
+
+  Returns:
+    An ``optax.GradientTransformation`` (an ``optax.multi_transform``).
+
+  Raises:
+    ValueError: for invalid Python-number hyperparameters or unknown names.
+
+  References:
+    Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024.
+    ryyzn9/AuON ``auon/muon.py``.
+  """
+  validate_common(
+      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+      weight_decay_method=weight_decay_method, ns_steps=ns_steps, coefficients=coefficients,
+      preconditioning=preconditioning, scale_mode=scale_mode,
+      extra_scale_factor=extra_scale_factor, eps=eps, backend=backend)
+  dims = _common.masked_dimension_numbers(dimension_numbers)
+  ortho_tx = orthogonalized_chain(
+      learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
+      weight_decay=weight_decay, weight_decay_method=weight_decay_method, ns_steps=ns_steps,
+      coefficients=coefficients, preconditioning=preconditioning, eps=eps,
+      compute_dtype=compute_dtype, scale_mode=scale_mode,
+      extra_scale_factor=extra_scale_factor, mu_dtype=mu_dtype, dimension_numbers=dims,
+      backend=backend)
+  return _common.with_adamw_fallback(
+      ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn)
