@@ -1,0 +1,214 @@
+"""Aurora and Riemannian Aurora (tilde-research/aurora-release; SPEC sections 4.2-4.3).
+
+Per hidden matrix ``W`` with gradient ``G`` (PyTorch view ``(out, in)`` = ``(r, c)``)::
+
+  m <- lerp(m, G, 1 - mu);  U = lerp(G, m, mu) (nesterov) or m
+  O = polar(U)                              square
+  O = leverage_uniform_polar(U)             non-square (aurora)
+  O = riemannian_balanced_polar(U)          non-square (riemannian_aurora)
+  O <- O sqrt(max(1, r / c))
+  W <- W (1 - lr wd) - lr O
+
+Non-finite updates. The reference raises ``RuntimeError`` when ``O`` has a non-finite
+element. A jitted optax transformation cannot raise, so the orthogonalized branch is
+wrapped in :func:`optax.apply_if_finite` with an unbounded error budget: when any
+element of the branch's update is NaN/Inf (a NaN gradient, an overflow in the polar
+iteration) the update of every Aurora matrix is **zero for that step, the branch's state
+(momentum) is not advanced**, and the step is counted in the branch's
+``optax.ApplyIfFiniteState`` (``notfinite_count`` consecutive, ``total_notfinite``
+overall; see :func:`nonfinite_count`). Nothing is silently written into the weights. Wrap
+the whole optimizer in ``optax.apply_if_finite`` as well to skip the AdamW branch too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax import tree_utils as otu
+
+from ortho_optax.optimizers import _common
+from ortho_optax.stages import decay as decay_stages
+from ortho_optax.stages import momentum as momentum_stages
+from ortho_optax.stages import orthogonalize as orth_stages
+from ortho_optax.stages import scale as scale_stages
+
+#: ``max_consecutive_errors`` of the finite guard: never give up and apply a NaN.
+_NEVER = int(np.iinfo(np.int32).max) - 1
+
+
+def _check_aurora(learning_rate, weight_decay, momentum, eps):
+  _common.check_learning_rate(learning_rate)
+  _common.check_non_negative("weight_decay", weight_decay)
+  _common.check_in_range("momentum", momentum, 0.0, 1.0, low_inclusive=False,
+                         high_inclusive=False)
+  _common.check_positive("eps", eps)
+
+
+def _aurora_branch(orth, learning_rate, weight_decay, momentum, nesterov, dims, mu_dtype):
+  chain = optax.chain(
+      momentum_stages.ema_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
+      orth,
+      scale_stages.scale_by_shape("shape_scaling", dimension_numbers=dims),
+      decay_stages.scale_by_learning_rate_and_decay(learning_rate, weight_decay, "decoupled"),
+  )
+  return optax.apply_if_finite(chain, max_consecutive_errors=_NEVER)
+
+
+def aurora(
+    learning_rate: optax.ScalarOrSchedule = 0.05,
+    weight_decay: float = 0.025,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    pp_iterations: int = 2,
+    pp_beta: float = 0.5,
+    eps: float = 1e-7,
+    compute_dtype: Optional[Any] = jnp.bfloat16,
+    *,
+    adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-10,
+    adam_weight_decay: float = 0.0,
+    adam_tx: Optional[optax.GradientTransformation] = None,
+    label_fn: Any = None,
+    dimension_numbers: Any = None,
+    backend: str = "auto",
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  """Aurora: Muon with a leverage-uniform (row-balanced) polar factor.
+
+  Square matrices get the Aurora polar factor (12 quintic steps ``(2, -1.5, 0.5)``);
+  non-square ones the polar factor of the row-rebalanced matrix (``pp_iterations``
+  passes that push the long side's row norms toward uniform leverage ``n/m``, damped by
+  ``pp_beta``). The result is scaled by ``sqrt(max(1, out/in))``.
+
+  Args:
+    learning_rate: ``eta > 0`` (a number) or a schedule.
+    weight_decay: decoupled decay ``>= 0``.
+    momentum: ``mu`` in ``(0, 1)``.
+    nesterov: feed the Nesterov blend (``True``) or the buffer itself.
+    pp_iterations: row-balancing passes, an int ``>= 1`` (1 = polar of the
+      row-normalised matrix).
+    pp_beta: damping exponent ``> 0`` of the balancing (0.5 = undamped).
+    eps: ``> 0``, floors row norms and the Frobenius normalisation.
+    compute_dtype: dtype of the polar iteration. ``jnp.bfloat16`` is the published
+      behaviour; ``jnp.float32`` reproduces the fp32 reference.
+    adam_*, adam_tx, label_fn: the element-wise branch and routing, as in
+      :func:`ortho_optax.optimizers.auon.auon`.
+    dimension_numbers: per-leaf :class:`ortho_optax.MatrixDims` (``None``: Flax
+      ``(in, out)`` for 2-D leaves); a pytree for the full parameter tree works.
+    backend: Newton-Schulz backend (``"auto"``, ``"xla"``, ``"pallas"``).
+    mu_dtype: dtype of the momentum buffer.
+
+  Returns:
+    An ``optax.GradientTransformation`` (an ``optax.multi_transform``). Non-finite
+    orthogonalized updates are skipped and counted (see the module docstring).
+
+  References:
+    tilde-research/aurora-release ``src/aurora.py::aurora`` (commit 3d79a5c).
+  """
+  _check_aurora(learning_rate, weight_decay, momentum, eps)
+  if learning_rate is not None and not callable(learning_rate):
+    _common.check_positive("learning_rate", learning_rate)
+  _common.check_int("pp_iterations", pp_iterations, 1)
+  _common.check_positive("pp_beta", pp_beta)
+  dims = _common.masked_dimension_numbers(dimension_numbers)
+  orth = orth_stages.orthogonalize(
+      "aurora", pp_iterations=pp_iterations, pp_beta=pp_beta, eps=eps,
+      compute_dtype=compute_dtype, backend=backend, dimension_numbers=dims)
+  ortho_tx = _aurora_branch(orth, learning_rate, weight_decay, momentum, nesterov, dims,
+                            mu_dtype)
+  return _common.with_adamw_fallback(
+      ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn,
+      adam_tx=adam_tx)
+
+
+def riemannian_aurora(
+    learning_rate: optax.ScalarOrSchedule = 0.05,
+    weight_decay: float = 0.025,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    outer_steps: int = 3,
+    cg_steps: int = 20,
+    riemannian_eta: float = 0.1,
+    retraction_steps: int = 2,
+    eps: float = 1e-7,
+    compute_dtype: Optional[Any] = jnp.bfloat16,
+    *,
+    adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-10,
+    adam_weight_decay: float = 0.0,
+    adam_tx: Optional[optax.GradientTransformation] = None,
+    label_fn: Any = None,
+    dimension_numbers: Any = None,
+    backend: str = "auto",
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  """Riemannian Aurora: a balanced-Stiefel ascent instead of the rebalancing passes.
+
+  Square matrices: as :func:`aurora`. Non-square: starting from the polar factor,
+  ``outer_steps`` Riemannian ascent steps on the manifold of matrices with orthonormal
+  columns and uniform row norms (multipliers from ``cg_steps`` conjugate-gradient
+  iterations), each retracted by ``retraction_steps`` row-normalise + polar passes.
+  The reference has no finite check here; this port applies the same skip-and-count
+  guard as :func:`aurora`.
+
+  Args:
+    learning_rate, weight_decay, momentum, nesterov, eps, compute_dtype: as
+      :func:`aurora`.
+    outer_steps: ascent steps, an int ``>= 1``.
+    cg_steps: maximum CG iterations, an int ``>= 1``.
+    riemannian_eta: ascent step size ``> 0``.
+    retraction_steps: retraction passes, an int ``>= 1``.
+    adam_*, adam_tx, label_fn, dimension_numbers, backend, mu_dtype: as :func:`aurora`.
+
+  Returns:
+    An ``optax.GradientTransformation`` (an ``optax.multi_transform``).
+
+  References:
+    tilde-research/aurora-release ``src/riemannian_aurora.py`` (commit 3d79a5c).
+  """
+  _check_aurora(learning_rate, weight_decay, momentum, eps)
+  if learning_rate is not None and not callable(learning_rate):
+    _common.check_positive("learning_rate", learning_rate)
+  _common.check_int("outer_steps", outer_steps, 1)
+  _common.check_int("cg_steps", cg_steps, 1)
+  _common.check_positive("riemannian_eta", riemannian_eta)
+  _common.check_int("retraction_steps", retraction_steps, 1)
+  dims = _common.masked_dimension_numbers(dimension_numbers)
+  orth = orth_stages.orthogonalize(
+      "riemannian_aurora", outer_steps=outer_steps, cg_steps=cg_steps,
+      riemannian_eta=riemannian_eta, retraction_steps=retraction_steps, eps=eps,
+      compute_dtype=compute_dtype, backend=backend, dimension_numbers=dims)
+  ortho_tx = _aurora_branch(orth, learning_rate, weight_decay, momentum, nesterov, dims,
+                            mu_dtype)
+  return _common.with_adamw_fallback(
+      ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn,
+      adam_tx=adam_tx)
+
+
+def nonfinite_count(state) -> jnp.ndarray:
+  """Total number of steps whose Aurora update was skipped as non-finite.
+
+  Args:
+    state: the state of :func:`aurora` / :func:`riemannian_aurora` (possibly nested in
+      other optax states).
+
+  Returns:
+    The int32 ``total_notfinite`` of the Aurora branch's ``optax.ApplyIfFiniteState``
+    (the first one found, depth-first).
+  """
+  found = otu.tree_get_all_with_path(state, "total_notfinite")
+  if not found:
+    raise ValueError("no Aurora finite-guard state (ApplyIfFiniteState) found in state.")
+  return found[0][1]
+
+
+__all__ = ["aurora", "nonfinite_count", "riemannian_aurora"]

@@ -1,0 +1,123 @@
+"""OAdamW: Newton-Schulz on the raw gradient, then StableAdamW (jeb1399/OAdamW; SPEC 3).
+
+Hidden matrices (label ``"ortho"``) are orthogonalized *before* the Adam moments::
+
+  g_hat = NS5(g)        float32, Keller-simple coefficients, X / (||X||_F + 1e-7),
+                        recomputed when t % update_proj_gap == 0 (else the cached
+                        NS output of an earlier gradient is reused; t = 1 always computes)
+  StableAdamW core on g_hat (debiased betas, per-tensor RMS lr clip, decoupled decay)
+
+so the moments are EMAs of orthogonalized gradients and Adam's element-wise
+normalisation is applied on top (the final update is not orthogonal; step 1 is
+``sign(NS(g))``). Every other float leaf (label ``"adam"``) goes through the same
+StableAdamW core without Newton-Schulz: OAdamW has no separate AdamW. Each branch keeps
+its own step counter, which is the reference's per-tensor counter in the Muon group
+(every leaf of the branch steps together) and its per-group counter otherwise.
+
+Differences from the reference, all deliberate:
+
+* Routing: the reference's auto-grouping orthogonalizes *every* parameter of rank >= 2
+  (embeddings included) and crashes on rank > 2. Here the default ``label_fn`` sends
+  only hidden matrices to Newton-Schulz (embeddings, heads, norms, biases go to the
+  plain core), and rank > 2 leaves work through ``dimension_numbers``.
+* The per-group key ``scale`` of the reference is stored but never applied
+  (``project_back`` is never called), so it is not a parameter here.
+* ``kahan_sum``: ``None`` or ``True`` add :func:`ortho_optax.stages.kahan.kahan_summation`
+  (it keeps a compensation buffer only for bf16/fp16 leaves, so it is a no-op for
+  float32 ones, as in the reference); ``False`` leaves it out. The reference applies the
+  weight decay to ``p`` outside the compensated sum; here the decay is part of the
+  compensated update. The reference's Kahan + ``update_proj_gap > 1`` corruption of the
+  NS cache (SPEC 3.5) is not reproduced.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax.numpy as jnp
+import optax
+
+from ortho_optax.optimizers import _common
+from ortho_optax.stages import kahan as kahan_stages
+from ortho_optax.stages import orthogonalize as orth_stages
+from ortho_optax.stages import stable_adamw as stable_adamw_stages
+
+
+def oadamw(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 1e-2,
+    eps: float = 1e-6,
+    decouple_lr: bool = False,
+    max_lr: Optional[float] = None,
+    kahan_sum: Optional[bool] = None,
+    muon: bool = True,
+    ns_steps: int = 5,
+    update_proj_gap: int = 1,
+    *,
+    compute_dtype: Optional[Any] = jnp.float32,
+    label_fn: Any = None,
+    dimension_numbers: Any = None,
+    backend: str = "auto",
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  """OAdamW: orthogonalized-gradient StableAdamW.
+
+  Args:
+    learning_rate: ``lr >= 0``, a number or a schedule (shared by both branches).
+    b1, b2: moment coefficients in ``[0, 1)`` (debiased, see
+      :func:`ortho_optax.stages.stable_adamw.stable_adamw`).
+    weight_decay: decoupled decay ``>= 0`` scaled by the clipped ``lr_t``.
+    eps: ``> 0``; added to ``sqrt(v)`` and squared as the floor of ``v`` in the RMS.
+    decouple_lr: fully decoupled decay ``p <- p (1 - (lr_t / max_lr) wd)``.
+    max_lr: reference lr of ``decouple_lr`` (``None``: ``learning_rate``; required
+      with a schedule).
+    kahan_sum: Kahan-compensated updates for bf16/fp16 parameters (``None``: on for
+      them, as the reference; float32 leaves never carry a buffer).
+    muon: orthogonalize the ``"ortho"`` leaves; ``False`` gives plain StableAdamW
+      everywhere.
+    ns_steps: Newton-Schulz iterations, an int ``>= 1``.
+    update_proj_gap: recompute the Newton-Schulz output every ``update_proj_gap``
+      steps (an int ``>= 1``; 1 = every step).
+    compute_dtype: dtype of the Newton-Schulz iteration (reference: float32).
+    label_fn: routing (:func:`ortho_optax.routing.default_label_fn` when ``None``).
+    dimension_numbers: per-leaf :class:`ortho_optax.MatrixDims` (``None``: Flax
+      ``(in, out)`` for 2-D leaves); a pytree for the full parameter tree works.
+    backend: Newton-Schulz backend (``"auto"``, ``"xla"``, ``"pallas"``).
+    mu_dtype: dtype of the moments (``None``: the parameter dtype, as the reference).
+
+  Returns:
+    An ``optax.GradientTransformation`` (an ``optax.multi_transform`` with branches
+    ``"ortho"`` = NS + core and ``"adam"`` = core).
+
+  References:
+    jeb1399/OAdamW ``oadamw.py`` (commit 867bef6) with torch-optimi 0.3.3
+    ``StableAdamW``; Wortsman et al., 2023; Jordan et al., "Muon", 2024.
+  """
+  if kahan_sum not in (None, True, False):
+    raise ValueError(f"kahan_sum must be None, True or False, got kahan_sum={kahan_sum!r}.")
+  _common.check_int("ns_steps", ns_steps, 1)
+  _common.check_int("update_proj_gap", update_proj_gap, 1)
+
+  def core():
+    stage = stable_adamw_stages.stable_adamw(
+        learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+        decouple_lr=decouple_lr, max_lr=max_lr, mu_dtype=mu_dtype)
+    if kahan_sum is False:
+      return stage
+    return optax.chain(stage, kahan_stages.kahan_summation())
+
+  if muon:
+    orth = orth_stages.orthogonalize(
+        "newton_schulz", steps=ns_steps, coefficients="muon", preconditioning="frobenius",
+        eps=1e-7, compute_dtype=compute_dtype, backend=backend,
+        update_proj_gap=update_proj_gap,
+        dimension_numbers=_common.masked_dimension_numbers(dimension_numbers))
+    ortho_tx = optax.chain(orth, core())
+  else:
+    ortho_tx = core()
+  return _common.with_adamw_fallback(ortho_tx, adam_tx=core(), label_fn=label_fn)
+
+
+__all__ = ["oadamw"]
