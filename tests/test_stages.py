@@ -308,3 +308,32 @@ def test_decay_needs_params():
   tx = add_weight_decay(0.1)
   with pytest.raises(ValueError):
     tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+
+
+def test_normuon_split_output_matches_per_block_statistics():
+  # A fused QKV Flax kernel (in, 3*out) with num_splits=3: each block is its own matrix.
+  for n_in, n_out in [(32, 8), (4, 8)]:  # column stats (wide blocks) / row stats (tall)
+    dims = MatrixDims((0,), (1,), num_splits=3)
+    tx = scale_by_second_moment("normuon", dimension_numbers=dims)
+    k = _grads((n_in, 3 * n_out), steps=1)[0]
+    state = tx.init(jnp.zeros(k.shape))
+    out, state = tx.update(jnp.asarray(k), state)
+    blocks = []
+    for j in range(3):
+      o = k[:, j * n_out:(j + 1) * n_out].T  # (out, in) block
+      axis = -1 if n_out >= n_in else -2
+      v = 0.05 * np.mean(o * o, axis=axis, keepdims=True)
+      w = o / np.sqrt(np.maximum(v, 1e-8))
+      blocks.append((w * np.linalg.norm(o) / np.linalg.norm(w)).T)
+    np.testing.assert_allclose(out, np.concatenate(blocks, axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["adamuon", "normuon", "namo"])
+def test_second_moment_zero_updates_stay_finite(method):
+  tx = scale_by_second_moment(method, dimension_numbers=TORCH_LAYOUT,
+                              momentum=ema_momentum(0.9), orthogonalizer=optax.identity())
+  state = tx.init(jnp.zeros((4, 6)))
+  for _ in range(2):
+    out, state = tx.update(jnp.zeros((4, 6)), state)
+    assert np.all(np.isfinite(out)) and np.all(out == 0)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
