@@ -1,10 +1,53 @@
 """Pallas Mosaic GPU kernels for Newton–Schulz on Hopper GPUs (``ortho_optax.pallas``).
 
-Placeholder surface until the kernels land (issue 3): ``is_available()`` reports False,
-so ``backend="auto"`` always takes the XLA path.
+``is_available()`` says whether the kernels can run here (a Hopper GPU, sm_90, and the
+Mosaic GPU Pallas backend); ``newton_schulz(x, coefficients, aol=..., eps=...)`` runs the
+quintic iteration on a bf16 ``(batch, m, n)`` stack (m <= n) with one-triangle symmetric
+GEMMs and fused epilogues (see :mod:`ortho_optax.pallas.ns` and
+:mod:`ortho_optax.pallas.matmul`). ``ortho_optax.newton_schulz(backend="pallas"|"auto")``
+is the public entry point; this module is its Hopper back end.
 """
 
+from __future__ import annotations
 
+import functools
+
+
+@functools.lru_cache(maxsize=None)
 def is_available() -> bool:
-  """True when a Hopper GPU and the Mosaic GPU Pallas backend are usable."""
-  return False
+  """True when a Hopper GPU (compute capability 9.x) and Mosaic GPU Pallas are usable.
+
+  Never raises: any failure to import or query reports False.
+  """
+  try:
+    import jax
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus:
+      return False
+    cc = str(getattr(gpus[0], "compute_capability", ""))
+    if not cc.startswith("9."):  # wgmma is Hopper-only (sm_90a)
+      return False
+    import jax.experimental.pallas.mosaic_gpu  # noqa: F401
+    from jax._src.lib import mosaic_gpu  # noqa: F401  (the compiled Mosaic GPU bindings)
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def newton_schulz(x, coefficients, *, aol: bool = False, eps: float = 1e-7):
+  """Newton–Schulz on a bf16 ``(batch, m, n)`` stack (m <= n) with the Hopper kernels.
+
+  Args:
+    x: bf16 stack, already Frobenius-normalised unless ``aol``.
+    coefficients: static tuple of ``(a, b, c)`` Python-float triples, one per step.
+    aol: Turbo-Muon AOL preconditioning fused into the first step.
+    eps: AOL row-sum clamp.
+
+  Returns:
+    bf16 ``(batch, m, n)``.
+  """
+  from ortho_optax.pallas import ns
+  return ns.newton_schulz(x, coefficients, aol=aol, eps=eps)
+
+
+__all__ = ["is_available", "newton_schulz"]

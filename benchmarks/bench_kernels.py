@@ -1,0 +1,378 @@
+"""Newton–Schulz kernels vs the XLA path, on one Hopper GPU (one run, one table).
+
+Usage: python benchmarks/bench_kernels.py [--out DIR] [--quick] [--skip-check]
+
+What it does, in order (each stage guarded, so a failure is reported and the rest runs):
+1. ceilings: a plain bf16 8192³ ``jnp.matmul`` (TFLOP/s) and a device copy (TB/s);
+2. checks: ``ortho_optax.pallas.newton_schulz`` vs an f32 XLA reference on fresh random
+   inputs of many shapes (odd, batched), with the allocator poisoned by NaN buffers first
+   so an unwritten tile cannot pass; NaN never passes;
+3. timings: ``ortho_optax.newton_schulz(backend="pallas")`` vs ``backend="xla"`` for
+   AOL + 4 steps (``turbo_aol``) and Frobenius + 5 quintic steps; device time per call is
+   the call repeated 20x inside one jitted ``fori_loop`` (output fed back as input),
+   wall time / 20 after ``block_until_ready``, warm-up first, median of 5;
+4. per-GEMM breakdown (gram / poly / apply) on a few shapes;
+5. optimizer level: one ``turbo_muon`` / ``muon`` update on a GPT-2-small tree.
+Writes ``bench_kernels.json`` under ``--out`` (default ``$OUT`` or ``.``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TURBO_AOL = ((3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+             (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
+QUINTIC = ((4.0848, -6.8946, 2.9270),) + TURBO_AOL
+
+SHAPES = [(1, 768, 768), (1, 768, 3072), (1, 1024, 4096), (1, 2048, 2048),
+          (1, 4096, 4096), (1, 2048, 8192), (1, 8192, 8192), (48, 768, 768),
+          (24, 768, 3072)]
+CHECK_SHAPES = [(1, 256, 256), (1, 1000, 3000), (3, 300, 500), (2, 768, 3072),
+                (1, 1024, 4096), (5, 130, 1030), (48, 768, 768), (1, 2048, 2048),
+                (1, 4096, 4096), (2, 512, 512)]
+REPS = 20
+
+
+def log(*a):
+  print(*a, flush=True)
+
+
+def time_call(fn, x, reps=REPS, trials=5):
+  """Median seconds per call of ``fn`` (x -> same-shape array), reps inside one jit."""
+  @jax.jit
+  def loop(x):
+    return jax.lax.fori_loop(0, reps, lambda i, y: fn(y).astype(y.dtype), x)
+  jax.block_until_ready(loop(x))  # compile + warm-up
+  jax.block_until_ready(loop(x))
+  ts = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(x))
+    ts.append((time.perf_counter() - t0) / reps)
+  return statistics.median(ts), ts
+
+
+def ceilings():
+  n = 8192
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (n, n), jnp.bfloat16)
+  b = jax.random.normal(k2, (n, n), jnp.bfloat16)
+  f = jax.jit(lambda a, b: jnp.matmul(a, b))
+  jax.block_until_ready(f(a, b))
+  ts = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    for _ in range(10):
+      c = f(a, b)
+    jax.block_until_ready(c)
+    ts.append((time.perf_counter() - t0) / 10)
+  t = statistics.median(ts)
+  peak = 2 * n ** 3 / t
+  x = jax.random.normal(k1, (1 << 28,), jnp.float32)  # 1 GiB
+  g = jax.jit(lambda x: x * 1.0001)
+  jax.block_until_ready(g(x))
+  t0 = time.perf_counter()
+  for _ in range(10):
+    y = g(x)
+  jax.block_until_ready(y)
+  bw = 2 * x.nbytes / ((time.perf_counter() - t0) / 10)
+  return peak, bw
+
+
+def ns_flops(batch, m, n, steps):
+  """One-triangle flops of ``steps`` NS steps on (batch, m, n), m <= n: 3m²n + m³ each."""
+  m, n = min(m, n), max(m, n)
+  return batch * steps * (3.0 * m * m * n + m ** 3)
+
+
+def poison():
+  """Fills (and frees) a few GiB with NaN so fresh buffers start as NaN garbage."""
+  bufs = [jnp.full((1 << 28,), jnp.nan, jnp.float32) for _ in range(4)]
+  jax.block_until_ready(bufs)
+  del bufs
+
+
+def rel_err(out, ref):
+  out = np.asarray(out, np.float32)
+  ref = np.asarray(ref, np.float32)
+  if not np.all(np.isfinite(out)):
+    return float("nan")
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def tile_max_err(out, ref, tile=128):
+  """Largest per-128×128-tile relative error (an unwritten tile shows up here)."""
+  out = np.asarray(out, np.float32)
+  ref = np.asarray(ref, np.float32)
+  worst = 0.0
+  for i in range(0, ref.shape[-2], tile):
+    for j in range(0, ref.shape[-1], tile):
+      r = ref[..., i:i + tile, j:j + tile]
+      o = out[..., i:i + tile, j:j + tile]
+      worst = max(worst, float(np.linalg.norm(o - r) / (np.linalg.norm(r) + 1e-30)))
+  return worst
+
+
+def run_checks(results):
+  from ortho_optax.pallas import ns
+  import ortho_optax.pallas as opl
+  rng = np.random.default_rng(int(time.time()))
+  rows = []
+  for (b, m, n) in CHECK_SHAPES:
+    for aol, co in ((True, TURBO_AOL), (False, QUINTIC)):
+      key = jax.random.key(int(rng.integers(1 << 30)))
+      g = jax.random.normal(key, (b, m, n), jnp.float32)
+      if not aol:
+        g = g / jnp.linalg.norm(g, axis=(1, 2), keepdims=True)
+      x = g.astype(jnp.bfloat16)
+      try:
+        poison()
+        out = jax.block_until_ready(opl.newton_schulz(x, co, aol=aol, eps=1e-7))
+        ref = ns.reference(x, co, aol=aol, eps=1e-7)
+        ref_bf16 = ns.reference(x, co, aol=aol, eps=1e-7, dtype=jnp.bfloat16)
+        e, et = rel_err(out, ref), tile_max_err(out, ref)
+        e_xla = rel_err(ref_bf16, ref)
+        ok = bool(np.isfinite(e) and e < 3e-2 and et < 6e-2)
+        rows.append(dict(shape=[b, m, n], aol=aol, rel_err=e, tile_max=et,
+                         xla_bf16_rel_err=e_xla, ok=ok))
+        log(f"check {b}x{m}x{n} aol={aol}: rel {e:.2e} (xla bf16 {e_xla:.2e}) "
+            f"worst tile {et:.2e} {'OK' if ok else 'FAIL'}")
+      except Exception as ex:  # pylint: disable=broad-except
+        rows.append(dict(shape=[b, m, n], aol=aol, error=repr(ex)[:2000], ok=False))
+        log(f"check {b}x{m}x{n} aol={aol}: ERROR {ex!r}"[:3000])
+        traceback.print_exc()
+  results["checks"] = rows
+  return all(r["ok"] for r in rows)
+
+
+def _entry():
+  try:
+    from ortho_optax.newton_schulz import newton_schulz
+    return newton_schulz
+  except ImportError:
+    return None
+
+
+def ns_fn(backend, aol):
+  if backend == "own_xla":
+    from ortho_optax.pallas import ns as pns
+    co = TURBO_AOL if aol else QUINTIC
+
+    def f(x):
+      xb = x.astype(jnp.bfloat16)
+      if not aol:
+        xf = xb.astype(jnp.float32)
+        xb = (xf / (jnp.linalg.norm(xf, axis=(1, 2), keepdims=True) + 1e-7)).astype(
+            jnp.bfloat16)
+      return pns.reference(xb, co, aol=aol, dtype=jnp.bfloat16)
+    return f
+  kw = (dict(steps=4, coefficients="turbo_aol", preconditioning="aol", eps=1e-6) if aol
+        else dict(steps=5, coefficients="quintic", preconditioning="frobenius", eps=1e-7))
+  entry = _entry()
+  return lambda x: entry(x, backend=backend, **kw)
+
+
+def run_timings(results, peak, shapes):
+  has_xla = _entry() is not None
+  xla_backend = "xla" if has_xla else "own_xla"
+  rows = []
+  for (b, m, n) in shapes:
+    x = jax.random.normal(jax.random.key(b * 7 + m + n), (b, m, n), jnp.float32)
+    x = x.astype(jnp.bfloat16)
+    for aol in (True, False):
+      steps = 4 if aol else 5
+      row = dict(shape=[b, m, n], config="AOL+4" if aol else "Frob+5",
+                 flops=ns_flops(b, m, n, steps))
+      for name, backend in (("pallas", "pallas"), ("xla", xla_backend)):
+        try:
+          t, ts = time_call(ns_fn(backend, aol), x)
+          row[name + "_ms"] = t * 1e3
+          row[name + "_trials_ms"] = [v * 1e3 for v in ts]
+        except Exception as ex:  # pylint: disable=broad-except
+          row[name + "_error"] = repr(ex)[:2000]
+          log(f"timing {name} {b}x{m}x{n} {row['config']}: ERROR {ex!r}"[:3000])
+          traceback.print_exc()
+      if "pallas_ms" in row and "xla_ms" in row:
+        row["speedup"] = row["xla_ms"] / row["pallas_ms"]
+      if "pallas_ms" in row:
+        row["tflops"] = row["flops"] / (row["pallas_ms"] * 1e-3) / 1e12
+        row["floor_ms"] = row["flops"] / peak * 1e3
+        row["frac_floor"] = row["floor_ms"] / row["pallas_ms"]
+      rows.append(row)
+      log(f"timing {b}x{m}x{n} {row['config']}: pallas {row.get('pallas_ms', float('nan')):.3f} "
+          f"ms, xla {row.get('xla_ms', float('nan')):.3f} ms")
+  results["timings"] = rows
+  results["xla_backend"] = xla_backend
+  return rows
+
+
+def run_breakdown(results, shapes):
+  """Per-GEMM times (one launch each) for the plan the wrapper would use."""
+  from ortho_optax.pallas import matmul as mm, ns
+  rows = []
+  for (b, m, n) in shapes:
+    mp, np_ = mm.round_up(m, ns.PAD), mm.round_up(n, ns.PAD)
+    cfg = ns.plan(b, mp, np_)
+    x = jax.random.normal(jax.random.key(3), (b, mp, np_), jnp.bfloat16) * 0.01
+    a = jax.random.normal(jax.random.key(4), (b, mp, mp), jnp.bfloat16) * 0.01
+    row = dict(shape=[b, m, n], plan=str(cfg))
+    try:
+      row["gram_ms"] = time_call(
+          lambda x: mm.matmul(x, x, rhs_transposed=True, upper=True, config=cfg.gram)[
+              :, :, :1].sum() * 0 + x, x)[0] * 1e3
+      row["poly_ms"] = time_call(
+          lambda a: mm.matmul(a, a, a, alpha=0.5, beta=0.25, rhs_transposed=True,
+                              upper=True, config=cfg.poly), a)[0] * 1e3
+      row["apply_ms"] = time_call(
+          lambda x: mm.matmul(a, x, x, alpha=0.5, beta=1.0, config=cfg.apply), x)[0] * 1e3
+      row["xla_gram_ms"] = time_call(
+          lambda x: jnp.matmul(x, jnp.swapaxes(x, 1, 2))[:, :, :1].sum() * 0 + x, x)[0] * 1e3
+      row["xla_apply_ms"] = time_call(lambda x: 0.5 * x + jnp.matmul(a, x), x)[0] * 1e3
+    except Exception as ex:  # pylint: disable=broad-except
+      row["error"] = repr(ex)[:2000]
+      log(f"breakdown {b}x{m}x{n}: ERROR {ex!r}"[:3000])
+      traceback.print_exc()
+    rows.append(row)
+    log("breakdown", row)
+  results["breakdown"] = rows
+
+
+def gpt2_small_tree(key):
+  shapes = {}
+  for i in range(12):
+    for name in ("q", "k", "v", "o"):
+      shapes[f"h{i}/attn/{name}"] = (768, 768)
+    shapes[f"h{i}/mlp/fc"] = (768, 3072)
+    shapes[f"h{i}/mlp/proj"] = (3072, 768)
+  shapes["wte"] = (50304, 768)
+  shapes["lm_head"] = (768, 50304)
+  keys = jax.random.split(key, len(shapes))
+  return {k: jax.random.normal(kk, s, jnp.float32) * 0.02
+          for kk, (k, s) in zip(keys, shapes.items())}
+
+
+def run_optimizer(results):
+  import importlib
+  import ortho_optax
+  rows = []
+  params = gpt2_small_tree(jax.random.key(0))
+  grads = jax.tree.map(lambda p: p * 0.5 + 0.001, params)
+  label_fn = lambda tree: {k: ("adam" if k in ("wte", "lm_head") else "ortho") for k in tree}
+  for opt_name in ("turbo_muon", "muon"):
+    make = getattr(ortho_optax, opt_name, None)
+    if make is None:
+      try:
+        make = getattr(importlib.import_module(f"ortho_optax.optimizers.{opt_name}"),
+                       opt_name)
+      except (ImportError, AttributeError):
+        make = None
+    if make is None:
+      continue
+    row = dict(optimizer=opt_name)
+    for backend in ("pallas", "xla"):
+      try:
+        tx = make(learning_rate=0.02, backend=backend, label_fn=label_fn)
+        state = tx.init(params)
+
+        @jax.jit
+        def many(grads, state):
+          def body(_, carry):
+            g, st = carry
+            upd, st = tx.update(g, st, params)
+            return jax.tree.map(lambda u, gg: (u + gg).astype(gg.dtype), upd, g), st
+          return jax.lax.fori_loop(0, REPS, body, (grads, state))
+        jax.block_until_ready(many(grads, state))
+        ts = []
+        for _ in range(5):
+          t0 = time.perf_counter()
+          jax.block_until_ready(many(grads, state))
+          ts.append((time.perf_counter() - t0) / REPS)
+        row[backend + "_ms"] = statistics.median(ts) * 1e3
+      except Exception as ex:  # pylint: disable=broad-except
+        row[backend + "_error"] = repr(ex)[:2000]
+        log(f"optimizer {opt_name} {backend}: ERROR {ex!r}"[:3000])
+        traceback.print_exc()
+    if "pallas_ms" in row and "xla_ms" in row:
+      row["speedup"] = row["xla_ms"] / row["pallas_ms"]
+    rows.append(row)
+    log("optimizer", row)
+  results["optimizer"] = rows
+
+
+def print_table(results):
+  peak = results.get("peak_tflops", float("nan"))
+  log(f"\nmatmul peak (bf16 8192^3 jnp): {peak:.0f} TFLOP/s; copy "
+      f"{results.get('copy_tbps', float('nan')):.2f} TB/s; XLA path = {results.get('xla_backend')}")
+  log(f"{'shape':>16} {'cfg':>6} {'pallas ms':>10} {'xla ms':>8} {'speedup':>7} "
+      f"{'TFLOP/s':>7} {'floor ms':>8} {'%floor':>6}")
+  for r in results.get("timings", []):
+    b, m, n = r["shape"]
+    s = f"{m}x{n}" if b == 1 else f"{b}x{m}x{n}"
+    f = lambda k, fmt: format(r[k], fmt) if k in r else "ERR"
+    log(f"{s:>16} {r['config']:>6} {f('pallas_ms', '10.3f')} {f('xla_ms', '8.3f')} "
+        f"{f('speedup', '7.2f')} {f('tflops', '7.0f')} {f('floor_ms', '8.3f')} "
+        f"{(format(100 * r['frac_floor'], '6.0f') if 'frac_floor' in r else 'ERR')}")
+  t = {(tuple(r["shape"]), r["config"]): r for r in results.get("timings", [])}
+  for cfg in ("AOL+4", "Frob+5"):
+    a, b = t.get(((48, 768, 768), cfg)), t.get(((24, 768, 3072), cfg))
+    if a and b and "pallas_ms" in a and "pallas_ms" in b and "xla_ms" in a and "xla_ms" in b:
+      p, x = a["pallas_ms"] + b["pallas_ms"], a["xla_ms"] + b["xla_ms"]
+      log(f"GPT-2-small matrix set {cfg}: pallas {p:.3f} ms, xla {x:.3f} ms, {x / p:.2f}x")
+  for r in results.get("optimizer", []):
+    log(f"optimizer {r['optimizer']}: pallas {r.get('pallas_ms', float('nan')):.3f} ms, "
+        f"xla {r.get('xla_ms', float('nan')):.3f} ms, {r.get('speedup', float('nan')):.2f}x")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=os.environ.get("OUT", "."))
+  ap.add_argument("--quick", action="store_true", help="fewer shapes")
+  ap.add_argument("--skip-check", action="store_true")
+  ap.add_argument("--skip-optimizer", action="store_true")
+  ap.add_argument("--breakdown", action="store_true")
+  args = ap.parse_args()
+  results = dict(device=str(jax.devices()[0]), jax=jax.__version__,
+                 time=time.strftime("%Y-%m-%d %H:%M:%S"))
+  path = os.path.join(args.out, "bench_kernels.json")
+
+  def save():
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(results, f, indent=1)
+
+  import ortho_optax.pallas as opl
+  results["pallas_available"] = opl.is_available()
+  log("device", results["device"], "pallas available", results["pallas_available"])
+  peak, bw = ceilings()
+  results["peak_tflops"], results["copy_tbps"] = peak / 1e12, bw / 1e12
+  log(f"peak {peak / 1e12:.0f} TFLOP/s, copy {bw / 1e12:.2f} TB/s")
+  save()
+  if not args.skip_check:
+    results["checks_ok"] = run_checks(results)
+    save()
+  shapes = SHAPES if not args.quick else [SHAPES[i] for i in (2, 3, 4, 7, 8)]
+  run_timings(results, peak, shapes)
+  save()
+  if args.breakdown:
+    run_breakdown(results, [(1, 4096, 4096), (1, 1024, 4096), (48, 768, 768)])
+    save()
+  if not args.skip_optimizer:
+    run_optimizer(results)
+    save()
+  print_table(results)
+  save()
+  log("wrote", path)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

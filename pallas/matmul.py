@@ -1,0 +1,358 @@
+"""Batched bf16 matmul kernels for Newton–Schulz on Hopper (Pallas Mosaic GPU).
+
+One kernel builder covers the three GEMMs of a quintic Newton–Schulz step
+``A = X·Xᵀ``, ``B = b·A + c·A·A``, ``X' = a·X + B·X`` on stacks ``(batch, m, n)``:
+
+* ``rhs_transposed=True`` multiplies by the transpose of the right operand, read as
+  ``(n, k)`` tiles and transposed in shared memory by the ``wgmma`` descriptor (no copy);
+* ``upper=True`` (symmetric outputs ``X·Xᵀ`` and ``A·A = A·Aᵀ``) computes only the
+  128×128 tiles on or above the diagonal and writes each off-diagonal tile twice: at
+  ``(i, j)`` and, transposed in registers (``WGMMA -> WGMMA_TRANSPOSED`` layout cast) and
+  shared memory, at ``(j, i)``. That halves the flops of the two symmetric products;
+* the epilogue forms ``beta·(lhs @ rhs) + alpha·add`` in float32 before the one bf16
+  rounding (``add`` is read tile by tile with TMA), so ``b·A`` and ``a·X`` cost no pass;
+* ``split_k > 1`` splits the contraction over independent work items (for few output
+  tiles and a long contraction, e.g. the Gram of a 1024×4096 matrix) and sums the
+  partial products in float32 with XLA, where ``alpha``/``beta``/``add`` then go too.
+
+The structure follows JAX's ``jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu``: a
+persistent grid of one CTA per SM loops over work items (``plgpu.nd_loop``); each CTA
+runs a warp-specialized pipeline (``plgpu.emit_pipeline_warp_specialized``: one memory
+warpgroup issuing TMA copies, two compute warpgroups issuing ``wgmma``), the two compute
+warpgroups sharing the left tile and each owning ``tile_n`` columns of the right one.
+
+References:
+  JAX, ``jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py`` (structure, pipeline).
+  Boissin et al., *Turbo-Muon*, arXiv 2512.04632 (symmetric kernels, fused a·X + B·X).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+  """Tile sizes of one kernel launch.
+
+  Attributes:
+    tile_m: rows of the output tile of a CTA (both compute warpgroups share them).
+    tile_n: columns per compute warpgroup; a CTA covers ``tile_m × 2·tile_n``. With
+      ``upper=True`` it must equal ``tile_m`` (square symmetric sub-tiles).
+    tile_k: contraction depth of one pipeline stage (64 bf16 = one 128-byte swizzle row).
+    max_concurrent_steps: pipeline stages in flight (shared-memory buffers per operand).
+    split_k: number of independent contraction chunks (partials summed by XLA).
+    grid_tile_width: (full grid only) width of the column bands of the snake order of
+      output tiles, so that concurrently running CTAs share operand tiles in L2.
+  """
+  tile_m: int = 128
+  tile_n: int = 128
+  tile_k: int = 64
+  max_concurrent_steps: int = 3
+  split_k: int = 1
+  grid_tile_width: int = 4
+
+  @property
+  def cta_n(self) -> int:
+    return 2 * self.tile_n
+
+
+def round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms() -> int:
+  """Streaming multiprocessors of the default device (132 on an H100/H200 SXM)."""
+  try:
+    return int(jax.devices()[0].core_count)
+  except Exception:  # pylint: disable=broad-except
+    return 132
+
+
+def _upper_tile_count(m: int, cta_n: int) -> int:
+  c = m // cta_n
+  return c * (c + 1)  # c(c+1)/2 super-blocks of cta_n × cta_n, two CTA tiles each
+
+
+def work_items(batch: int, m: int, n: int, *, upper: bool, config: TuningConfig) -> int:
+  """Number of CTA work items (output tiles × batch × split_k) of one launch."""
+  if upper:
+    tiles = _upper_tile_count(m, config.cta_n)
+  else:
+    tiles = (m // config.tile_m) * (n // config.cta_n)
+  return batch * config.split_k * tiles
+
+
+def _check(batch, m, n, k, *, upper, config):
+  cfg = config
+  if upper and (cfg.tile_m != cfg.tile_n or m != n):
+    raise ValueError(f"upper=True needs a square output and tile_m == tile_n, got "
+                     f"{(m, n)} and {cfg}.")
+  if m % (cfg.cta_n if upper else cfg.tile_m) or n % cfg.cta_n:
+    raise ValueError(f"output {(m, n)} must be a multiple of the CTA tile of {cfg}.")
+  if k % (cfg.split_k * cfg.tile_k):
+    raise ValueError(f"contraction {k} must be a multiple of split_k·tile_k of {cfg}.")
+  if cfg.tile_k != 64:
+    raise ValueError(f"tile_k must be 64 (one 128-byte swizzle row of bf16), got {cfg}.")
+
+
+def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, out_gmem, *, batch, m, n, k, upper,
+                 rhs_transposed, alpha, beta, config, mirror=True):
+  """Kernel body (Lane semantics); see the module docstring for the math."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  cfg = config
+  tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+  cta_n = cfg.cta_n
+  split = cfg.split_k
+  ks = k // split
+  k_iters = ks // tk
+  out_dtype = out_gmem.dtype
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  if upper:
+    c_sup = m // cta_n                      # super-blocks per side
+    tiles = c_sup * (c_sup + 1)
+  else:
+    m_iters, n_iters = m // tm, n // cta_n
+    tiles = m_iters * n_iters
+  total = batch * split * tiles
+
+  lhs_spec = plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=transforms)
+  if rhs_transposed:
+    rhs_spec = plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=transforms)
+  else:
+    rhs_spec = plgpu.BlockSpec((tk, cta_n), lambda kk: (kk, 0), transforms=transforms)
+
+  def get_pipeline(body, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(k_iters,),
+        memory_registers=40,
+        in_specs=[lhs_spec, rhs_spec],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+  def views(b, s, row0, col0):
+    kslice = pl.ds(s * ks, ks)
+    lhs = lhs_gmem.at[b, pl.ds(row0, tm), kslice]
+    if rhs_transposed:
+      rhs = rhs_gmem.at[b, pl.ds(col0, cta_n), kslice]
+    else:
+      rhs = rhs_gmem.at[b, kslice, pl.ds(col0, cta_n)]
+    return lhs, rhs
+
+  ignore = lambda *_, **__: None
+  scoped = dict(
+      pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(*views(0, 0, 0, 0)),
+      out_smem=plgpu.SMEM((2, tm, tn), out_dtype, transforms=transforms),
+  )
+  if add_gmem is not None:
+    scoped["add_barrier"] = plgpu.Barrier(num_barriers=2)
+
+  @functools.partial(pl.run_scoped, collective_axes="wg", **scoped)
+  def _scope(pipeline_allocs, out_smem, add_barrier=None):
+    wg = lax.axis_index("wg")
+
+    @plgpu.nd_loop((total,), collective_axes="sm")
+    def _work_loop(loop_info):
+      (lin,) = loop_info.index
+      t = lax.rem(lin, tiles)
+      rest = lax.div(lin, tiles)
+      s = lax.rem(rest, split)
+      b = lax.div(rest, split)
+      if upper:
+        # Super-block triangle {(I, J): I <= J < C} folded onto a (C+1)-wide rectangle:
+        # row q pairs with row C-1-q (C-q and q+1 tiles), so no sqrt is needed.
+        sup = lax.div(t, 2)
+        half = lax.rem(t, 2)
+        q = lax.div(sup, c_sup + 1)
+        r = lax.rem(sup, c_sup + 1)
+        lo = r < c_sup - q
+        big_i = lax.select(lo, q, c_sup - 1 - q)
+        big_j = lax.select(lo, q + r, r - 1)
+        i_blk = 2 * big_i + half            # row block (tile_m rows)
+        j_cta = big_j                       # column block (cta_n columns)
+      else:
+        i_blk, j_cta = plgpu.planar_snake(
+            t, (m_iters, n_iters), 1, min(cfg.grid_tile_width, n_iters))
+      row0 = i_blk * tm
+      col0 = j_cta * cta_n
+      n_blk = j_cta * 2 + wg                # this warpgroup's column block (tile_n cols)
+      wg_cols = pl.ds(wg * tn, tn)
+
+      def mma_body(_, a_smem, b_smem, acc_ref):
+        if rhs_transposed:
+          b_view = b_smem.at[wg_cols, :].transpose((1, 0))
+        else:
+          b_view = b_smem.at[:, wg_cols]
+        plgpu.wgmma(acc_ref, a_smem, b_view)
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      def compute_context(eval_pipeline):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+        def _acc_scope(acc_ref):
+          eval_pipeline(acc_ref)
+          acc = acc_ref[...]
+          o_smem = out_smem.at[wg]
+          # The previous tile's TMA stores must have read this buffer before reuse.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          if add_gmem is not None:
+            plgpu.copy_gmem_to_smem(
+                add_gmem.at[b, pl.ds(row0, tm), pl.ds(n_blk * tn, tn)],
+                o_smem, add_barrier.at[wg])
+            plgpu.barrier_wait(add_barrier.at[wg])
+            addend = o_smem[...].astype(jnp.float32)
+            res = acc * beta + addend * alpha if beta != 1.0 else acc + addend * alpha
+          elif beta != 1.0:
+            res = acc * beta
+          else:
+            res = acc
+          res = res.astype(out_dtype)
+
+          def store():
+            o_smem[...] = res
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                o_smem, out_gmem.at[s, b, pl.ds(row0, tm), pl.ds(n_blk * tn, tn)])
+
+          if not upper:
+            store()
+            return
+          pl.when(n_blk >= i_blk)(store)
+          if not mirror:
+            return
+
+          @pl.when(n_blk > i_blk)
+          def _mirror():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_smem.transpose((1, 0))[...] = plgpu.layout_cast(
+                res, plgpu.Layout.WGMMA_TRANSPOSED)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                o_smem, out_gmem.at[s, b, pl.ds(n_blk * tn, tn), pl.ds(row0, tm)])
+
+      lhs_view, rhs_view = views(b, s, row0, col0)
+      get_pipeline(mma_body, compute_context)(
+          lhs_view, rhs_view, allocations=pipeline_allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _plgpu_kernel(body, out_struct, grid):
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  params = inspect.signature(plgpu.kernel).parameters
+  out_kw = "out_type" if "out_type" in params else "out_shape"  # renamed after jax 0.10
+  return plgpu.kernel(
+      body,
+      **{out_kw: out_struct},
+      grid=(grid,),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(),
+  )
+
+
+def matmul(lhs, rhs, add=None, *, alpha: float = 1.0, beta: float = 1.0,
+           rhs_transposed: bool = False, upper: bool = False,
+           config: TuningConfig = TuningConfig(), grid: int | None = None,
+           mirror: str = "kernel"):
+  """``beta · lhs @ op(rhs) + alpha · add`` on bf16 stacks, rounded to bf16 once.
+
+  Args:
+    lhs: ``(batch, m, k)`` bf16.
+    rhs: ``(batch, k, n)`` bf16, or ``(batch, n, k)`` with ``rhs_transposed``.
+    add: optional ``(batch, m, n)`` bf16 addend.
+    alpha, beta: static Python floats.
+    rhs_transposed: multiply by ``rhs`` transposed (its last two axes).
+    upper: the product is symmetric (``m == n``): compute the upper tiles, mirror them.
+    config: tile sizes; shapes must be multiples of its tiles (see :func:`_check`).
+    grid: number of CTAs (default: the SM count, fewer when there is less work).
+    mirror: with ``upper``, how the lower tiles are filled: ``"kernel"`` (transposed
+      store of each upper tile in the epilogue) or ``"xla"`` (a select pass afterwards;
+      a fallback kept for comparison).
+
+  Returns:
+    ``(batch, m, n)`` bf16.
+  """
+  batch, m, k = lhs.shape
+  n = rhs.shape[1] if rhs_transposed else rhs.shape[2]
+  _check(batch, m, n, k, upper=upper, config=config)
+  split = config.split_k
+  kernel_add, kernel_alpha, kernel_beta = add, alpha, beta
+  if split > 1:  # partial products only; the combination happens in the f32 reduction
+    kernel_add, kernel_alpha, kernel_beta = None, 0.0, 1.0
+  total = work_items(batch, m, n, upper=upper, config=config)
+  grid = min(grid or num_sms(), total)
+  out_struct = jax.ShapeDtypeStruct((split, batch, m, n), jnp.bfloat16)
+
+  if mirror not in ("kernel", "xla"):
+    raise ValueError(f"mirror must be 'kernel' or 'xla', got {mirror!r}.")
+  opts = dict(batch=batch, m=m, n=n, k=k, upper=upper, rhs_transposed=rhs_transposed,
+              alpha=kernel_alpha, beta=kernel_beta, config=config,
+              mirror=mirror == "kernel")
+  if kernel_add is None:
+    def body(lhs_gmem, rhs_gmem, out_gmem):
+      _kernel_body(lhs_gmem, rhs_gmem, None, out_gmem, **opts)
+    out = _plgpu_kernel(body, out_struct, grid)(lhs, rhs)
+  else:
+    def body(lhs_gmem, rhs_gmem, add_gmem, out_gmem):
+      _kernel_body(lhs_gmem, rhs_gmem, add_gmem, out_gmem, **opts)
+    out = _plgpu_kernel(body, out_struct, grid)(lhs, rhs, kernel_add)
+  if upper and mirror == "xla":
+    blk = jnp.arange(m) // config.tile_m
+    keep = blk[:, None] <= blk[None, :]
+    out = jnp.where(keep, out, jnp.swapaxes(out, -1, -2))
+
+  if split == 1:
+    return out[0]
+  acc = jnp.sum(out.astype(jnp.float32), axis=0)
+  if beta != 1.0:
+    acc = beta * acc
+  if add is not None:
+    acc = acc + alpha * add.astype(jnp.float32)
+  return acc.astype(jnp.bfloat16)
+
+
+def flops(batch: int, m: int, n: int, k: int, *, upper: bool) -> float:
+  """Useful flops of one product (one triangle for symmetric outputs)."""
+  f = 2.0 * batch * m * n * k
+  return f / 2 if upper else f
+
+
+def pick_split(batch: int, m: int, n: int, k: int, *, upper: bool,
+               base: TuningConfig = TuningConfig(), sms: int | None = None) -> TuningConfig:
+  """Chooses ``split_k`` so that the work items fill the SMs without tiny chunks.
+
+  Cost model (seconds, H100/H200 class): waves × per-item time at ~5 TFLOP/s per SM
+  with a fixed ~1.5 µs per item (pipeline fill + epilogue), plus, when split, the XLA
+  pass that sums the bf16 partials in f32 (~3 TB/s, ~4 µs launch). Powers of two only.
+  """
+  sms = sms or num_sms()
+  tiles = work_items(batch, m, n, upper=upper, config=dataclasses.replace(base, split_k=1))
+  per_sm_flops = 5e12
+  best, best_cost = 1, None
+  s = 1
+  while k % (s * base.tile_k) == 0 and k // s >= 4 * base.tile_k and s <= 16:
+    waves = math.ceil(tiles * s / sms)
+    item = 2.0 * base.tile_m * base.cta_n * (k // s) / per_sm_flops + 1.5e-6
+    cost = waves * item
+    if s > 1:
+      cost += (s + 2) * 2.0 * batch * m * n / 3e12 + 4e-6
+    if best_cost is None or cost < best_cost:
+      best, best_cost = s, cost
+    s *= 2
+  return dataclasses.replace(base, split_k=best)

@@ -1,0 +1,152 @@
+"""Newton–Schulz on bf16 stacks with the Mosaic GPU kernels of :mod:`.matmul`.
+
+Per step ``(a, b, c)`` on the zero-padded stack ``X`` (``(batch, M, N)``, M <= N):
+
+1. ``A = X·Xᵀ``: upper tiles only, mirrored (``upper=True``, right operand transposed);
+2. ``B = b·A + c·A·A``: ``A·A = A·Aᵀ`` (A symmetric) as in 1, with ``b·A`` in the
+   epilogue; for a cubic step (``c == 0``) this GEMM is skipped;
+3. ``X ← a·X + B·X`` (``a·X`` in the epilogue; ``X ← a·X + b·A·X`` when cubic).
+
+With ``aol=True`` the first step first rescales with Turbo-Muon's AOL factors from the
+first Gram matrix, ``s = rsqrt(max(rowsum|A|, eps))``, ``X ← diag(s) X`` and
+``A ← diag(s) A diag(s)`` (a small XLA reduction and two fused elementwise passes).
+
+Zero padding is exact: zero rows/columns of X stay zero through every step (and AOL maps
+a zero row sum to a finite ``1/sqrt(eps)`` times a zero row).
+
+References:
+  Jordan et al., *Muon*, 2024; Boissin et al., *Turbo-Muon*, arXiv 2512.04632, 2025.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ortho_optax.pallas import matmul as mm
+
+#: Matrix dimensions are padded to multiples of this (one CTA tile of 128 × 256).
+PAD = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class NSConfig:
+  """Per-GEMM tuning configs of one NS call (default: chosen by :func:`plan`).
+
+  ``symmetric``: how the two symmetric products are computed: ``"kernel"`` (upper tiles,
+  mirrored in the epilogue), ``"xla"`` (upper tiles, mirrored by an XLA select) or
+  ``"full"`` (every tile computed).
+  """
+  gram: mm.TuningConfig
+  poly: mm.TuningConfig
+  apply: mm.TuningConfig
+  symmetric: str = "kernel"
+
+
+def plan(batch: int, m: int, n: int, base: mm.TuningConfig = mm.TuningConfig(),
+         symmetric: str = "kernel") -> NSConfig:
+  """Tile/split configs for a padded ``(batch, m, n)`` stack (m <= n, both % PAD == 0)."""
+  upper = symmetric != "full"
+  return NSConfig(
+      gram=mm.pick_split(batch, m, m, n, upper=upper, base=base),
+      poly=mm.pick_split(batch, m, m, m, upper=upper, base=base),
+      apply=mm.pick_split(batch, m, n, m, upper=False, base=base),
+      symmetric=symmetric,
+  )
+
+
+def _interpreting() -> bool:
+  """True inside ``plgpu.force_gpu_interpret_mode()`` (CPU simulation of the kernels)."""
+  try:
+    from jax._src import config as jax_config
+    return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def _validate(x, coefficients):
+  if x.ndim != 3:
+    raise ValueError(f"x must be a (batch, m, n) stack, got shape {x.shape}.")
+  if x.dtype != jnp.bfloat16:
+    raise ValueError(f"x must be bfloat16, got {x.dtype}.")
+  if x.shape[1] > x.shape[2]:
+    raise ValueError(f"x must be wide (m <= n); got {x.shape[1:]}: transpose it first.")
+  triples = tuple(tuple(float(v) for v in t) for t in coefficients)
+  if not triples or any(len(t) != 3 for t in triples):
+    raise ValueError(f"coefficients must be a non-empty tuple of (a, b, c) triples, got "
+                     f"{coefficients!r}.")
+  return triples
+
+
+def aol_rescale(x, gram, eps):
+  """Turbo-Muon AOL: ``(diag(s) X, diag(s) A diag(s))`` with s from A's row sums."""
+  g = gram.astype(jnp.float32)
+  s = lax.rsqrt(jnp.maximum(jnp.sum(jnp.abs(g), axis=-1), eps))
+  x = (s[..., :, None] * x.astype(jnp.float32)).astype(jnp.bfloat16)
+  gram = (s[..., :, None] * g * s[..., None, :]).astype(jnp.bfloat16)
+  return x, gram
+
+
+def newton_schulz(x: jax.Array, coefficients: Sequence[Sequence[float]], *,
+                  aol: bool = False, eps: float = 1e-7,
+                  config: NSConfig | None = None) -> jax.Array:
+  """Newton–Schulz steps on a bf16 stack with the Hopper kernels.
+
+  Args:
+    x: ``(batch, m, n)`` bf16 with ``m <= n``, already Frobenius-normalised unless
+      ``aol`` (then step 1 applies the AOL rescaling).
+    coefficients: static tuple of ``(a, b, c)`` Python-float triples, one per step.
+    aol: apply Turbo-Muon's AOL preconditioning in the first step.
+    eps: AOL row-sum clamp.
+    config: per-GEMM tile configs for the padded shape (default: :func:`plan`).
+
+  Returns:
+    ``(batch, m, n)`` bf16.
+  """
+  triples = _validate(x, coefficients)
+  from ortho_optax import pallas
+  if not (pallas.is_available() or _interpreting()):
+    raise RuntimeError(
+        "ortho_optax.pallas.newton_schulz needs a Hopper GPU (sm_90) with Mosaic GPU "
+        "Pallas; use ortho_optax.newton_schulz(..., backend='xla') elsewhere.")
+  batch, m, n = x.shape
+  mp, np_ = mm.round_up(m, PAD), mm.round_up(n, PAD)
+  cfg = config or plan(batch, mp, np_)
+  X = x
+  if (mp, np_) != (m, n):
+    X = jnp.pad(x, ((0, 0), (0, mp - m), (0, np_ - n)))
+  upper = cfg.symmetric != "full"
+  mirror = "xla" if cfg.symmetric == "xla" else "kernel"
+  for step, (a, b, c) in enumerate(triples):
+    A = mm.matmul(X, X, rhs_transposed=True, upper=upper, mirror=mirror, config=cfg.gram)
+    if step == 0 and aol:
+      X, A = aol_rescale(X, A, eps)
+    if c == 0.0:  # cubic step: X ← aX + b·A·X
+      X = mm.matmul(A, X, X, alpha=a, beta=b, config=cfg.apply)
+    else:
+      B = mm.matmul(A, A, A, alpha=b, beta=c, rhs_transposed=True, upper=upper,
+                    mirror=mirror, config=cfg.poly)
+      X = mm.matmul(B, X, X, alpha=a, beta=1.0, config=cfg.apply)
+  if (mp, np_) != (m, n):
+    X = X[:, :m, :n]
+  return X
+
+
+def reference(x: jax.Array, coefficients, *, aol: bool = False, eps: float = 1e-7,
+              dtype=jnp.float32) -> jax.Array:
+  """The same iteration in plain ``jnp`` (``dtype`` throughout): the test reference."""
+  X = x.astype(dtype)
+  hp = lax.Precision.HIGHEST
+  for step, (a, b, c) in enumerate(coefficients):
+    A = jnp.matmul(X, jnp.swapaxes(X, -1, -2), precision=hp)
+    if step == 0 and aol:
+      s = lax.rsqrt(jnp.maximum(jnp.sum(jnp.abs(A), axis=-1), eps))
+      X = s[..., :, None] * X
+      A = s[..., :, None] * A * s[..., None, :]
+    B = b * A + c * jnp.matmul(A, A, precision=hp)
+    X = a * X + jnp.matmul(B, X, precision=hp)
+  return X

@@ -1,0 +1,120 @@
+"""``ortho_optax.pallas`` off the GPU: availability, dispatch errors, kernel logic.
+
+The kernel logic (tile schedule of the one-triangle products, mirroring, epilogues,
+split-K, padding, AOL) runs here under Mosaic GPU's CPU interpreter on small shapes;
+the Hopper lowering and speed are covered by tests/test_pallas_gpu.py on the GPU.
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from ortho_optax.newton_schulz import newton_schulz as ns_entry
+from ortho_optax import pallas as opl
+from ortho_optax.pallas import matmul as mm
+from ortho_optax.pallas import ns
+
+TURBO_AOL = ((3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037))
+
+on_cpu = pytest.mark.skipif(
+    any(d.platform == "gpu" for d in jax.devices()), reason="CPU-only behaviour")
+
+
+def _rel(out, ref):
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  assert np.all(np.isfinite(out))
+  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+@on_cpu
+def test_is_available_false_on_cpu():
+  assert opl.is_available() is False
+
+
+@on_cpu
+def test_pallas_backend_off_gpu_raises_clear_error():
+  x = jnp.ones((8, 16), jnp.float32)
+  with pytest.raises(RuntimeError, match="pallas"):
+    ns_entry(x, backend="pallas")
+  with pytest.raises(RuntimeError, match="Hopper"):
+    opl.newton_schulz(x.astype(jnp.bfloat16)[None], TURBO_AOL)
+
+
+@on_cpu
+def test_auto_backend_falls_back_to_xla_on_cpu():
+  x = jax.random.normal(jax.random.key(0), (16, 32), jnp.float32)
+  np.testing.assert_array_equal(
+      np.asarray(ns_entry(x, backend="auto")),
+      np.asarray(ns_entry(x, backend="xla")))
+
+
+@pytest.mark.parametrize("x,coefficients,match", [
+    (jnp.ones((8, 16), jnp.bfloat16), TURBO_AOL, "stack"),
+    (jnp.ones((1, 8, 16), jnp.float32), TURBO_AOL, "bfloat16"),
+    (jnp.ones((1, 16, 8), jnp.bfloat16), TURBO_AOL, "wide"),
+    (jnp.ones((1, 8, 16), jnp.bfloat16), ((1.0, 2.0),), "triples"),
+    (jnp.ones((1, 8, 16), jnp.bfloat16), (), "triples"),
+])
+def test_bad_inputs_raise_value_error(x, coefficients, match):
+  with pytest.raises(ValueError, match=match):
+    opl.newton_schulz(x, coefficients)
+
+
+def test_bad_tiles_raise_value_error():
+  x = jnp.ones((1, 384, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match="multiple"):
+    mm.matmul(x, x, rhs_transposed=True, upper=True)
+  with pytest.raises(ValueError, match="mirror"):
+    mm.matmul(x[:, :256], x[:, :256], rhs_transposed=True, upper=True, mirror="nope")
+
+
+def test_pick_split_fills_the_gpu_for_wide_gram():
+  assert mm.pick_split(1, 1024, 1024, 4096, upper=True, sms=132).split_k > 1
+  assert mm.pick_split(1, 8192, 8192, 8192, upper=True, sms=132).split_k == 1
+  for b, m, n in [(1, 768, 768), (48, 768, 3072), (1, 2048, 8192)]:
+    cfg = mm.pick_split(b, m, m, n, upper=True, sms=132)
+    assert n % (cfg.split_k * cfg.tile_k) == 0
+
+
+def test_upper_tile_schedule_covers_the_triangle_once():
+  # The in-kernel fold (super-block rows q and C-1-q share a (C+1)-wide row), in numpy.
+  for c in range(1, 9):
+    seen = []
+    for sup in range(c * (c + 1) // 2):
+      q, r = divmod(sup, c + 1)
+      lo = r < c - q
+      seen.append((q, q + r) if lo else (c - 1 - q, r - 1))
+    assert sorted(seen) == [(i, j) for i in range(c) for j in range(i, c)]
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_kernels_in_cpu_interpreter(split):
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  k1, k2 = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(k1, (1, 512, 256), jnp.bfloat16)
+  a = jax.random.normal(k2, (1, 512, 512), jnp.float32)
+  a = (a + jnp.swapaxes(a, 1, 2)).astype(jnp.bfloat16)
+  xf, af = x.astype(jnp.float32), a.astype(jnp.float32)
+  cfg = mm.TuningConfig(max_concurrent_steps=2, split_k=split)
+  with plgpu.force_gpu_interpret_mode():
+    gram = mm.matmul(x, x, rhs_transposed=True, upper=True, config=cfg, grid=2)
+    poly = mm.matmul(a, a, a, alpha=-0.7, beta=0.3, rhs_transposed=True, upper=True,
+                     config=cfg, grid=2)
+    app = mm.matmul(a, x[:, :, :256], x[:, :, :256], alpha=1.5, beta=-0.5,
+                    config=cfg, grid=3)
+  assert _rel(gram, xf @ jnp.swapaxes(xf, 1, 2)) < 1e-2
+  assert _rel(poly, 0.3 * af @ af - 0.7 * af) < 1e-2
+  assert _rel(app, -0.5 * af @ xf + 1.5 * xf) < 1e-2
+
+
+def test_newton_schulz_in_cpu_interpreter_padded_aol():
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  x = jax.random.normal(jax.random.key(2), (1, 130, 300), jnp.float32).astype(jnp.bfloat16)
+  with plgpu.force_gpu_interpret_mode():
+    out = opl.newton_schulz(x, TURBO_AOL, aol=True, eps=1e-7)
+  assert out.shape == x.shape and out.dtype == jnp.bfloat16
+  ref = ns.reference(x, TURBO_AOL, aol=True, eps=1e-7)
+  ref_bf16 = ns.reference(x, TURBO_AOL, aol=True, eps=1e-7, dtype=jnp.bfloat16)
+  assert _rel(out, ref) < max(3 * _rel(ref_bf16, ref), 1e-2)

@@ -1,0 +1,143 @@
+"""Hopper kernels of ``ortho_optax.pallas`` against float32 XLA references (GPU only).
+
+Every check draws fresh random inputs, first fills the allocator with NaN buffers (so
+an unwritten output tile reads as NaN garbage, never as a stale right answer), and
+compares ‖out − ref‖/‖ref‖ over the whole output and over every 128×128 tile.
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from ortho_optax.newton_schulz import newton_schulz as ns_entry
+from ortho_optax import pallas as opl
+from ortho_optax.pallas import matmul as mm
+from ortho_optax.pallas import ns
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not opl.is_available(), reason="needs a Hopper GPU with Mosaic GPU"),
+]
+
+TURBO_AOL = ((3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+             (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
+QUINTIC = ((4.0848, -6.8946, 2.9270),) + TURBO_AOL
+_RNG = np.random.default_rng()
+
+
+def _key():
+  return jax.random.key(int(_RNG.integers(1 << 30)))
+
+
+def _poison():
+  bufs = [jnp.full((1 << 26,), jnp.nan, jnp.float32) for _ in range(4)]
+  jax.block_until_ready(bufs)
+  del bufs
+
+
+def _errors(out, ref, tile=128):
+  out = np.asarray(out, np.float32)
+  ref = np.asarray(ref, np.float32)
+  assert out.shape == ref.shape
+  assert np.all(np.isfinite(out)), "non-finite output (unwritten tile or overflow)"
+  total = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+  worst = 0.0
+  for i in range(0, ref.shape[-2], tile):
+    for j in range(0, ref.shape[-1], tile):
+      r, o = ref[..., i:i + tile, j:j + tile], out[..., i:i + tile, j:j + tile]
+      worst = max(worst, np.linalg.norm(o - r) / (np.linalg.norm(r) + 1e-30))
+  return total, worst
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("batch,m,k", [(1, 512, 256), (3, 768, 1024), (1, 1024, 4096)])
+def test_gram_upper_mirrored(batch, m, k, split):
+  x = jax.random.normal(_key(), (batch, m, k), jnp.bfloat16)
+  cfg = mm.TuningConfig(split_k=split)
+  _poison()
+  out = mm.matmul(x, x, rhs_transposed=True, upper=True, config=cfg)
+  xf = x.astype(jnp.float32)
+  ref = jnp.matmul(xf, jnp.swapaxes(xf, 1, 2), precision="highest")
+  total, worst = _errors(out, ref)
+  assert total < 1e-2 and worst < 2e-2, (total, worst)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("batch,m", [(1, 512), (2, 768), (1, 2048)])
+def test_symmetric_polynomial(batch, m, split):
+  a = jax.random.normal(_key(), (batch, m, m), jnp.float32)
+  a = ((a + jnp.swapaxes(a, 1, 2)) / np.sqrt(2 * m)).astype(jnp.bfloat16)
+  b, c = -6.3029, 2.6377
+  _poison()
+  out = mm.matmul(a, a, a, alpha=b, beta=c, rhs_transposed=True, upper=True,
+                  config=mm.TuningConfig(split_k=split))
+  af = a.astype(jnp.float32)
+  ref = b * af + c * jnp.matmul(af, af, precision="highest")
+  total, worst = _errors(out, ref)
+  assert total < 1e-2 and worst < 2e-2, (total, worst)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("batch,m,n", [(1, 256, 512), (4, 768, 3072), (1, 1024, 4096)])
+def test_apply(batch, m, n, split):
+  k1, k2 = jax.random.split(_key())
+  bm = (jax.random.normal(k1, (batch, m, m), jnp.float32) / np.sqrt(m)).astype(jnp.bfloat16)
+  x = jax.random.normal(k2, (batch, m, n), jnp.bfloat16)
+  _poison()
+  out = mm.matmul(bm, x, x, alpha=3.7418, beta=1.0, config=mm.TuningConfig(split_k=split))
+  ref = 3.7418 * x.astype(jnp.float32) + jnp.matmul(
+      bm.astype(jnp.float32), x.astype(jnp.float32), precision="highest")
+  total, worst = _errors(out, ref)
+  assert total < 1e-2 and worst < 2e-2, (total, worst)
+
+
+@pytest.mark.parametrize("aol", [True, False])
+@pytest.mark.parametrize("shape", [(1, 256, 256), (1, 1000, 3000), (3, 300, 500),
+                                   (2, 768, 3072), (5, 130, 1030), (16, 768, 768),
+                                   (1, 2048, 2048)])
+def test_newton_schulz_vs_f32_reference(shape, aol):
+  g = jax.random.normal(_key(), shape, jnp.float32)
+  if not aol:
+    g = g / jnp.linalg.norm(g, axis=(1, 2), keepdims=True)
+  x = g.astype(jnp.bfloat16)
+  co = TURBO_AOL if aol else QUINTIC
+  _poison()
+  out = opl.newton_schulz(x, co, aol=aol, eps=1e-7)
+  assert out.shape == x.shape and out.dtype == jnp.bfloat16
+  ref = ns.reference(x, co, aol=aol, eps=1e-7)
+  ref_bf16 = ns.reference(x, co, aol=aol, eps=1e-7, dtype=jnp.bfloat16)
+  total, worst = _errors(out, ref)
+  xla_total, _ = _errors(ref_bf16, ref)
+  # The kernels round like the bf16 XLA path (bf16 A, B, X; f32 accumulation), so their
+  # error against f32 is of the same size.
+  assert total < max(3 * xla_total, 1e-2), (total, xla_total)
+  assert worst < 6e-2, worst
+
+
+def test_cubic_step_and_zero_matrix():
+  x = jax.random.normal(_key(), (2, 256, 512), jnp.float32)
+  x = (x / jnp.linalg.norm(x, axis=(1, 2), keepdims=True)).astype(jnp.bfloat16)
+  co = ((1.5, -0.5, 0.0),) * 3
+  total, _ = _errors(opl.newton_schulz(x, co), ns.reference(x, co))
+  assert total < 1e-2
+  z = jnp.zeros((1, 256, 256), jnp.bfloat16)
+  for aol in (True, False):
+    out = np.asarray(opl.newton_schulz(z, TURBO_AOL, aol=aol), np.float32)
+    assert np.all(out == 0.0)
+
+
+@pytest.mark.parametrize("preconditioning", ["aol", "frobenius"])
+@pytest.mark.parametrize("shape", [(768, 3072), (3072, 768), (4, 512, 512), (1000, 300)])
+def test_auto_matches_xla(shape, preconditioning):
+  x = jax.random.normal(_key(), shape, jnp.float32)
+  kw = (dict(steps=4, coefficients="turbo_aol", preconditioning="aol", eps=1e-6)
+        if preconditioning == "aol" else dict(steps=5, coefficients="quintic"))
+  auto = ns_entry(x, backend="auto", **kw)
+  pallas = ns_entry(x, backend="pallas", **kw)
+  xla = ns_entry(x, backend="xla", **kw)
+  assert auto.shape == xla.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(auto), np.asarray(pallas))
+  rel = np.linalg.norm(np.asarray(pallas - xla)) / np.linalg.norm(np.asarray(xla))
+  assert rel < 3e-2, rel
