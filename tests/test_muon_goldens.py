@@ -271,26 +271,33 @@ def test_turbo_and_adaptive_reject_bad_hyperparameters():
     adaptive_muon(beta2=1.0)
 
 
-def test_inject_hyperparams_controls_whole_optimizer(highest_precision):
-  from ortho_optax.optimizers.muon import inject_static_args, muon
-  static = inject_static_args(muon)
+@pytest.mark.parametrize("name", ["muon", "turbo_muon", "adaptive_muon", "normuon", "adamuon",
+                                  "namo"])
+def test_inject_hyperparams_controls_whole_optimizer(name, highest_precision):
+  from ortho_optax.optimizers import adaptive_muon as am, muon as mu, turbo_muon as tm
+  from ortho_optax.optimizers.muon import inject_static_args
+  factory = {"muon": mu.muon, "turbo_muon": tm.turbo_muon, "adaptive_muon": am.adaptive_muon,
+             "normuon": am.normuon, "adamuon": am.adamuon, "namo": am.namo}[name]
+  static = inject_static_args(factory)
   assert {"ns_steps", "compute_dtype", "label_fn", "dimension_numbers"} <= set(static)
   assert not {"learning_rate", "momentum", "weight_decay"} & set(static)
   rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+  params = {"w": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32),
             "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
   grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-  labels = {"w": "ortho", "b": "adam"}
-  kw = dict(compute_dtype=None, label_fn=labels, backend="xla")
-  tx = optax.inject_hyperparams(muon, static_args=static)(learning_rate=0.05, momentum=0.9,
-                                                          weight_decay=0.1, **kw)
+  kw = dict(compute_dtype=None, label_fn={"w": "ortho", "b": "adam"}, backend="xla")
+  tx = optax.inject_hyperparams(factory, static_args=static)(
+      learning_rate=0.05, momentum=0.9, weight_decay=0.1, **kw)
   state = tx.init(params)
   state.hyperparams["learning_rate"] = jnp.asarray(0.01)
   state.hyperparams["momentum"] = jnp.asarray(0.5)
   state.hyperparams["weight_decay"] = jnp.asarray(0.3)
   got, _ = jax.jit(tx.update)(grads, state, params)
-  ref = muon(learning_rate=0.01, momentum=0.5, weight_decay=0.3, **kw)
+  ref = factory(learning_rate=0.01, momentum=0.5, weight_decay=0.3, **kw)
   want, _ = ref.update(grads, ref.init(params), params)
+  other = factory(learning_rate=0.05, momentum=0.9, weight_decay=0.1, **kw)
+  far, _ = other.update(grads, other.init(params), params)
+  assert not np.allclose(far["w"], want["w"], rtol=1e-3)  # the injected values matter
   for k in params:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7)
 
