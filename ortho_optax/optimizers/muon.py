@@ -162,7 +162,8 @@ def muon(
     scale_mode: ``"shape_scaling"``, ``"spectral"``, ``"unit_rms_norm"``,
       ``"consistent_rms"`` or ``"none"`` (see :func:`ortho_optax.stages.scale.scale_by_shape`).
     extra_scale_factor: multiplies the shape factor (0.2 with ``"spectral"``
-      matches AdamW's update RMS).
+      matches AdamW's update RMS; ``"consistent_rms"`` already includes
+      optax.contrib's 0.2, so this multiplies ``0.2 * sqrt(max(out, in))``).
     weight_decay: decay coefficient (>= 0).
     weight_decay_method: ``"decoupled"``, ``"independent"``, ``"l2"`` or ``"palm"``
       (see :mod:`ortho_optax.stages.decay`).
