@@ -1,0 +1,183 @@
+"""Whole-step speed of the ortho-optax GPT on a GPU: tokens/s, MFU, optimizer overhead.
+
+Measures (median of ``--steps`` steps after ``--warmup`` warm-up steps, each step
+synchronised) the training step of :mod:`ortho_optax.models.gpt` (``small`` preset = GPT-2
+small with an untied 50304-token head, bf16 compute, cuDNN attention):
+
+* AdamW at 64 × 1024 tokens/step: tokens/s and MFU, flops ``6·N + 12·L·d·T`` per token
+  (N without the embedding table) against 989 TFLOP/s, as ANCHORS.md does;
+* AdamW, ``ortho_optax.muon``, ``ortho_optax.turbo_muon`` (and ``optax.contrib.muon`` for
+  reference) at 32 × 1024 tokens/step: step time and cost relative to AdamW.
+
+Two step drivers: ``nnx`` (one ``nnx.jit`` function over model and ``nnx.Optimizer``, as
+the trainer runs) and ``split`` (the same step on ``nnx.split`` state under ``jax.jit``
+with the state donated, which removes NNX's per-call graph traversal and the copy of the
+state).
+
+  python benchmarks/bench_gpt.py                 # on the GPU, writes $OUT/bench_gpt.json
+  python benchmarks/bench_gpt.py --preset tiny --batch64 4 --batch32 2 --steps 3   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ortho_optax.models import gpt
+from ortho_optax.models import optimizers as opt_lib
+from ortho_optax.models import train as train_lib
+
+PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16, as in ANCHORS.md
+
+
+def make_tx(name: str) -> optax.GradientTransformation:
+  if name == "optax_contrib_muon":
+    return optax.contrib.muon(learning_rate=0.02, adam_learning_rate=3e-4)
+  return opt_lib.build(name, 0.02 if name != "adamw" else 3e-4, adam_learning_rate=3e-4)
+
+
+def time_steps(cfg: gpt.GPTConfig, opt_name: str, batch: int, steps: int, warmup: int,
+               driver: str) -> dict:
+  model = gpt.GPT(cfg, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, make_tx(opt_name), wrt=nnx.Param)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 50257 if cfg.vocab_size > 50257 else cfg.vocab_size,
+                               (batch, cfg.seq_len + 1)), jnp.int32)
+  inputs, targets = x[:, :-1], x[:, 1:]
+
+  if driver == "nnx":
+    step = train_lib.make_train_step()
+    run = lambda: step(model, optimizer, inputs, targets)
+  else:
+    graphdef, state = nnx.split((model, optimizer))
+
+    def pure_step(state, inputs, targets):
+      m, o = nnx.merge(graphdef, state)
+      loss, grads = nnx.value_and_grad(gpt.loss_fn)(m, inputs, targets)
+      o.update(m, grads)
+      return nnx.state((m, o)), loss
+
+    pure_step = jax.jit(pure_step, donate_argnums=0)
+    box = [state]
+
+    def run():
+      box[0], loss = pure_step(box[0], inputs, targets)
+      return loss
+
+  t0 = time.perf_counter()
+  loss0 = float(run())
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    run().block_until_ready()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    loss = run()
+    loss.block_until_ready()
+    times.append(time.perf_counter() - t0)
+  med = float(np.median(times))
+  n_no_embed = gpt.count_params(model, exclude_embedding=True)
+  tokens = batch * cfg.seq_len
+  flops = gpt.flops_per_token(cfg, n_no_embed) * tokens
+  return {"optimizer": opt_name, "driver": driver, "batch": batch, "seq_len": cfg.seq_len,
+          "tokens_per_step": tokens, "median_ms": med * 1e3,
+          "min_ms": float(np.min(times)) * 1e3, "tokens_per_s": tokens / med,
+          "mfu": flops / med / PEAK_FLOPS, "compile_s": compile_s,
+          "first_loss": loss0, "last_loss": float(loss), "params": gpt.count_params(model),
+          "params_no_embedding": n_no_embed}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="small")
+  p.add_argument("--batch64", type=int, default=64, help="sequences/step for the MFU run")
+  p.add_argument("--batch32", type=int, default=32, help="sequences/step for the overhead runs")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--drivers", nargs="+", default=["split", "nnx"], choices=["split", "nnx"])
+  p.add_argument("--opts", nargs="+",
+                 default=["adamw", "muon", "turbo_muon", "optax_contrib_muon"])
+  p.add_argument("--fp8-head", action="store_true", help="also time AdamW with the FP8 head")
+  p.add_argument("--out", default=os.environ.get("OUT", "."))
+  args = p.parse_args(argv)
+
+  cfg = gpt.get_config(args.preset)
+  env = train_lib.machine_info()
+  env["pallas_available"] = _pallas_available()
+  print(f"# {env['device']} ({env['backend']}), jax {env['jax']}, preset {args.preset}, "
+        f"dtype {cfg.dtype}, attention {gpt._attention_impl(cfg)}, pallas "  # pylint: disable=protected-access
+        f"{env['pallas_available']}", flush=True)
+  results = []
+
+  def record(r):
+    results.append(r)
+    print(f"{r['optimizer']:>20s} {r['driver']:>5s} {r['tokens_per_step']:>7d} tok "
+          f"{r['median_ms']:8.2f} ms  {r['tokens_per_s']:>11,.0f} tok/s  MFU "
+          f"{100 * r['mfu']:5.1f}%  (compile {r['compile_s']:.1f}s, loss "
+          f"{r['first_loss']:.3f}->{r['last_loss']:.3f})", flush=True)
+    _write(args.out, env, results)
+
+  for driver in args.drivers:
+    for variant in (["bf16", "fp8"] if args.fp8_head else ["bf16"]):
+      c = gpt.get_config(args.preset, fp8_head=variant == "fp8")
+      try:
+        r = time_steps(c, "adamw", args.batch64, args.steps, args.warmup, driver)
+        r["variant"] = variant
+        record(r)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"adamw {driver} {variant} failed: {type(e).__name__}: {e}", flush=True)
+  for driver in args.drivers:
+    for name in args.opts:
+      try:
+        r = time_steps(cfg, name, args.batch32, args.steps, args.warmup, driver)
+        r["variant"] = "bf16"
+        record(r)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"{name} {driver} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+
+  print()
+  print(table(results))
+  return 0
+
+
+def _pallas_available() -> bool:
+  try:
+    from ortho_optax import pallas  # pylint: disable=import-outside-toplevel
+    return bool(pallas.is_available())
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def table(results) -> str:
+  lines = ["| optimizer | driver | head | tokens/step | ms/step (median) | tokens/s | MFU | vs AdamW |",
+           "|---|---|---|---|---|---|---|---|"]
+  base = {(r["driver"], r["tokens_per_step"]): r["median_ms"] for r in results
+          if r["optimizer"] == "adamw" and r.get("variant") == "bf16"}
+  for r in results:
+    b = base.get((r["driver"], r["tokens_per_step"]))
+    rel = f"{100 * (r['median_ms'] / b - 1):+.1f}%" if b and r["optimizer"] != "adamw" else "-"
+    lines.append(f"| {r['optimizer']} | {r['driver']} | {r.get('variant', 'bf16')} | "
+                 f"{r['tokens_per_step']:,} | {r['median_ms']:.2f} | {r['tokens_per_s']:,.0f} | "
+                 f"{100 * r['mfu']:.1f}% | {rel} |")
+  return "\n".join(lines)
+
+
+def _write(out, env, results):
+  path = pathlib.Path(out)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "bench_gpt.json").write_text(json.dumps({"machine": env, "peak_flops": PEAK_FLOPS,
+                                                   "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
