@@ -1,0 +1,286 @@
+"""Unit tests of the coefficient tables and of newton_schulz (CPU, small shapes)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ortho_optax import coefficients as coef
+from ortho_optax.newton_schulz import PRECONDITIONINGS, newton_schulz
+
+F32 = dict(compute_dtype=jnp.float32, backend="xla")
+
+
+def _rand(shape, seed=0, dtype=jnp.float32):
+  return jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
+
+
+def _well_conditioned(m, n, seed=0, lo=0.3, hi=1.0):
+  """A matrix with singular values spread in [lo, hi]."""
+  rng = np.random.RandomState(seed)
+  u, _ = np.linalg.qr(rng.randn(m, min(m, n)))
+  v, _ = np.linalg.qr(rng.randn(n, min(m, n)))
+  s = np.linspace(lo, hi, min(m, n))
+  return jnp.asarray((u * s) @ v.T, jnp.float32)
+
+
+def _svals(x):
+  return np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)
+
+
+# ----------------------------------------------------------------------------- coefficients
+
+
+def test_presets_exact_decimals():
+  assert coef.PRESETS["muon"] == ((3.4445, -4.7750, 2.0315),)
+  assert coef.PRESETS["quintic"][0] == (4.0848, -6.8946, 2.9270)
+  assert coef.PRESETS["quintic"][-1] == (2.8366, -3.0525, 1.2012)
+  assert len(coef.PRESETS["polar_express"]) == 8
+  assert coef.PRESETS["polar_express"][0] == (8.2051, -22.9019, 16.4607)
+  assert coef.PRESETS["polar_express"][-1] == (1.875, -1.25, 0.375)
+  assert coef.PRESETS["cans"][0] == (8.4703, -25.1081, 18.6293)
+  assert coef.PRESETS["aol"][-1] == (2.7215, -3.0494, 1.3169)
+  assert coef.PRESETS["deepseekv4"] == ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
+  assert [t[2] for t in coef.PRESETS["cubic5"]] == [0.0] * 5
+  assert coef.PRESETS["cubic5"][0] == (3.3656576, -3.3420992, 0.0)
+  assert coef.PRESETS["aurora"] == ((2.0, -1.5, 0.5),)
+  # Every preset maps σ = 1 to roughly 1 at its last step (a sanity check of signs).
+  for name, table in coef.PRESETS.items():
+    a, b, c = table[-1]
+    assert 0.6 < a + b + c < 1.3, name
+
+
+def test_default_orders():
+  q = coef.PRESETS["quintic"]
+  assert coef.resolve_coefficients("quintic", 7) == q + q[:2]  # cycle
+  pe = coef.PRESETS["polar_express"]
+  assert coef.resolve_coefficients("polar_express", 10) == pe + (pe[-1],) * 2  # repeat_last
+  assert coef.resolve_coefficients("cans", 7)[5:] == (coef.PRESETS["cans"][-1],) * 2
+  assert coef.resolve_coefficients("deepseekv4", 12)[-1] == (2.0, -1.5, 0.5)
+  assert coef.resolve_coefficients("aol", 6)[4] == coef.PRESETS["aol"][0]
+  assert coef.resolve_coefficients("muon", 3) == coef.PRESETS["muon"] * 3
+  assert coef.resolve_coefficients("simple", 2) == coef.PRESETS["muon"] * 2  # NVIDIA alias
+
+
+def test_explicit_order_and_custom_tables():
+  q = coef.PRESETS["quintic"]
+  assert coef.resolve_coefficients("quintic", 7, order="repeat_last") == q + (q[-1],) * 2
+  pe = coef.PRESETS["polar_express"]
+  assert coef.resolve_coefficients("polar_express", 9, order="cycle")[8] == pe[0]
+  custom = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]
+  assert coef.resolve_coefficients(custom, 3) == ((3.0, -3.2, 1.2), (2.0, -1.5, 0.5),
+                                                  (3.0, -3.2, 1.2))
+  assert coef.resolve_coefficients(custom, 3, "repeat_last")[-1] == (2.0, -1.5, 0.5)
+  assert coef.resolve_coefficients((2, -1.5, 0.5), 2) == ((2.0, -1.5, 0.5),) * 2
+
+
+def test_turbo_aol_slices_from_the_end():
+  q = coef.PRESETS["quintic"]
+  assert coef.resolve_coefficients("turbo_aol", 4) == q[1:]
+  assert coef.resolve_coefficients("turbo_aol", 5) == q
+  assert coef.resolve_coefficients("turbo_aol", 1) == q[-1:]
+  with pytest.raises(ValueError, match="turbo_aol"):
+    coef.resolve_coefficients("turbo_aol", 6)
+
+
+@pytest.mark.parametrize("args, match", [
+    (("nope", 5), "nope.*muon"),
+    (("muon", 0), "steps"),
+    (("muon", -2), "steps"),
+    (("muon", 2.5), "steps"),
+    (("cubic5", 4), "cubic5"),
+    (("muon", 5, "sideways"), "sideways.*cycle"),
+    (([(1.0, 2.0)], 2), "3 entries"),
+    (([], 2), "empty"),
+])
+def test_resolve_coefficients_errors(args, match):
+  with pytest.raises(ValueError, match=match):
+    coef.resolve_coefficients(*args)
+
+
+# ----------------------------------------------------------------------------- newton_schulz
+
+
+def test_loop_is_not_unrolled():
+  x = _rand((32, 48))
+  for steps in (3, 12):
+    jaxpr = str(jax.make_jaxpr(lambda x: newton_schulz(x, steps=steps, **F32))(x))
+    assert "scan" in jaxpr or "while" in jaxpr
+    # One loop body whatever the step count: the program does not grow with steps.
+    assert jaxpr.count("dot_general") <= 4
+  hlo = jax.jit(lambda x: newton_schulz(x, steps=9, coefficients="quintic", **F32)).lower(
+      x).as_text()
+  assert "while" in hlo
+
+
+@pytest.mark.parametrize("preconditioning", PRECONDITIONINGS)
+def test_transpose_equivariance(preconditioning):
+  x = _rand((12, 20), seed=1)
+  f = jax.jit(lambda a: newton_schulz(a, preconditioning=preconditioning, **F32))
+  np.testing.assert_allclose(f(x.T), f(x).T, atol=2e-5)
+
+
+@pytest.mark.parametrize("preconditioning", PRECONDITIONINGS)
+def test_scale_invariance(preconditioning):
+  x = _rand((16, 24), seed=2)
+  f = jax.jit(lambda a: newton_schulz(a, preconditioning=preconditioning, eps=1e-12, **F32))
+  # AOL's row sums are invariant-in-effect to the scale; the others normalise it away.
+  np.testing.assert_allclose(f(1e3 * x), f(x), atol=3e-4)
+  np.testing.assert_allclose(f(1e-3 * x), f(x), atol=3e-4)
+
+
+@pytest.mark.parametrize("preconditioning", PRECONDITIONINGS)
+def test_batched_equals_per_matrix(preconditioning):
+  x = _rand((2, 3, 10, 14), seed=3)
+  f = jax.jit(
+      lambda a: newton_schulz(a, coefficients="quintic", preconditioning=preconditioning, **F32))
+  out = f(x)
+  assert out.shape == x.shape
+  for i in range(2):
+    for j in range(3):
+      np.testing.assert_allclose(out[i, j], f(x[i, j]), atol=1e-5)
+
+
+@pytest.mark.parametrize("preconditioning", PRECONDITIONINGS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_zero_input_gives_zeros(preconditioning, dtype):
+  z = jnp.zeros((2, 6, 9), dtype)
+  out = newton_schulz(z, preconditioning=preconditioning, compute_dtype=dtype, backend="xla")
+  assert out.dtype == dtype
+  assert np.all(np.asarray(out, np.float32) == 0)
+
+
+def test_zero_row_stays_zero_with_aol():
+  x = _rand((8, 12), seed=4).at[3].set(0.0)
+  out = newton_schulz(x, steps=4, coefficients="turbo_aol", preconditioning="aol", eps=1e-6, **F32)
+  assert np.all(np.isfinite(out))
+  assert np.all(np.asarray(out[3]) == 0)
+
+
+def test_output_dtype_follows_input():
+  x = _rand((8, 12)).astype(jnp.bfloat16)
+  assert newton_schulz(x, compute_dtype=jnp.float32, backend="xla").dtype == jnp.bfloat16
+  assert newton_schulz(x.astype(jnp.float32), backend="xla").dtype == jnp.float32
+  assert newton_schulz(x, compute_dtype=None, backend="xla").dtype == jnp.bfloat16
+
+
+def test_muon_singular_value_band():
+  # Keller's quintic deliberately does not converge to 1: it lands in roughly (0.6, 1.2).
+  x = _well_conditioned(24, 40, lo=0.3, hi=1.0)
+  s = _svals(newton_schulz(x, steps=5, coefficients="muon", **F32))
+  assert 0.6 < s.min() and s.max() < 1.2, s
+
+
+def test_polar_express_converges_to_one():
+  x = _well_conditioned(24, 40, lo=0.05, hi=1.0)
+  s = _svals(newton_schulz(x, steps=8, coefficients="polar_express", **F32))
+  np.testing.assert_allclose(s, 1.0, atol=1e-2)
+
+
+@pytest.mark.parametrize("preconditioning", ["schatten", "spectral"])
+def test_tighter_preconditioning_starts_closer_to_one(preconditioning):
+  # A flat spectrum: Frobenius normalisation shrinks every σ to ~1/sqrt(rank) while the
+  # Schatten-4 / power-iteration bounds keep them near 1, so two steps already land
+  # closer to 1, without pushing σ_max past the polynomial's basin. (Aurora's gentle
+  # quintic: the aggressive tables are designed for the tiny σ of a Frobenius start.)
+  x = _well_conditioned(24, 40, lo=0.5, hi=1.0, seed=5)
+  f = lambda p: _svals(newton_schulz(x, steps=2, coefficients="aurora", preconditioning=p,
+                                     **F32))
+  ref, s = f("frobenius"), f(preconditioning)
+  assert s.max() < 1.05
+  assert np.abs(s - 1).max() < 0.2 < np.abs(ref - 1).max()
+
+
+def test_spectral_estimate_is_close_to_sigma_max():
+  from ortho_optax.newton_schulz import SPECTRAL_SAFETY, _gram, _power_sigma_max
+  x = _well_conditioned(20, 30, lo=0.1, hi=0.7)
+  est = float(_power_sigma_max(_gram(x))[0, 0])
+  assert 0.6 < est <= 0.7 + 1e-5
+  assert SPECTRAL_SAFETY >= 1.0
+
+
+def test_cubic_coefficients_path():
+  x = _rand((10, 16), seed=6)
+  out = newton_schulz(x, steps=5, coefficients="cubic5", **F32)
+  # Reference: the same steps written out with numpy (c = 0).
+  X = np.asarray(x, np.float64)
+  X = X / (np.linalg.norm(X) + 1e-7)
+  for a, b, _ in coef.PRESETS["cubic5"]:
+    X = a * X + b * (X @ X.T) @ X
+  np.testing.assert_allclose(out, X, atol=1e-5)
+
+
+def test_custom_table_matches_numpy():
+  x = _rand((9, 7), seed=7)  # tall: transposed internally
+  table = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]
+  out = newton_schulz(x, steps=3, coefficients=table, **F32)
+  X = np.asarray(x, np.float64).T
+  X = X / (np.linalg.norm(X) + 1e-7)
+  for a, b, c in [table[0], table[1], table[0]]:
+    A = X @ X.T
+    X = a * X + (b * A + c * A @ A) @ X
+  np.testing.assert_allclose(out, X.T, atol=1e-5)
+
+
+def test_jit_and_bf16_default_runs():
+  x = _rand((4, 16, 32))
+  out = jax.jit(newton_schulz)(x)
+  assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
+  s = _svals(out[0])
+  assert 0.5 < s.min() and s.max() < 1.3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(preconditioning="nope"), "nope.*frobenius"),
+    (dict(backend="cuda"), "cuda.*xla"),
+    (dict(coefficients="bogus"), "bogus"),
+    (dict(steps=0), "steps"),
+    (dict(eps=-1.0), "eps"),
+    (dict(order="random"), "random"),
+    (dict(compute_dtype=jnp.int32), "compute_dtype"),
+])
+def test_bad_arguments_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    newton_schulz(_rand((4, 6)), **kwargs)
+
+
+def test_rank_one_input_raises():
+  with pytest.raises(ValueError, match="rank >= 2"):
+    newton_schulz(jnp.ones((5,)))
+
+
+def test_pallas_backend_unavailable_raises(monkeypatch):
+  from ortho_optax import pallas
+  monkeypatch.setattr(pallas, "is_available", lambda: False)
+  with pytest.raises(RuntimeError, match="pallas"):
+    newton_schulz(_rand((4, 6)), backend="pallas")
+
+
+def test_auto_backend_dispatch(monkeypatch):
+  """'auto' calls the kernel only for bf16 + frobenius/aol, with a Frobenius-normalised
+  wide bf16 stack; everything else stays on XLA."""
+  from ortho_optax import pallas
+  calls = []
+
+  def fake_kernel(x, coefficients, *, aol=False, eps=1e-7):
+    calls.append((x.shape, x.dtype, coefficients, aol, eps))
+    # Stand-in kernel: the XLA path on the already-preconditioned stack.
+    return newton_schulz(x, steps=len(coefficients), coefficients=coefficients,
+                         preconditioning="aol" if aol else "frobenius", eps=eps if aol else 0.0,
+                         compute_dtype=jnp.bfloat16, backend="xla")
+
+  monkeypatch.setattr(pallas, "is_available", lambda: True)
+  monkeypatch.setattr(pallas, "newton_schulz", fake_kernel, raising=False)
+  x = _rand((2, 3, 10, 6))  # tall, batched
+  ref = newton_schulz(x, backend="xla")
+  out = newton_schulz(x)  # auto, bf16, frobenius -> kernel
+  assert len(calls) == 1
+  shape, dtype, coeffs, aol, _ = calls[0]
+  assert shape == (6, 6, 10) and dtype == jnp.bfloat16 and not aol
+  assert coeffs == coef.resolve_coefficients("muon", 5)
+  np.testing.assert_allclose(out, ref, atol=2e-2)
+  newton_schulz(x, steps=4, coefficients="turbo_aol", preconditioning="aol")
+  assert calls[-1][3] is True and len(calls) == 2
+  newton_schulz(x, compute_dtype=jnp.float32)  # f32 -> XLA
+  newton_schulz(x, preconditioning="schatten")  # unsupported by the kernel -> XLA
+  assert len(calls) == 2
