@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from ortho_optax import matrix_view
+from ortho_optax import distributed, matrix_view
 from ortho_optax.coefficients import resolve_coefficients
 from ortho_optax.newton_schulz import _check_compute_dtype, newton_schulz, validate_args
 from ortho_optax.polar import (cosh_normalize, leverage_uniform_polar, polar,
@@ -177,7 +177,8 @@ def orthogonalize(
       sizes = [m.shape[0] for _, m in members]
       stack = members[0][1] if len(members) == 1 else jnp.concatenate(
           [m for _, m in members], axis=0)
-      result = run_method(stack)
+      # Identity unless inside ortho_optax.distributed.distribute (multi-device layout).
+      result = distributed.orthogonalize_stack(run_method, stack)
       offset = 0
       for (i, _), size in zip(members, sizes):
         out_leaves[i] = restores[i](result[offset:offset + size]).astype(leaves[i].dtype)
