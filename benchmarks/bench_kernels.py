@@ -163,7 +163,19 @@ def _entry():
     return None
 
 
-def ns_fn(backend, aol):
+def ns_fn(backend, aol, direct=False):
+  if direct and backend == "pallas":  # the kernels alone, without the dispatching entry
+    import ortho_optax.pallas as opl
+    co = TURBO_AOL if aol else QUINTIC
+
+    def f(x):
+      xb = x.astype(jnp.bfloat16)
+      if not aol:
+        xf = xb.astype(jnp.float32)
+        xb = (xf / (jnp.linalg.norm(xf, axis=(1, 2), keepdims=True) + 1e-7)).astype(
+            jnp.bfloat16)
+      return opl.newton_schulz(xb, co, aol=aol, eps=1e-6)
+    return f
   if backend == "own_xla":
     from ortho_optax.pallas import ns as pns
     co = TURBO_AOL if aol else QUINTIC
@@ -182,26 +194,34 @@ def ns_fn(backend, aol):
   return lambda x: entry(x, backend=backend, **kw)
 
 
-def run_timings(results, peak, shapes):
-  has_xla = _entry() is not None
+def run_timings(results, peak, shapes, direct=False, configs=(True, False)):
+  has_xla = _entry() is not None and not direct
   xla_backend = "xla" if has_xla else "own_xla"
   rows = []
   for (b, m, n) in shapes:
     x = jax.random.normal(jax.random.key(b * 7 + m + n), (b, m, n), jnp.float32)
     x = x.astype(jnp.bfloat16)
-    for aol in (True, False):
+    for aol in configs:
       steps = 4 if aol else 5
       row = dict(shape=[b, m, n], config="AOL+4" if aol else "Frob+5",
                  flops=ns_flops(b, m, n, steps))
       for name, backend in (("pallas", "pallas"), ("xla", xla_backend)):
-        try:
-          t, ts = time_call(ns_fn(backend, aol), x)
-          row[name + "_ms"] = t * 1e3
-          row[name + "_trials_ms"] = [v * 1e3 for v in ts]
-        except Exception as ex:  # pylint: disable=broad-except
-          row[name + "_error"] = repr(ex)[:2000]
-          log(f"timing {name} {b}x{m}x{n} {row['config']}: ERROR {ex!r}"[:3000])
-          traceback.print_exc()
+        # If the dispatching entry point fails (it is developed alongside), fall back to
+        # the kernels called directly / this script's own jnp chain, and say so.
+        fallback = ("pallas", True) if name == "pallas" else ("own_xla", False)
+        for attempt, (be, dr) in enumerate(((backend, direct), fallback)):
+          try:
+            t, ts = time_call(ns_fn(be, aol, dr), x)
+            row[name + "_ms"] = t * 1e3
+            row[name + "_trials_ms"] = [v * 1e3 for v in ts]
+            row[name + "_path"] = be + (" direct" if dr and be == "pallas" else "")
+            break
+          except Exception as ex:  # pylint: disable=broad-except
+            row[name + "_error"] = repr(ex)[:2000]
+            log(f"timing {name} ({be}) {b}x{m}x{n} {row['config']}: ERROR {ex!r}"[:3000])
+            traceback.print_exc()
+            if (be, dr) == fallback:
+              break
       if "pallas_ms" in row and "xla_ms" in row:
         row["speedup"] = row["xla_ms"] / row["pallas_ms"]
       if "pallas_ms" in row:
@@ -245,6 +265,56 @@ def run_breakdown(results, shapes):
     rows.append(row)
     log("breakdown", row)
   results["breakdown"] = rows
+
+
+SWEEP_SHAPES = [(1, 768, 768), (1, 768, 3072), (1, 1024, 4096), (48, 768, 768),
+                (24, 768, 3072), (1, 4096, 4096)]
+
+
+def run_sweep(results, shapes=SWEEP_SHAPES):
+  """Per-GEMM times over tile configs and split_k, to tune :func:`ns.plan` (next run)."""
+  import dataclasses
+  from ortho_optax.pallas import matmul as mm, ns
+  bases = [mm.TuningConfig(), mm.TuningConfig(max_concurrent_steps=2),
+           mm.TuningConfig(tile_m=64, tile_n=64, max_concurrent_steps=4)]
+  rows = []
+  for (b, m, n) in shapes:
+    mp, np_ = mm.round_up(m, ns.PAD), mm.round_up(n, ns.PAD)
+    x = jax.random.normal(jax.random.key(5), (b, mp, np_), jnp.bfloat16) * 0.02
+    a = jax.random.normal(jax.random.key(6), (b, mp, mp), jnp.bfloat16) * 0.02
+    kinds = dict(
+        gram=(lambda cfg: (lambda x: mm.matmul(x, x, rhs_transposed=True, upper=True,
+                                               config=cfg)), x, mp, mp, np_, True),
+        poly=(lambda cfg: (lambda a: mm.matmul(a, a, a, alpha=0.5, beta=0.25,
+                                               rhs_transposed=True, upper=True,
+                                               config=cfg)), a, mp, mp, mp, True),
+        apply=(lambda cfg: (lambda x: mm.matmul(a, x, x, alpha=0.5, config=cfg)),
+               x, mp, np_, mp, False),
+    )
+    for kind, (make, arg, mm_, nn, kk, upper) in kinds.items():
+      for base in bases:
+        auto = mm.pick_split(b, mm_, nn, kk, upper=upper, base=base).split_k
+        for split in sorted({1, 2, 4, 8, auto}):
+          if kk % (split * base.tile_k) or kk // split < 2 * base.tile_k:
+            continue
+          cfg = dataclasses.replace(base, split_k=split)
+          row = dict(shape=[b, m, n], kind=kind, config=str(cfg), auto=split == auto)
+          try:
+            fn = make(cfg)
+            if kind == "gram":  # keep the loop carry's shape: x -> x (A is consumed)
+              f = lambda x, fn=fn: x + 0 * fn(x)[:, :1, :1]
+            else:
+              f = fn
+            row["ms"] = time_call(f, arg, trials=3)[0] * 1e3
+            row["tflops"] = mm.flops(b, mm_, nn, kk, upper=upper) / row["ms"] / 1e9
+          except Exception as ex:  # pylint: disable=broad-except
+            row["error"] = repr(ex)[:500]
+          rows.append(row)
+          log(f"sweep {b}x{m}x{n} {kind:5} tile {cfg.tile_m}x{cfg.tile_n} "
+              f"steps {cfg.max_concurrent_steps} split {split}{'*' if row['auto'] else ' '}: "
+              f"{row.get('ms', float('nan')):.4f} ms {row.get('tflops', 0):.0f} TFLOP/s "
+              f"{row.get('error', '')[:200]}")
+  results["sweep"] = rows
 
 
 def gpt2_small_tree(key):
@@ -313,15 +383,16 @@ def print_table(results):
   peak = results.get("peak_tflops", float("nan"))
   log(f"\nmatmul peak (bf16 8192^3 jnp): {peak:.0f} TFLOP/s; copy "
       f"{results.get('copy_tbps', float('nan')):.2f} TB/s; XLA path = {results.get('xla_backend')}")
-  log(f"{'shape':>16} {'cfg':>6} {'pallas ms':>10} {'xla ms':>8} {'speedup':>7} "
+  log(f"{'shape':<16} {'cfg':>6} {'pallas ms':>10} {'xla ms':>8} {'speedup':>7} "
       f"{'TFLOP/s':>7} {'floor ms':>8} {'%floor':>6}")
   for r in results.get("timings", []):
     b, m, n = r["shape"]
     s = f"{m}x{n}" if b == 1 else f"{b}x{m}x{n}"
     f = lambda k, fmt: format(r[k], fmt) if k in r else "ERR"
-    log(f"{s:>16} {r['config']:>6} {f('pallas_ms', '10.3f')} {f('xla_ms', '8.3f')} "
+    log(f"{s:<16} {r['config']:>6} {f('pallas_ms', '10.3f')} {f('xla_ms', '8.3f')} "
         f"{f('speedup', '7.2f')} {f('tflops', '7.0f')} {f('floor_ms', '8.3f')} "
-        f"{(format(100 * r['frac_floor'], '6.0f') if 'frac_floor' in r else 'ERR')}")
+        f"{(format(100 * r['frac_floor'], '6.0f') if 'frac_floor' in r else 'ERR')} "
+        f"{r.get('xla_path', '')}")
   t = {(tuple(r["shape"]), r["config"]): r for r in results.get("timings", [])}
   for cfg in ("AOL+4", "Frob+5"):
     a, b = t.get(((48, 768, 768), cfg)), t.get(((24, 768, 3072), cfg))
@@ -340,6 +411,12 @@ def main():
   ap.add_argument("--skip-check", action="store_true")
   ap.add_argument("--skip-optimizer", action="store_true")
   ap.add_argument("--breakdown", action="store_true")
+  ap.add_argument("--sweep", action="store_true", help="per-GEMM tile/split sweep")
+  ap.add_argument("--skip-timings", action="store_true")
+  ap.add_argument("--direct", action="store_true",
+                  help="time ortho_optax.pallas.newton_schulz vs this script's jnp chain")
+  ap.add_argument("--aol-only", action="store_true")
+  ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,24x768x3072")
   args = ap.parse_args()
   results = dict(device=str(jax.devices()[0]), jax=jax.__version__,
                  time=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -361,8 +438,18 @@ def main():
     results["checks_ok"] = run_checks(results)
     save()
   shapes = SHAPES if not args.quick else [SHAPES[i] for i in (2, 3, 4, 7, 8)]
-  run_timings(results, peak, shapes)
-  save()
+  if args.shapes:
+    shapes = []
+    for item in args.shapes.split(","):
+      dims = tuple(int(v) for v in item.split("x"))
+      shapes.append(dims if len(dims) == 3 else (1,) + dims)
+  if not args.skip_timings:
+    run_timings(results, peak, shapes, direct=args.direct,
+                configs=(True,) if args.aol_only else (True, False))
+    save()
+  if args.sweep:
+    run_sweep(results)
+    save()
   if args.breakdown:
     run_breakdown(results, [(1, 4096, 4096), (1, 1024, 4096), (48, 768, 768)])
     save()

@@ -34,6 +34,22 @@ def is_available() -> bool:
     return False
 
 
+#: One-triangle flops per NS step (3m²n + m³, times the batch) above which the kernels
+#: beat the XLA path on an H200 (measured 2026-11-28: 1×768×768 0.75x, 1×768×3072 0.93x,
+#: 1×1024×4096 1.20x, 1×2048×2048 1.40x, 48×768×768 1.95x; see benchmarks/KERNELS_NOTES.md).
+MIN_STEP_FLOPS = 1e10
+
+
+def prefers_kernels(batch: int, m: int, n: int) -> bool:
+  """Whether a ``(batch, m, n)`` stack is large enough for the kernels to beat XLA.
+
+  For ``backend="auto"``: small single matrices (e.g. one 768×768) are launch- and
+  occupancy-bound in the kernels (few 128×256 tiles for 132 SMs) and faster in XLA.
+  """
+  m, n = min(m, n), max(m, n)
+  return batch * (3.0 * m * m * n + float(m) ** 3) >= MIN_STEP_FLOPS
+
+
 def newton_schulz(x, coefficients, *, aol: bool = False, eps: float = 1e-7):
   """Newton–Schulz on a bf16 ``(batch, m, n)`` stack (m <= n) with the Hopper kernels.
 
@@ -50,4 +66,4 @@ def newton_schulz(x, coefficients, *, aol: bool = False, eps: float = 1e-7):
   return ns.newton_schulz(x, coefficients, aol=aol, eps=eps)
 
 
-__all__ = ["is_available", "newton_schulz"]
+__all__ = ["is_available", "newton_schulz", "prefers_kernels"]
