@@ -28,6 +28,8 @@ References:
 
 from __future__ import annotations
 
+import math
+import math
 import numbers
 
 import jax
@@ -78,12 +80,63 @@ def validate_args(preconditioning: str, backend: str, eps) -> None:
     raise ValueError(f"eps must be >= 0, got {eps!r}.")
 
 
+def _scale_by_pow2(v, k):
+  """``v · 2^k`` (``k`` an integer array), exact, in two halves.
+
+  One factor ``2^k`` can be subnormal (|k| > 126 in float32), which XLA on the CPU flushes
+  to zero (and ``v / 2^j`` is compiled as ``v · 2^-j``); two factors of ``2^(k/2)`` are
+  always normal.
+  """
+  k = k.astype(jnp.int32)
+  half = k // 2
+  one = jnp.ones((), v.dtype)
+  return (v * jnp.ldexp(one, half)) * jnp.ldexp(one, k - half)
+
+
 def _frobenius_normalize(x, eps, compute_dtype):
-  """``X / (‖X‖_F + eps)`` per matrix, the norm accumulated in >= float32."""
+  """``X / (‖X‖_F + eps)`` per matrix, the norm accumulated in >= float32.
+
+  The plain sum of squares overflows float32 once entries pass ~1e19 (the norm becomes
+  inf and X/inf a silent all-zero update) and underflows below ~1e-19 (a NaN with
+  ``eps = 0``). For such matrices the identity
+  ``X / (‖X‖ + eps) = (X/s) / (‖X/s‖ + eps/s)`` with ``s`` the power of two just below
+  ``max|X|`` is used instead; matrices of ordinary scale keep the plain formula bit for
+  bit. Non-finite inputs still give non-finite outputs (NaN is never hidden).
+  """
   acc = _accum_dtype(x.dtype, compute_dtype)
   xa = x.astype(acc)
   norm = jnp.sqrt(jnp.sum(jnp.square(xa), axis=(-2, -1), keepdims=True))
-  return _round_to(xa / (norm + eps), compute_dtype)
+  plain = xa / (norm + eps)
+  info = jnp.finfo(acc)
+  safe_range = jnp.logical_and(norm >= 16 * jnp.sqrt(info.tiny), norm <= info.max)
+  big = jnp.max(jnp.abs(xa), axis=(-2, -1), keepdims=True)
+  # max|X| = m·2^e with m in [0.5, 1): X·2^(1-e) has max in [1, 2).
+  _, e = jnp.frexp(jnp.where(jnp.logical_and(big > 0, jnp.isfinite(big)), big, 1.0))
+  xs = _scale_by_pow2(xa, 1 - e)
+  eps_s = _scale_by_pow2(jnp.full_like(big, eps), 1 - e)
+  denom = jnp.sqrt(jnp.sum(jnp.square(xs), axis=(-2, -1), keepdims=True)) + eps_s
+  scaled = jnp.where(denom > 0, xs / jnp.where(denom > 0, denom, 1), 0)  # 0 -> 0 (eps=0)
+  return _round_to(jnp.where(safe_range, plain, scaled), compute_dtype)
+
+
+def _aol_prescale(x, compute_dtype):
+  """Scales ``x`` by a power of two so AOL's Gram cannot overflow ``compute_dtype``.
+
+  AOL (``s_r = 1/sqrt(max(Σ_j |A_rj|, eps))``) is invariant to the scale of X except
+  through ``eps``, but its Gram ``A = XXᵀ`` (row sums <= m·n·max|X|²) is formed in
+  ``compute_dtype``: 1e19 in bf16/f32 or ~100 in float16 overflows to inf and AOL then
+  returns NaN. Matrices whose bound exceeds ``max(compute_dtype)/4`` are scaled down by a
+  power of two (exact) to just below that bound; all others are untouched (bit for bit).
+  """
+  acc = _accum_dtype(x.dtype, compute_dtype)
+  xa = x.astype(acc)
+  m, n = x.shape[-2:]
+  limit = math.sqrt(float(jnp.finfo(compute_dtype).max) / (4.0 * max(m * n, 1)))
+  big = jnp.max(jnp.abs(xa), axis=(-2, -1), keepdims=True)
+  over = jnp.logical_and(big > limit, jnp.isfinite(big))
+  # 2^k <= limit / big (k <= 0), computed on logs so nothing overflows.
+  k = jnp.floor(jnp.log2(limit) - jnp.log2(jnp.where(over, big, limit)))
+  return _round_to(jnp.where(over, _scale_by_pow2(xa, k), xa), compute_dtype)
 
 
 def _round_to(v, dtype):
@@ -177,7 +230,8 @@ def _precondition_first_step(x, preconditioning, eps):
   return x, gram
 
 
-def _use_pallas(backend, compute_dtype, preconditioning):
+def _use_pallas(backend, compute_dtype, preconditioning, shape):
+  """Whether to call the Pallas kernels for a wide stack of ``shape`` (..., m, n)."""
   if backend == "xla":
     return False
   from ortho_optax import pallas  # local: keeps the XLA path free of the GPU module
@@ -192,8 +246,13 @@ def _use_pallas(backend, compute_dtype, preconditioning):
           f"backend='pallas' supports preconditioning 'frobenius' or 'aol', got "
           f"{preconditioning!r}; use backend='xla' or 'auto'.")
     return True
-  return (available and jnp.dtype(compute_dtype) == jnp.bfloat16
-          and preconditioning in ("frobenius", "aol"))
+  if not (available and jnp.dtype(compute_dtype) == jnp.bfloat16
+          and preconditioning in ("frobenius", "aol")):
+    return False
+  # Small stacks are launch-bound in the kernels and faster in XLA (kernels' measurement).
+  prefers = getattr(pallas, "prefers_kernels", None)
+  batch = math.prod(shape[:-2])
+  return True if prefers is None else bool(prefers(batch, shape[-2], shape[-1]))
 
 
 def newton_schulz(
@@ -229,8 +288,9 @@ def newton_schulz(
     compute_dtype: dtype of the iterations (``None``: ``x.dtype``). Norms and scalars are
       accumulated in float32 (float64 for float64 inputs).
     backend: ``"xla"``, ``"pallas"`` (the Mosaic GPU kernel of :mod:`ortho_optax.pallas`;
-      RuntimeError if unavailable) or ``"auto"`` (Pallas when available, bf16 compute and
-      ``frobenius``/``aol`` preconditioning; XLA otherwise).
+      RuntimeError if unavailable) or ``"auto"`` (Pallas when available, bf16 compute,
+      ``frobenius``/``aol`` preconditioning and a stack large enough for the kernels to
+      win, per ``ortho_optax.pallas.prefers_kernels``; XLA otherwise).
 
   Returns:
     An array of ``x``'s shape and dtype. An all-zero matrix maps to zeros.
@@ -255,11 +315,11 @@ def newton_schulz(
     x = _swap(x)
 
   if preconditioning == "aol":
-    X = x.astype(cdt)
+    X = _aol_prescale(x, cdt)
   else:
     X = _frobenius_normalize(x, eps, cdt)
 
-  if _use_pallas(backend, cdt, preconditioning):
+  if _use_pallas(backend, cdt, preconditioning, X.shape):
     from ortho_optax import pallas
     lead = X.shape[:-2]
     stack = X.astype(jnp.bfloat16).reshape((-1,) + X.shape[-2:])

@@ -271,6 +271,9 @@ def test_auto_backend_dispatch(monkeypatch):
 
   monkeypatch.setattr(pallas, "is_available", lambda: True)
   monkeypatch.setattr(pallas, "newton_schulz", fake_kernel, raising=False)
+  prefers = []
+  monkeypatch.setattr(pallas, "prefers_kernels",
+                      lambda b, m, n: prefers.append((b, m, n)) or True, raising=False)
   x = _rand((2, 3, 10, 6))  # tall, batched
   ref = newton_schulz(x, backend="xla")
   out = newton_schulz(x)  # auto, bf16, frobenius -> kernel
@@ -281,6 +284,11 @@ def test_auto_backend_dispatch(monkeypatch):
   np.testing.assert_allclose(out, ref, atol=2e-2)
   newton_schulz(x, steps=4, coefficients="turbo_aol", preconditioning="aol")
   assert calls[-1][3] is True and len(calls) == 2
+  assert prefers[0] == (6, 6, 10)
   newton_schulz(x, compute_dtype=jnp.float32)  # f32 -> XLA
   newton_schulz(x, preconditioning="schatten")  # unsupported by the kernel -> XLA
+  monkeypatch.setattr(pallas, "prefers_kernels", lambda b, m, n: False)
+  newton_schulz(x)  # too small for the kernels to win -> XLA under "auto"
   assert len(calls) == 2
+  newton_schulz(x, backend="pallas")  # explicit request bypasses the size heuristic
+  assert len(calls) == 3
