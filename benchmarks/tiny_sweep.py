@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import pathlib
 import shlex
 import sys
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
   p.add_argument("--eval-batches", type=int, default=16)
   p.add_argument("--out", default="runs/tiny_sweep")
   p.add_argument("--summary", default="benchmarks/results/tiny_compare.md")
+  p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                 help="train nothing: build the summary from earlier sweeps' results.json")
   args = p.parse_args(argv)
 
   lrs = {}
@@ -52,7 +55,22 @@ def main(argv=None) -> int:
       log_every=max(args.steps // 10, 1), out_dir=args.out)
   t0 = time.time()
   runs, best = [], {}
-  for name in args.opt:
+  if args.merge:
+    for path in args.merge:
+      runs += json.loads(pathlib.Path(path).read_text())["runs"]
+    for r in runs:
+      name = r["config"]["optimizer"]
+      if name not in best or train_lib._sort_key(r) < train_lib._sort_key(best[name]):  # pylint: disable=protected-access
+        best[name] = r
+    train_lib.write_reports(args.out, runs, "tiny optimizer sweep", best)
+    args.steps = runs[0]["config"]["steps"]
+    args.batch_size = runs[0]["config"]["batch_size"]
+    args.warmup = runs[0]["config"]["warmup_steps"]
+    args.seed = runs[0]["config"]["seed"]
+    args.eval_batches = runs[0]["config"]["eval_batches"]
+    args.mults = sorted({round(r["config"]["lr"] / opt_lib.default_lr(r["config"]["optimizer"]), 3)
+                         for r in runs})
+  for name in ([] if args.merge else args.opt):
     try:
       opt_lib.resolve(name)
     except ImportError as e:
@@ -67,6 +85,8 @@ def main(argv=None) -> int:
     # Write after every optimizer so a long sweep leaves partial results.
     train_lib.write_reports(args.out, runs, "tiny optimizer sweep", best)
   total = time.time() - t0
+  if args.merge:  # the sum of the merged runs' own step time
+    total = sum(r["timings"]["median_step_s"] * r["completed_steps"] for r in runs)
 
   machine = runs[0]["machine"]
   lines = [
@@ -74,8 +94,9 @@ def main(argv=None) -> int:
       f"Command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`  ",
       f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs ({machine['backend']}), "
       f"JAX {machine['jax']}, optax {machine['optax']}; "
-      f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; sweep took "
-      f"{total / 60:.1f} min.  ",
+      f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+      f"{total / 60:.1f} min of training (CPU shared with other jobs, so wall-clock "
+      "numbers are only comparable within one optimizer's runs).  ",
       f"Model: `tiny` preset (2 layers × 128, 4 heads, seq 64, byte vocab 256), "
       f"{runs[0]['num_params']:,} parameters, f32 on CPU. Data: `{runs[0]['data']['name']}` "
       f"(sha256 `{runs[0]['data']['sha256']}`; {runs[0]['data']['train_tokens']:,} train / "

@@ -27,20 +27,26 @@ COMPARE_DEFAULT = ("adamw", "muon", "turbo_muon", "auon", "aurora", "normuon", "
 #: Learning rate of the embeddings and head (AdamW branch) in every hybrid optimizer.
 TINY_ADAM_LR = 3e-3
 
-#: Peak learning rates for the ``tiny`` preset (warm-up then cosine decay), picked from
-#: the sweep in benchmarks/results/tiny_compare.md (x0.5 / x1 / x2 around these).
+#: Peak learning rates for the ``tiny`` preset (warm-up then cosine decay): the centres
+#: of the sweep in benchmarks/results/tiny_compare.md (x1/3, x1, x3 around these).
 TINY_DEFAULTS: dict[str, float] = {
     "adamw": 3e-3,
-    "muon": 0.02,
-    "turbo_muon": 0.02,
-    "auon": 0.5,
-    "hybrid_auon": 0.02,
-    "aurora": 0.02,
-    "riemannian_aurora": 0.02,
-    "normuon": 0.02,
-    "adamuon": 2e-3,
-    "namo": 0.02,
-    "adaptive_muon": 0.02,
+    # Keller's shape scaling sqrt(max(1, out/in)): ~0.007 per element on 128-wide matrices.
+    "muon": 0.06,
+    "turbo_muon": 0.06,
+    "aurora": 0.06,
+    "riemannian_aurora": 0.06,
+    "hybrid_auon": 0.06,
+    # AuON's update is the momentum itself (G / r with r ~ 1): SGD-sized learning rates
+    # (hidden-matrix gradients have an RMS of ~1e-4 on this model).
+    "auon": 50.0,
+    # Spectral scaling sqrt(max(out, in)) gives updates of RMS ~1: Adam-sized rates.
+    "normuon": 6e-3,
+    "namo": 1e-2,
+    # AdaMuon's sign-like update (RMS ~1) times the spectral factor (~11-22).
+    "adamuon": 5e-4,
+    "adaptive_muon": 5e-4,
+    # Adam on the orthogonalized gradient: element-wise normalised, AdamW-sized.
     "oadamw": 3e-3,
 }
 

@@ -1,0 +1,110 @@
+"""Trainer, checkpoints, optimizer registry and CLI of ortho_optax.models (micro configs)."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ortho_optax.models import cli, optimizers as opt_lib, train as train_lib
+
+MICRO = dict(num_layers=1, model_dim=32, num_heads=2)
+
+
+def _cfg(**kw):
+  base = dict(preset="tiny", model=MICRO, seq_len=16, data="embedded:prose", batch_size=4,
+              steps=8, eval_every=4, eval_batches=2, log_every=2, warmup_steps=0,
+              schedule="constant")
+  return train_lib.TrainConfig(**(base | kw))
+
+
+def test_schedule_warmup_then_decay():
+  f = train_lib.lr_multiplier(100, 10, "cosine", 0.1)
+  assert float(f(0)) == pytest.approx(0.1)
+  assert float(f(9)) == pytest.approx(1.0)
+  assert float(f(10)) == pytest.approx(1.0)
+  assert float(f(100)) == pytest.approx(0.1)
+  assert float(f(55)) == pytest.approx(0.55, abs=1e-6)
+  g = train_lib.lr_multiplier(100, 0, "linear", 0.0)
+  assert float(g(50)) == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="schedule"):
+    train_lib.lr_multiplier(100, 0, "step")
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path):
+  full = train_lib.train(_cfg(), progress=False)
+  cfg = _cfg(out_dir=str(tmp_path), checkpoint_every=4, optimizer="adamw")
+  part = train_lib.train(dataclasses.replace(cfg, stop_after=4), progress=False)
+  assert part["completed_steps"] == 4 and len(part["train_loss"]) == 4
+  assert train_lib.latest_checkpoint(tmp_path)[0] == 4
+  resumed = train_lib.train(dataclasses.replace(cfg, resume=True), progress=False)
+  assert [s for s, _ in resumed["train_loss"]] == list(range(8))
+  np.testing.assert_allclose([l for _, l in resumed["train_loss"]],
+                             [l for _, l in full["train_loss"]], rtol=1e-6)
+  np.testing.assert_allclose(resumed["final_val_loss"], full["final_val_loss"], rtol=1e-6)
+
+
+def test_registry_errors():
+  with pytest.raises(ValueError, match="unknown optimizer 'sgdx'"):
+    opt_lib.resolve("sgdx")
+  with pytest.raises(ValueError, match="takes no argument"):
+    opt_lib.build("adamw", 1e-3, not_an_arg=1)
+  assert opt_lib.parse_opt_args(["momentum=0.9", "nesterov=false", "x=none", "m=muon"]) == {
+      "momentum": 0.9, "nesterov": False, "x": None, "m": "muon"}
+  with pytest.raises(ValueError, match="key=value"):
+    opt_lib.parse_opt_args(["momentum"])
+  with pytest.raises(ValueError, match="steps"):
+    _cfg(steps=0).validate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", opt_lib.OPTIMIZERS)
+def test_every_optimizer_lowers_the_loss(name):
+  """10 steps of each optimizer (its tiny default lr) on a micro GPT, < 60 s in all."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from ortho_optax.models import data as data_lib, gpt
+  cfg = _cfg(optimizer=name, steps=10)
+  model = gpt.GPT(cfg.model_config(), rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, train_lib.make_optimizer(cfg), wrt=nnx.Param)
+  step = train_lib.make_train_step()
+  sampler = data_lib.BatchSampler(data_lib.load_embedded("prose").train, 4, 16, seed=0)
+  losses = []
+  for i in range(cfg.steps):
+    x, y = sampler(i)
+    losses.append(float(step(model, optimizer, jnp.asarray(x), jnp.asarray(y))))
+  assert all(math.isfinite(l) for l in losses), losses
+  assert losses[0] == pytest.approx(math.log(256), rel=1e-4)  # zero-init head
+  assert np.mean(losses[-3:]) < losses[0] - 0.3, losses
+
+
+def test_cli_train_and_compare_write_reports(tmp_path, capsys):
+  common = ["--num-layers", "1", "--model-dim", "32", "--num-heads", "2", "--seq-len", "16",
+            "--batch-size", "4", "--steps", "6", "--data", "embedded:prose", "--no-progress",
+            "--eval-batches", "2"]
+  assert cli.main(["train", *common, "--opt", "adamw", "--lr", "0.003",
+                   "--out", str(tmp_path / "t")]) == 0
+  res = json.loads((tmp_path / "t" / "results.json").read_text())
+  run = res["runs"][0]
+  assert run["config"]["lr"] == 0.003 and len(run["data"]["sha256"]) == 64
+  assert len(run["train_loss"]) == 6 and run["final_val_loss"] is not None
+  assert (tmp_path / "t" / "loss.png").stat().st_size > 1000
+  assert "| adamw | 0.003 |" in (tmp_path / "t" / "results.md").read_text()
+  assert cli.main(["compare", *common, "--opt", "adamw", "--lr-mults", "0.5", "1",
+                   "--lr", "adamw=0.004", "--out", str(tmp_path / "c")]) == 0
+  res = json.loads((tmp_path / "c" / "results.json").read_text())
+  assert sorted(r["config"]["lr"] for r in res["runs"]) == [0.002, 0.004]
+  assert "adamw" in res["best"]
+  out = capsys.readouterr().out
+  assert "| adamw | 0.004 |" in out and "| adamw | 0.002 |" in out
+  assert cli.main(["train", *common, "--opt-arg", "bogus"]) == 2
+  assert "key=value" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "ortho_optax", "compare", "--help"],
+                       capture_output=True, text=True, timeout=120, check=True).stdout
+  assert "--lr-mults" in out and "turbo_muon" in out
