@@ -107,7 +107,9 @@ def test_notebook_executes_with_fast_settings(name, kernel_name, monkeypatch):
   client = nbclient.NotebookClient(
       nb, kernel_name=kernel_name, timeout=CELL_TIMEOUT_S, allow_errors=False,
       resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
-  client.execute()  # raises CellExecutionError on the first failing cell
+  # independent: the kernel gets its own session, so the signals jupyter_client sends to
+  # the kernel's process group on shutdown never reach this pytest process.
+  client.execute(independent=True)  # raises CellExecutionError on the first failing cell
 
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if o.output_type == "error"]
