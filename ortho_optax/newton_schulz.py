@@ -28,7 +28,7 @@ References:
 
 from __future__ import annotations
 
-import math
+import functools
 import math
 import numbers
 
@@ -308,37 +308,55 @@ def newton_schulz(
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"newton_schulz needs a floating array, got dtype {x.dtype}.")
   cdt = _check_compute_dtype(compute_dtype, x.dtype)
-  out_dtype = x.dtype
 
+  shape = x.shape[:-2] + (min(x.shape[-2:]), max(x.shape[-2:]))
+  if _use_pallas(backend, cdt, preconditioning, shape):
+    return _pallas_newton_schulz(x, triples, preconditioning, eps, cdt)
+  cubic = all(t[2] == 0.0 for t in triples)
+  table = jnp.asarray(triples, dtype=_accum_dtype(cdt))
+  return _xla_newton_schulz(x, table, jnp.asarray(eps, _accum_dtype(x.dtype)),
+                            preconditioning=preconditioning, compute_dtype=cdt, cubic=cubic)
+
+
+def _orient_and_precondition(x, eps, preconditioning, compute_dtype):
+  """Wide orientation + the elementwise part of the preconditioning."""
   transposed = x.shape[-2] > x.shape[-1]
   if transposed:
     x = _swap(x)
-
   if preconditioning == "aol":
-    X = _aol_prescale(x, cdt)
-  else:
-    X = _frobenius_normalize(x, eps, cdt)
+    return _aol_prescale(x, compute_dtype), transposed
+  return _frobenius_normalize(x, eps, compute_dtype), transposed
 
-  if _use_pallas(backend, cdt, preconditioning, X.shape):
-    from ortho_optax import pallas
-    lead = X.shape[:-2]
-    stack = X.astype(jnp.bfloat16).reshape((-1,) + X.shape[-2:])
-    out = pallas.newton_schulz(stack, tuple(triples), aol=preconditioning == "aol", eps=eps)
-    X = out.reshape(lead + X.shape[-2:])
-  else:
-    acc = _accum_dtype(cdt)
-    cubic = all(t[2] == 0.0 for t in triples)
-    table = jnp.asarray(triples, dtype=acc)
-    rest = table
-    if preconditioning != "frobenius":
-      X, gram = _precondition_first_step(X, preconditioning, eps)
-      X = _ns_step(X, gram, table[0], cubic)
-      rest = table[1:]
-    if rest.shape[0]:
-      def body(X, abc):
-        return _ns_step(X, _gram(X), abc, cubic), None
-      X, _ = lax.scan(body, X, rest)
 
+def _pallas_newton_schulz(x, triples, preconditioning, eps, compute_dtype):
+  from ortho_optax import pallas
+  out_dtype = x.dtype
+  X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
+  lead = X.shape[:-2]
+  stack = X.astype(jnp.bfloat16).reshape((-1,) + X.shape[-2:])
+  out = pallas.newton_schulz(stack, tuple(triples), aol=preconditioning == "aol", eps=eps)
+  X = out.reshape(lead + X.shape[-2:])
+  if transposed:
+    X = _swap(X)
+  return X.astype(out_dtype)
+
+
+# Jitted so that eager calls compile once per (shape, #steps, config) instead of running
+# op by op, and so that different coefficient tables of one length share a compilation
+# (the table and eps are traced); inside an outer jit this simply inlines.
+@functools.partial(jax.jit, static_argnames=("preconditioning", "compute_dtype", "cubic"))
+def _xla_newton_schulz(x, table, eps, *, preconditioning, compute_dtype, cubic):
+  out_dtype = x.dtype
+  X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
+  rest = table
+  if preconditioning != "frobenius":
+    X, gram = _precondition_first_step(X, preconditioning, eps)
+    X = _ns_step(X, gram, table[0], cubic)
+    rest = table[1:]
+  if rest.shape[0]:
+    def body(X, abc):
+      return _ns_step(X, _gram(X), abc, cubic), None
+    X, _ = lax.scan(body, X, rest)
   if transposed:
     X = _swap(X)
   return X.astype(out_dtype)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ortho_optax.newton_schulz import _accum_dtype, _swap, newton_schulz
+from ortho_optax.newton_schulz import _accum_dtype, _scale_by_pow2, _swap, newton_schulz
 
 #: Aurora's polar normalises by ``‖X‖_F + 1e-7`` (hard-coded in the reference).
 AURORA_POLAR_EPS = 1e-7
@@ -94,7 +94,23 @@ def _to_tall(x):
 
 
 def _row_norm(y):
-  return jnp.sqrt(jnp.sum(jnp.square(y), axis=-1, keepdims=True))
+  """Euclidean norm of each row (keepdims), without overflow or underflow.
+
+  The plain ``sqrt(Σ y²)`` overflows float32 for entries past ~1e19 (a row norm of inf
+  makes Aurora's ``D₀ = 1/‖Y_i‖`` zero and the whole update silently zero); such rows
+  (and rows whose squares underflow) are rescaled by a power of two near their
+  max-abs first (row norms above the dtype's max stay inf). Rows of
+  ordinary scale keep the plain formula bit for bit.
+  """
+  plain = jnp.sqrt(jnp.sum(jnp.square(y), axis=-1, keepdims=True))
+  info = jnp.finfo(y.dtype)
+  big = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
+  ok = jnp.logical_and(plain >= 16 * jnp.sqrt(info.tiny), plain <= info.max)
+  # max|y_i| = m·2^e, m in [0.5, 1): scale by the exact power of two 2^(1-e).
+  _, e = jnp.frexp(jnp.where(jnp.logical_and(big > 0, jnp.isfinite(big)), big, 1.0))
+  ys = _scale_by_pow2(y, 1 - e)
+  scaled = _scale_by_pow2(jnp.sqrt(jnp.sum(jnp.square(ys), axis=-1, keepdims=True)), e - 1)
+  return jnp.where(jnp.logical_or(ok, jnp.logical_not(jnp.isfinite(big))), plain, scaled)
 
 
 def leverage_uniform_polar(
