@@ -77,3 +77,47 @@ def test_kahan_needs_params():
   tx = kahan_summation()
   with pytest.raises(ValueError, match="params"):
     tx.update(jnp.ones(2), tx.init(jnp.ones(2, jnp.bfloat16)))
+
+
+@pytest.mark.parametrize("name", ["muon", "turbo_muon", "adaptive_muon"])
+def test_muon_family_kahan_sum_on_bf16_params(name):
+  from ortho_optax.optimizers import adaptive_muon, muon, turbo_muon
+  factory = {"muon": muon.muon, "turbo_muon": turbo_muon.turbo_muon,
+             "adaptive_muon": adaptive_muon.adaptive_muon}[name]
+  rng = np.random.default_rng(0)
+  target = jnp.asarray(rng.normal(size=(8, 8)) + 3.0, jnp.float32)
+  bias_target = jnp.asarray(rng.normal(size=(8,)) + 3.0, jnp.float32)
+
+  def train(dtype, kahan_sum):
+    params = {"w": jnp.full((8, 8), 3.0, dtype), "b": jnp.full((8,), 3.0, dtype)}
+    tx = factory(learning_rate=2e-3, weight_decay=0.0, adam_learning_rate=1e-3,
+                 compute_dtype=None, label_fn={"w": "ortho", "b": "adam"}, backend="xla",
+                 kahan_sum=kahan_sum)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+      grads = {"w": (params["w"].astype(jnp.float32) - target).astype(dtype),
+               "b": (params["b"].astype(jnp.float32) - bias_target).astype(dtype)}
+      u, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, u), state
+
+    for _ in range(60):
+      params, state = step(params, state)
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+  ref = train(jnp.float32, False)
+  plain = train(jnp.bfloat16, False)
+  comp = train(jnp.bfloat16, True)
+  for k in ("w", "b"):
+    err_plain = np.max(np.abs(plain[k] - ref[k]))
+    err_comp = np.max(np.abs(comp[k] - ref[k]))
+    assert err_comp * 4 < err_plain, (k, err_comp, err_plain)
+  # float32 parameters: kahan_sum is a pass-through.
+  np.testing.assert_array_equal(train(jnp.float32, True)["w"], ref["w"])
+
+
+def test_kahan_sum_validation():
+  from ortho_optax.optimizers.muon import muon
+  with pytest.raises(ValueError, match="kahan_sum"):
+    muon(kahan_sum="yes")

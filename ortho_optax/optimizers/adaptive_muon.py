@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from ortho_optax.optimizers import _common
-from ortho_optax.optimizers.muon import orthogonalized_chain, validate_common
+from ortho_optax.optimizers.muon import orthogonalized_chain, validate_common, with_kahan
 from ortho_optax.stages.second_moment import SECOND_MOMENT_METHODS, scale_by_second_moment
 
 
@@ -38,6 +38,7 @@ def adaptive_muon(
     label_fn: Any = None,
     dimension_numbers: Any = None,
     backend: str = "auto",
+    kahan_sum: bool = False,
 ) -> optax.GradientTransformation:
   r"""Muon followed by a second-moment normalisation (NVIDIA ``AdaptiveMuon``).
 
@@ -76,6 +77,8 @@ def adaptive_muon(
     scale_mode, extra_scale_factor, mu_dtype: as in :func:`~ortho_optax.optimizers.muon.muon`.
     adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW branch.
     label_fn, dimension_numbers: routing and matrix views.
+    kahan_sum: Kahan-compensated summation for bf16/fp16 parameters (see
+      :func:`ortho_optax.optimizers.muon.muon`).
 
   Returns:
     An ``optax.GradientTransformation``. The orthogonalized branch's state holds a
@@ -114,9 +117,9 @@ def adaptive_muon(
       compute_dtype=compute_dtype, scale_mode=scale_mode,
       extra_scale_factor=extra_scale_factor, mu_dtype=mu_dtype, dimension_numbers=dims,
       backend=backend, second_moment=second_moment)
-  return _common.with_adamw_fallback(
+  return with_kahan(_common.with_adamw_fallback(
       ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn)
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn), kahan_sum)
 
 
 def _fixed_method(method: str, summary: str):

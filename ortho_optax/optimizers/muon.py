@@ -28,6 +28,7 @@ import optax
 from ortho_optax import coefficients as coefficients_lib
 from ortho_optax.optimizers import _common
 from ortho_optax.stages.decay import WEIGHT_DECAY_METHODS, weight_decay_stages
+from ortho_optax.stages.kahan import kahan_summation
 from ortho_optax.stages.momentum import ema_momentum
 from ortho_optax.stages.scale import SCALE_MODES, scale_by_shape
 
@@ -63,6 +64,16 @@ def validate_common(*, learning_rate, momentum, weight_decay, weight_decay_metho
   _common.check_choice("backend", backend, ("auto", "xla", "pallas"))
   # Unknown preset names, malformed tables, cubic5 with steps != 5, ...
   coefficients_lib.resolve_coefficients(coefficients, ns_steps)
+
+
+def with_kahan(tx: optax.GradientTransformation, kahan_sum: bool) -> optax.GradientTransformation:
+  """Appends :func:`ortho_optax.stages.kahan.kahan_summation` to the whole optimizer.
+
+  The compensated sum covers both branches; it keeps buffers for bf16/fp16 leaves only.
+  """
+  if kahan_sum not in (True, False):
+    raise ValueError(f"kahan_sum must be True or False, got kahan_sum={kahan_sum!r}.")
+  return optax.chain(tx, kahan_summation()) if kahan_sum else tx
 
 
 def orthogonalized_chain(
@@ -132,6 +143,7 @@ def muon(
     label_fn: Any = None,
     dimension_numbers: Any = None,
     backend: str = "auto",
+    kahan_sum: bool = False,
 ) -> optax.GradientTransformation:
   r"""Muon: Nesterov EMA momentum, Newton-Schulz orthogonalization, shape scaling.
 
@@ -178,9 +190,12 @@ def muon(
       (``None``: Flax ``(in, out)`` kernels; ``ortho_optax.TORCH_LAYOUT`` for
       PyTorch-layout weights).
     backend: Newton-Schulz backend, ``"auto"``, ``"xla"`` or ``"pallas"``.
+    kahan_sum: append Kahan-compensated summation (for bf16/fp16 parameters; a
+      no-op for float32 leaves). The updates then need ``params``.
 
   Returns:
-    An ``optax.GradientTransformation`` (an ``optax.multi_transform``).
+    An ``optax.GradientTransformation`` (an ``optax.multi_transform``, chained with
+    the Kahan stage when ``kahan_sum``).
 
   Raises:
     ValueError: for invalid Python-number hyperparameters or unknown names.
@@ -202,6 +217,6 @@ def muon(
       compute_dtype=compute_dtype, scale_mode=scale_mode,
       extra_scale_factor=extra_scale_factor, mu_dtype=mu_dtype, dimension_numbers=dims,
       backend=backend)
-  return _common.with_adamw_fallback(
+  return with_kahan(_common.with_adamw_fallback(
       ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn)
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn), kahan_sum)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from ortho_optax.optimizers import _common
-from ortho_optax.optimizers.muon import orthogonalized_chain, validate_common
+from ortho_optax.optimizers.muon import orthogonalized_chain, validate_common, with_kahan
 
 TURBO_VARIANTS = ("turbo", "standard")
 
@@ -34,6 +34,7 @@ def turbo_muon(
     label_fn: Any = None,
     dimension_numbers: Any = None,
     backend: str = "auto",
+    kahan_sum: bool = False,
 ) -> optax.GradientTransformation:
   r"""Turbo-Muon: AOL-preconditioned Newton-Schulz saves one iteration.
 
@@ -70,7 +71,8 @@ def turbo_muon(
     scale_mode, extra_scale_factor, weight_decay_method, mu_dtype: as in
       :func:`ortho_optax.optimizers.muon.muon`.
     adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW branch.
-    label_fn, dimension_numbers, backend: as in :func:`ortho_optax.optimizers.muon.muon`.
+    label_fn, dimension_numbers, backend, kahan_sum: as in
+      :func:`ortho_optax.optimizers.muon.muon`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -99,6 +101,6 @@ def turbo_muon(
       compute_dtype=compute_dtype, scale_mode=scale_mode,
       extra_scale_factor=extra_scale_factor, mu_dtype=mu_dtype, dimension_numbers=dims,
       backend=backend)
-  return _common.with_adamw_fallback(
+  return with_kahan(_common.with_adamw_fallback(
       ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn)
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn), kahan_sum)
