@@ -314,3 +314,27 @@ def test_learning_rate_schedule():
     u, s = tx.update(grads, s, params)
     v, r = ref.update(grads, r, params)
     np.testing.assert_allclose(u["w"], lr * v["w"], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["muon", "turbo_muon", "standard", "adamuon", "normuon", "namo"])
+def test_zero_gradients_only_decay(name):
+  from ortho_optax.optimizers import adaptive_muon as am, muon as mu, turbo_muon as tm
+  factory = {"muon": mu.muon, "turbo_muon": tm.turbo_muon,
+             "standard": lambda **k: tm.turbo_muon(variant="standard", **k),
+             "adamuon": am.adamuon, "normuon": am.normuon, "namo": am.namo}[name]
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32)}
+  tx = factory(learning_rate=0.1, weight_decay=0.2, label_fn={"w": "ortho"}, backend="xla")
+  state = tx.init(params)
+  for _ in range(2):
+    u, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+    np.testing.assert_allclose(u["w"], -0.1 * 0.2 * params["w"], rtol=1e-6)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+
+def test_mu_dtype_keeps_momentum_in_bfloat16():
+  from ortho_optax.optimizers.muon import muon
+  params = {"w": jnp.ones((6, 4), jnp.float32)}
+  tx = muon(mu_dtype=jnp.bfloat16, label_fn={"w": "ortho"}, backend="xla")
+  u, state = tx.update({"w": jnp.full((6, 4), 0.5)}, tx.init(params), params)
+  (mom,) = _find(state, EmaMomentumState)
+  assert mom.mu["w"].dtype == jnp.bfloat16 and u["w"].dtype == jnp.float32
