@@ -47,6 +47,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--log-every", type=int, default=10)
   p.add_argument("--out", default=None, help="output directory")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--mesh-data", type=int, default=None,
+                 help="data-parallel size of a (data, fsdp) device mesh (default with a mesh: "
+                      "the devices left after --mesh-fsdp); no mesh flag = one device")
+  p.add_argument("--mesh-fsdp", type=int, default=None,
+                 help="FSDP size: params and optimizer state sharded over it (--mesh-fsdp 1 "
+                      "alone = every device on data)")
+  p.add_argument("--ortho-sharding", default="gather_whole", choices=["gather_whole", "auto"],
+                 help="how orthogonalization is laid out on the mesh (ortho_optax.distributed)")
+  p.add_argument("--multihost", action="store_true",
+                 help="call jax.distributed.initialize() first (one process per host)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +100,8 @@ def config_from_args(args) -> "train_lib.TrainConfig":
       schedule=args.schedule, final_lr_frac=args.final_lr_frac, seed=args.seed,
       eval_every=eval_every, eval_batches=args.eval_batches, log_every=args.log_every,
       out_dir=args.out)
+  cfg = dataclasses.replace(cfg, mesh_data=args.mesh_data, mesh_fsdp=args.mesh_fsdp,
+                            ortho_sharding=args.ortho_sharding)
   if args.command == "train":
     cfg = dataclasses.replace(cfg, optimizer=args.opt, lr=args.lr,
                               checkpoint_every=args.checkpoint_every, resume=args.resume)
@@ -111,6 +123,9 @@ def _parse_lrs(items) -> dict[str, float]:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  if args.multihost:  # before anything initialises a JAX backend
+    from ortho_optax.models import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+    mesh_lib.initialize_multihost()
   from ortho_optax.models import train as train_lib  # pylint: disable=import-outside-toplevel
   try:
     cfg = config_from_args(args)

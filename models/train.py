@@ -31,8 +31,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ortho_optax import distributed
 from ortho_optax.models import data as data_lib
 from ortho_optax.models import gpt
+from ortho_optax.models import mesh as mesh_lib
 from ortho_optax.models import optimizers as opt_lib
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -66,6 +68,11 @@ class TrainConfig:
     out_dir: where results.json / loss.png / results.md / checkpoints go.
     resume: continue from the latest checkpoint in ``out_dir``.
     stop_after: stop (after checkpointing) at this step, as if interrupted (tests).
+    mesh_data, mesh_fsdp: a ``(data, fsdp)`` device mesh (:mod:`ortho_optax.models.mesh`)
+      when either is set (the other fills the devices; ``mesh_fsdp=1`` alone = every
+      device on ``data``); ``None`` for both = single device, no mesh.
+    ortho_sharding: orthogonalization strategy on a mesh (``gather_whole`` | ``auto``,
+      :func:`ortho_optax.distributed.distribute`).
   """
 
   preset: str = "tiny"
@@ -90,6 +97,9 @@ class TrainConfig:
   out_dir: str | None = None
   resume: bool = False
   stop_after: int | None = None
+  mesh_data: int | None = None
+  mesh_fsdp: int | None = None
+  ortho_sharding: str = "gather_whole"
 
   def validate(self) -> None:
     if self.steps < 1:
@@ -105,6 +115,9 @@ class TrainConfig:
       raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
     if not 0.0 <= self.final_lr_frac <= 1.0:
       raise ValueError(f"final_lr_frac must lie in [0, 1], got {self.final_lr_frac}.")
+    if self.ortho_sharding not in distributed.STRATEGIES:
+      raise ValueError(f"ortho_sharding={self.ortho_sharding!r}; valid choices: "
+                       f"{list(distributed.STRATEGIES)}.")
     if (self.resume or self.checkpoint_every) and not self.out_dir:
       raise ValueError("checkpoints (--resume / --checkpoint-every) need an output dir.")
 
@@ -157,13 +170,26 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
       weight_decay=cfg.weight_decay, **cfg.opt_args)
 
 
-def make_train_step():
-  """The jitted step ``(model, optimizer, x, y) -> loss`` (updates both in place)."""
+def make_mesh(cfg: TrainConfig):
+  """The ``(data, fsdp)`` mesh of ``cfg``, or None (no ``mesh_data`` / ``mesh_fsdp``)."""
+  if cfg.mesh_data is None and cfg.mesh_fsdp is None:
+    return None
+  return mesh_lib.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+
+
+def make_train_step(mesh=None):
+  """The jitted step ``(model, optimizer, x, y) -> loss`` (updates both in place).
+
+  With a mesh, the new parameters and optimizer state are constrained to their FSDP
+  shardings so they stay sharded from step to step.
+  """
 
   @nnx.jit
   def train_step(model, optimizer, inputs, targets):
     loss, grads = nnx.value_and_grad(gpt.loss_fn)(model, inputs, targets)
     optimizer.update(model, grads)
+    if mesh is not None:
+      mesh_lib.constrain_nnx(mesh, model, optimizer)
     return loss
 
   return train_step
@@ -313,8 +339,12 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None,
   next(iter(data_lib.eval_batches(dataset.val, cfg.batch_size, seq_len, 1)))
 
   model = gpt.GPT(mcfg, rngs=nnx.Rngs(cfg.seed))
-  optimizer = nnx.Optimizer(model, make_optimizer(cfg), wrt=nnx.Param)
-  train_step = make_train_step()
+  mesh = make_mesh(cfg)
+  tx = make_optimizer(cfg)
+  if mesh is not None:
+    tx = distributed.distribute(tx, mesh, strategy=cfg.ortho_sharding)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  train_step = make_train_step(mesh)
 
   history = {"train_loss": [], "val_loss": [], "step_times": []}
   start = 0
@@ -323,6 +353,8 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None,
     if found is not None:
       start, path = found
       history = restore_checkpoint(path, model, optimizer)
+  if mesh is not None:
+    mesh_lib.shard_nnx(mesh, model, optimizer)
   end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
 
   label = f"{cfg.optimizer} lr={cfg.peak_lr():g}"
@@ -334,7 +366,8 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None,
   for step in range(start, end):
     x, y = sampler(step)
     t0 = time.perf_counter()
-    loss = train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y))
+    xb, yb = (jnp.asarray(x), jnp.asarray(y)) if mesh is None else mesh_lib.put_batch(mesh, x, y)
+    loss = train_step(model, optimizer, xb, yb)
     pending.append((step, loss))
     done = step + 1
     if done % cfg.log_every == 0 or done == end or step == start:

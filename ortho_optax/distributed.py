@@ -171,11 +171,13 @@ class OrthogonalizationSharding:
       compute redundantly.
     fsdp_axes: the subset of ``axis_names`` the matrices are sharded over (FSDP);
       the other axes of ``axis_names`` hold replicas (data parallelism).
+    communication_dtype: dtype the matrices travel in (``None``: their own dtype).
   """
   mesh: Mesh
   strategy: str = "gather_whole"
   axis_names: tuple[str, ...] = ()
   fsdp_axes: tuple[str, ...] = ()
+  communication_dtype: Any = None
 
   @property
   def num_workers(self) -> int:
@@ -184,7 +186,8 @@ class OrthogonalizationSharding:
 
 def make_sharding_config(mesh: Mesh, strategy: str = "gather_whole",
                          axis_names: Sequence[str] | None = None,
-                         fsdp_axes: Sequence[str] | None = None) -> OrthogonalizationSharding:
+                         fsdp_axes: Sequence[str] | None = None,
+                         communication_dtype=None) -> OrthogonalizationSharding:
   """Validates the arguments of :func:`distribute` and builds the config.
 
   Raises:
@@ -206,7 +209,16 @@ def make_sharding_config(mesh: Mesh, strategy: str = "gather_whole",
   bad = [a for a in fsdp_axes if a not in axis_names]
   if bad:
     raise ValueError(f"fsdp_axes {bad} must be among axis_names {axis_names}.")
-  return OrthogonalizationSharding(mesh, strategy, axis_names, fsdp_axes)
+  if communication_dtype is not None:
+    try:
+      dt = jnp.dtype(communication_dtype)
+    except TypeError:
+      dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+      raise ValueError(f"communication_dtype must be a floating dtype or None, got "
+                       f"{communication_dtype!r}.")
+    communication_dtype = dt
+  return OrthogonalizationSharding(mesh, strategy, axis_names, fsdp_axes, communication_dtype)
 
 
 _ACTIVE = threading.local()
@@ -220,14 +232,15 @@ def current_sharding() -> OrthogonalizationSharding | None:
 @contextlib.contextmanager
 def orthogonalization_sharding(mesh: Mesh, strategy: str = "gather_whole",
                                axis_names: Sequence[str] | None = None,
-                               fsdp_axes: Sequence[str] | None = None):
+                               fsdp_axes: Sequence[str] | None = None,
+                               communication_dtype=None):
   """Context manager: orthogonalize stages *traced* inside it use ``strategy``.
 
   It acts at trace time: wrap the code that traces the update (``jax.jit`` caches by
   argument shapes, not by this context, so a function first traced outside keeps its
   single-device program). :func:`distribute` is the safe way to use it.
   """
-  config = make_sharding_config(mesh, strategy, axis_names, fsdp_axes)
+  config = make_sharding_config(mesh, strategy, axis_names, fsdp_axes, communication_dtype)
   previous = current_sharding()
   _ACTIVE.config = config
   try:
@@ -238,7 +251,8 @@ def orthogonalization_sharding(mesh: Mesh, strategy: str = "gather_whole",
 
 def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
                strategy: str = "gather_whole", axis_names: Sequence[str] | None = None,
-               fsdp_axes: Sequence[str] | None = None) -> optax.GradientTransformation:
+               fsdp_axes: Sequence[str] | None = None,
+               communication_dtype=None) -> optax.GradientTransformation:
   """Makes every orthogonalize stage inside ``tx`` distribute its work over ``mesh``.
 
   Works for every optimizer of the library and any chain built from its stages: the
@@ -254,6 +268,11 @@ def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
     axis_names: mesh axes to split the orthogonalizations over (default: all).
     fsdp_axes: axes the parameters are FSDP-sharded over (default ``("fsdp",)`` when the
       mesh has such an axis, else none: pure data parallelism).
+    communication_dtype: ``gather_whole`` only: the matrices travel in this dtype
+      (``None``: their own, exact). ``jnp.bfloat16`` halves the bytes; the results of
+      a bf16 Newton–Schulz are already bf16 values, so only the inputs are rounded
+      (before the method's own Frobenius normalisation instead of after), and inputs
+      travel only over FSDP axes: with pure data parallelism it is lossless.
 
   Returns:
     An ``optax.GradientTransformation`` with ``tx``'s state.
@@ -261,7 +280,7 @@ def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
   Raises:
     ValueError: for an unknown strategy or axis names not in the mesh.
   """
-  config = make_sharding_config(mesh, strategy, axis_names, fsdp_axes)
+  config = make_sharding_config(mesh, strategy, axis_names, fsdp_axes, communication_dtype)
 
   def update_fn(updates, state, params=None, **extra_args):
     previous = current_sharding()
@@ -319,6 +338,12 @@ def _gather_whole(run_method, stack, config: OrthogonalizationSharding):
     spec[k] = _spec_entry(fsdp_axes)
   spec = P(*spec)
   num_replicas = _axes_size(mesh, replica_axes)
+  wire = config.communication_dtype
+  dtype = stack.dtype
+  # Inputs travel only over the FSDP axes (replicas slice locally): round them only then.
+  wire_in = wire if fsdp_axes else None
+  if wire_in is not None:
+    stack = _to_wire(stack, wire_in)
 
   def body(x):
     if fsdp_axes:
@@ -328,7 +353,9 @@ def _gather_whole(run_method, stack, config: OrthogonalizationSharding):
       share = x.shape[0] // num_replicas
       idx = lax.axis_index(_spec_entry(replica_axes))
       x = lax.dynamic_slice_in_dim(x, idx * share, share, axis=0)
-    y = run_method(x)
+    y = run_method(x if wire_in is None else _from_wire(x, wire_in).astype(dtype))
+    if wire is not None:
+      y = _to_wire(y, wire)
     if replica_axes:
       y = lax.all_gather(y, _spec_entry(replica_axes), axis=0, tiled=True)
     if fsdp_axes:
@@ -336,7 +363,21 @@ def _gather_whole(run_method, stack, config: OrthogonalizationSharding):
     return y
 
   out = shard_map(body, mesh, in_specs=(spec,), out_specs=spec)(stack)
+  if wire is not None:
+    out = _from_wire(out, wire).astype(dtype)
   return out[:b] if padded != b else out
+
+
+# The narrow dtype travels bit-cast to an unsigned integer: XLA's simplifier would
+# otherwise fold the f32 -> bf16 -> f32 round trip and move the widening convert in
+# front of the collective, sending f32 after all.
+def _to_wire(x, wire):
+  bits = jnp.dtype(f"uint{8 * jnp.dtype(wire).itemsize}")
+  return lax.bitcast_convert_type(x.astype(wire), bits)
+
+
+def _from_wire(x, wire):
+  return lax.bitcast_convert_type(x, wire)
 
 
 __all__ = [

@@ -1,0 +1,217 @@
+"""Distributed orthogonalization and FSDP shardings on 8 fake CPU devices (conftest)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ortho_optax import distributed
+from ortho_optax.models import mesh as mesh_lib
+from ortho_optax.optimizers.adaptive_muon import normuon
+from ortho_optax.optimizers.aurora import aurora
+from ortho_optax.optimizers.auon import hybrid_auon
+from ortho_optax.optimizers.muon import muon
+from ortho_optax.optimizers.oadamw import oadamw
+from ortho_optax.optimizers.turbo_muon import turbo_muon
+
+MESHES = [(8, 1), (4, 2), (1, 8)]
+# Shapes chosen so that most are not divisible by 8 (and some not by 2): FSDP replicates
+# or shards them, and the gather_whole stacks need padding. Two leaves share a shape
+# (one stacked call); "embed" and "bias" go to the AdamW branch.
+SHAPES = {
+    "l0": {"kernel": (12, 20), "bias": (20,)},
+    "l1": {"kernel": (20, 12)},
+    "l2": {"kernel": (12, 20)},
+    "odd": {"kernel": (7, 9)},
+    "sq": {"kernel": (16, 16)},
+    "embed": {"embedding": (11, 12)},
+}
+OPTIMIZERS = {
+    "muon": lambda: muon(0.02),
+    "turbo_muon": lambda: turbo_muon(0.02),
+    "normuon": lambda: normuon(0.02),
+    "aurora": lambda: aurora(0.02),
+    "hybrid_auon": lambda: hybrid_auon(0.02),
+    "oadamw": lambda: oadamw(1e-3, update_proj_gap=2),
+}
+# Every (optimizer, mesh) pair would be 21 compilations (too slow for CI): muon runs on
+# all three meshes, each other optimizer on one, and every mesh sees several optimizers.
+CASES = [("muon", m) for m in MESHES] + [
+    ("turbo_muon", (4, 2)), ("normuon", (1, 8)), ("aurora", (4, 2)), ("hybrid_auon", (8, 1)),
+    ("oadamw", (1, 8))]
+
+
+def _tree(seed):
+  leaves, treedef = jax.tree.flatten(SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([jax.random.normal(k, s) for k, s in zip(keys, leaves)])
+
+
+def _mesh(shape):
+  return mesh_lib.make_mesh(*shape)
+
+
+def _run(tx, mesh=None, steps=2):
+  """``steps`` jitted updates from fixed params/grads; returns (params, compiled HLO)."""
+  params = _tree(0)
+  grads = [_tree(i + 1) for i in range(steps)]
+  state = tx.init(params)
+
+  def step(g, s, p):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  if mesh is None:
+    jitted = jax.jit(step)
+  else:
+    p_sh, s_sh = mesh_lib.state_shardings(params, mesh), mesh_lib.state_shardings(state, mesh)
+    params, state = jax.device_put(params, p_sh), jax.device_put(state, s_sh)
+    grads = [jax.device_put(g, p_sh) for g in grads]
+    jitted = jax.jit(step, in_shardings=(p_sh, s_sh, p_sh), out_shardings=(p_sh, s_sh))
+  compiled = jitted.lower(grads[0], state, params).compile()
+  for g in grads:
+    params, state = compiled(g, state, params)
+  return params, state, compiled.as_text()
+
+
+_REFERENCE = {}
+
+
+def _reference(name):
+  if name not in _REFERENCE:
+    _REFERENCE[name] = _run(OPTIMIZERS[name]())[0]
+  return _REFERENCE[name]
+
+
+@pytest.mark.parametrize("name,shape", CASES, ids=[f"{n}-{d}x{f}" for n, (d, f) in CASES])
+def test_gather_whole_matches_single_device(name, shape):
+  mesh = _mesh(shape)
+  tx = distributed.distribute(OPTIMIZERS[name](), mesh, strategy="gather_whole")
+  params, state, hlo = _run(tx, mesh)
+  ref = _reference(name)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
+                               err_msg=f"{name} {shape} {jax.tree_util.keystr(path)}")
+  # The redistribution really happened: whole matrices via all-to-all under FSDP, an
+  # all-gather of the results over the data axis.
+  if shape[1] > 1:
+    assert "all-to-all" in hlo
+  if shape[0] > 1:
+    assert "all-gather" in hlo
+  # Parameters and state stay on their FSDP shardings.
+  for p in jax.tree.leaves(params):
+    assert p.sharding.spec == distributed.fsdp_spec(p.shape, mesh)
+  for s in jax.tree.leaves(state):
+    if hasattr(s, "sharding") and s.ndim:
+      assert s.sharding.is_equivalent_to(
+          jax.sharding.NamedSharding(mesh, distributed.fsdp_spec(s.shape, mesh)), s.ndim)
+
+
+def test_auto_strategy_matches_single_device():
+  mesh = _mesh((4, 2))
+  tx = distributed.distribute(muon(0.02, compute_dtype=jnp.float32), mesh, strategy="auto")
+  params, _, hlo = _run(tx, mesh, steps=2)
+  ref = _run(muon(0.02, compute_dtype=jnp.float32), steps=2)[0]
+  assert "all-to-all" not in hlo  # XLA's own partitioning, no shard_map redistribution
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_rule_and_state_memory_scales_with_fsdp():
+  assert distributed.fsdp_axis((12, 20), 2) == 1
+  assert distributed.fsdp_axis((20, 12), 4) == 0
+  assert distributed.fsdp_axis((12, 20), 8) is None
+  assert distributed.fsdp_axis((16, 16), 8) == 0  # ties: the first axis
+  assert distributed.fsdp_axis((), 8) is None
+  assert distributed.fsdp_axis((7, 9), 1) is None
+  mesh = _mesh((1, 8))
+  assert distributed.fsdp_spec((64, 24), mesh) == P("fsdp", None)
+  assert distributed.fsdp_spec((7, 9), mesh) == P()
+  # A divisible tree: optimizer state (momentum, Adam moments) per device = total / 8.
+  params = {"a": {"kernel": jnp.ones((64, 32))}, "b": {"kernel": jnp.ones((32, 128))},
+            "embed": {"embedding": jnp.ones((40, 32))}}
+  for shape, n in (((1, 8), 8), ((4, 2), 2)):
+    mesh = _mesh(shape)
+    tx = distributed.distribute(muon(0.02), mesh)
+    state = jax.jit(tx.init, out_shardings=mesh_lib.state_shardings(
+        jax.eval_shape(tx.init, params), mesh))(params)
+    per_device, total = mesh_lib.per_device_bytes(state)
+    # Only the scalar step counters are replicated.
+    assert total / n <= per_device <= total / n + 64, (shape, per_device, total)
+    for leaf in jax.tree.leaves(state):
+      if leaf.ndim:
+        assert math_prod(leaf.sharding.shard_shape(leaf.shape)) * n == leaf.size
+
+
+def math_prod(xs):
+  out = 1
+  for x in xs:
+    out *= x
+  return out
+
+
+def test_gpt_training_sharded_matches_unsharded():
+  from ortho_optax.models import train as train_lib  # pylint: disable=import-outside-toplevel
+  base = train_lib.TrainConfig(
+      preset="tiny", model=dict(num_layers=1, model_dim=32, num_heads=2), seq_len=16,
+      data="embedded:prose", batch_size=8, steps=2, eval_every=0, eval_batches=1,
+      log_every=1, warmup_steps=0, schedule="constant", optimizer="muon")
+  ref = train_lib.train(base, progress=False)
+  sharded = train_lib.train(dataclasses.replace(base, mesh_data=4, mesh_fsdp=2),
+                            progress=False)
+  assert len(sharded["train_loss"]) == 2
+  np.testing.assert_allclose([l for _, l in sharded["train_loss"]],
+                             [l for _, l in ref["train_loss"]], rtol=2e-5)
+  np.testing.assert_allclose(sharded["final_val_loss"], ref["final_val_loss"], rtol=2e-5)
+
+
+def test_bad_arguments_raise():
+  mesh = _mesh((4, 2))
+  with pytest.raises(ValueError, match="strategy='scatter'"):
+    distributed.distribute(muon(0.02), mesh, strategy="scatter")
+  with pytest.raises(ValueError, match="not axes of the mesh"):
+    distributed.distribute(muon(0.02), mesh, axis_names=("model",))
+  with pytest.raises(ValueError, match="must be among axis_names"):
+    distributed.distribute(muon(0.02), mesh, axis_names=("data",), fsdp_axes=("fsdp",))
+  with pytest.raises(ValueError, match="jax.sharding.Mesh"):
+    distributed.distribute(muon(0.02), "mesh")
+  with pytest.raises(ValueError, match="product must equal the device count"):
+    mesh_lib.make_mesh(3, 2)
+  with pytest.raises(ValueError, match="must be >= 1"):
+    mesh_lib.mesh_shape(0, None)
+  assert mesh_lib.mesh_shape(None, None, 8) == (8, 1)
+  assert mesh_lib.mesh_shape(None, 2, 8) == (4, 2)
+  assert mesh_lib.mesh_shape(2, None, 8) == (2, 4)
+  from ortho_optax.models import train as train_lib  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="ortho_sharding"):
+    train_lib.TrainConfig(ortho_sharding="gather").validate()
+
+
+def test_no_mesh_is_the_identity_hook():
+  """Outside distribute() the stage's stacked call is exactly run_method(stack)."""
+  x = jnp.arange(6.0).reshape(1, 2, 3)
+  assert distributed.current_sharding() is None
+  assert distributed.orthogonalize_stack(lambda s: s * 2, x) is not None
+  np.testing.assert_array_equal(distributed.orthogonalize_stack(lambda s: s * 2, x), x * 2)
+  mesh = _mesh((8, 1))
+  with distributed.orthogonalization_sharding(mesh, "auto") as cfg:
+    assert distributed.current_sharding() is cfg
+  assert distributed.current_sharding() is None
+
+
+def test_bf16_communication_is_lossless_for_bf16_newton_schulz():
+  """Data parallelism: only results travel; a bf16 NS output is exact in bf16."""
+  mesh = _mesh((8, 1))
+  tx = distributed.distribute(muon(0.02), mesh, communication_dtype=jnp.bfloat16)
+  params, _, hlo = _run(tx, mesh)
+  gathers = [l for l in hlo.splitlines() if " all-gather(" in l]
+  # bf16 travels bit-cast to u16 (so XLA cannot move the widening convert before it).
+  assert gathers and all("u16[" in l.split("all-gather(")[0] for l in gathers), gathers
+  for a, b in zip(jax.tree.leaves(_reference("muon")), jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="communication_dtype"):
+    distributed.distribute(muon(0.02), mesh, communication_dtype=jnp.int8)
