@@ -106,16 +106,18 @@ def main(argv=None) -> int:
       f"(lr {base.adam_lr:g}, β=(0.9, 0.95)) in every hybrid optimizer; no weight decay. "
       f"Validation: {args.eval_batches} fixed batches of the held-out 10%, in nats/byte.\n",
       "## Best learning rate per optimizer\n",
-      "| optimizer | best lr (of " + ", ".join(f"×{m:g}" for m in args.mults) +
-      ") | val loss | train loss (last 10%) | wall-clock s | tokens/s |",
-      "|---|---|---|---|---|---|",
+      "| optimizer | lrs tried | best lr | val loss | train loss (last 10%) | "
+      "wall-clock s | tokens/s |",
+      "|---|---|---|---|---|---|---|",
   ]
   for name, r in sorted(best.items(), key=lambda kv: train_lib._sort_key(kv[1])):  # pylint: disable=protected-access
     t = r["timings"]
     wall = t["median_step_s"] * r["completed_steps"]
     v = r["final_val_loss"]
-    lines.append(f"| {name} | {r['config']['lr']:g} | {v:.4f} | {r['final_train_loss']:.4f} | "
-                 f"{wall:.1f} | {t['tokens_per_s']:,.0f} |")
+    tried = ", ".join(f"{x['config']['lr']:.3g}" for x in sorted(
+        (x for x in runs if x["config"]["optimizer"] == name), key=lambda x: x["config"]["lr"]))
+    lines.append(f"| {name} | {tried} | {r['config']['lr']:.3g} | {v:.4f} | "
+                 f"{r['final_train_loss']:.4f} | {wall:.1f} | {t['tokens_per_s']:,.0f} |")
   lines += ["", "## All runs\n", train_lib.markdown_table(runs, best)]
   summary = pathlib.Path(args.summary)
   summary.parent.mkdir(parents=True, exist_ok=True)
