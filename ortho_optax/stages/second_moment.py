@@ -192,9 +192,9 @@ def scale_by_second_moment(
           return restore(alpha * om).astype(o.dtype), v
         pairs = jax.tree.map(one, o, u, raw, state.nu, dims)
 
-    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and hasattr(x[0], "shape")
-    out = jax.tree.map(lambda x: x[0], pairs, is_leaf=is_pair)
-    nu = jax.tree.map(lambda x: x[1], pairs, is_leaf=is_pair)
+    # pairs has o's structure with an (update, nu) tuple at each leaf: split it.
+    out, nu = jax.tree.transpose(
+        jax.tree.structure(o), jax.tree.structure((0, 0)), pairs)
     return out, SecondMomentState(inner_state=inner, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
