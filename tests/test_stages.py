@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from ortho_optax.matrix_view import FLAX_LAYOUT, TORCH_LAYOUT, MatrixDims
+from ortho_optax.matrix_view import TORCH_LAYOUT, MatrixDims
 from ortho_optax.stages.decay import (add_weight_decay, scale_by_learning_rate_and_decay,
                                       weight_decay_stages)
 from ortho_optax.stages.momentum import ema_momentum
@@ -144,10 +144,6 @@ def test_scale_by_shape_rejects_unknown_mode():
 
 
 # ---------------------------------------------------------------- second moment
-
-
-def _view_torch(x):
-  return x  # tests use TORCH_LAYOUT 2-D: the view is the array itself
 
 
 def test_adamuon_formula():

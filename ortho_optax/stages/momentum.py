@@ -38,7 +38,8 @@ def check_range(name: str, value: Any, low: float, high: float, *,
   if not (ok_low and ok_high):
     lb = "(" if low_open else "["
     hb = ")" if high_open else "]"
-    raise ValueError(f"{name}={value!r} is out of range: expected a value in {lb}{low}, {high}{hb}.")
+    raise ValueError(
+        f"{name}={value!r} is out of range: expected a value in {lb}{low}, {high}{hb}.")
 
 
 def check_choice(name: str, value: Any, choices) -> None:
