@@ -18,7 +18,10 @@ alone: a leaf is ``"ortho"`` when its own name is a hidden-matrix name
 LinearGeneral, Haiku ``w``, Equinox / PyTorch-style ``weight``), its rank is >= 2, it is
 floating point, and no part of its path names an embedding (:data:`EMBEDDING_NAMES`,
 anything containing ``embed``) or an output head (:data:`OUTPUT_HEAD_NAMES`, anything
-ending in ``_head``). Everything else is ``"adam"`` (or ``"frozen"``).
+ending in ``_head``). Everything else is ``"adam"`` (or ``"frozen"``). The label says
+nothing about orientation: a PyTorch / Equinox ``weight`` is ``(out, in)``, so pass
+``dimension_numbers=ortho_optax.TORCH_LAYOUT`` for such trees (the default view of a
+2-D leaf is Flax's ``(in, out)``).
 :func:`label_from_model` uses the module *types* of a Flax NNX model instead of names.
 
 Overriding: every optimizer takes ``label_fn``, anything :func:`optax.multi_transform`
@@ -71,10 +74,11 @@ EMBEDDING_NAMES = (
 
 #: Path parts that mark an output layer (compared lower-case). Any part ending in
 #: ``_head`` (``lm_head``, ``cls_head``...) also counts. The attention output
-#: projection (``out_proj``, ``c_proj``, ``o_proj``) is a hidden matrix and is NOT listed.
+#: projection (``out_proj``, ``c_proj``, ``o_proj``) is a hidden matrix and is NOT listed,
+#: nor is a bare ``output`` (HF Flax BERT's ``attention/output/dense`` is hidden).
 OUTPUT_HEAD_NAMES = (
     "lm_head", "head", "unembed", "unembedding", "logits", "output_proj",
-    "output_layer", "output", "classifier", "readout", "out_head",
+    "output_layer", "classifier", "readout", "out_head",
 )
 
 

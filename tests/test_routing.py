@@ -62,6 +62,9 @@ def test_default_label_fn_plain_dict():
       "scalar": jnp.float32(1.0),
       "step": jnp.zeros((), jnp.int32),
       "int_table": {"kernel": jnp.zeros((3, 3), jnp.int32)},
+      # HF Flax BERT names: a hidden "output/dense" and nested embeddings.
+      "attention": {"output": {"dense": {"kernel": jnp.ones((4, 4))}}},
+      "embeddings": {"word_embeddings": {"embedding": jnp.ones((10, 4))}},
   }
   got = _labels_by_path(routing.default_label_fn(params))
   assert got == {
@@ -70,6 +73,8 @@ def test_default_label_fn_plain_dict():
       "out_proj/kernel": "ortho", "output_proj/kernel": "adam",
       "classifier_head/kernel": "adam", "w_matrix_without_kernel_name": "adam",
       "scalar": "adam", "step": "frozen", "int_table/kernel": "frozen",
+      "attention/output/dense/kernel": "ortho",
+      "embeddings/word_embeddings/embedding": "adam",
   }
 
 
