@@ -8,6 +8,7 @@ rule) and compiled once per orthogonalization strategy:
 
 * ``gather_whole``: :func:`ortho_optax.distributed.distribute` (whole matrices per
   device inside ``shard_map``);
+* ``gather_whole_bf16``: the same with ``communication_dtype=jnp.bfloat16``;
 * ``auto``: the same optimizer left to XLA's automatic partitioning.
 
 The collectives are read from the compiled HLO (``jitted.lower(...).compile().as_text()``):
@@ -41,7 +42,8 @@ def _parse_args(argv=None):
                  help="comma-separated DATAxFSDP shapes (default: N x 1, N/2 x 2, 2 x N/2, 1 x N)")
   p.add_argument("--optimizers", default="muon,normuon,aurora,oadamw,adamw",
                  help="comma-separated optimizer names of the trainer registry")
-  p.add_argument("--strategies", default="gather_whole,auto")
+  p.add_argument("--strategies", default="gather_whole,gather_whole_bf16,auto",
+                 help="gather_whole | gather_whole_bf16 (communication_dtype=bf16) | auto")
   p.add_argument("--preset", default="small", help="GPT preset of the parameter tree")
   p.add_argument("--num-layers", type=int, default=None, help="override the preset's layers")
   p.add_argument("--time", action="store_true", help="also time the update (real arrays)")
@@ -181,6 +183,18 @@ def collective_bytes(hlo_text: str) -> dict:
   return result
 
 
+def _flops(compiled) -> float:
+  """Per-device FLOPs of the compiled program (XLA's cost analysis; loops counted once
+  by some backends, so compare strategies with each other, not with theory)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return float("nan")
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
 def gpt_param_shapes(preset: str, num_layers: int | None = None):
   """Abstract parameters (ShapeDtypeStructs, pure dict) of a GPT preset."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -200,7 +214,10 @@ def build_optimizer(name: str):
 
 def compile_update(tx, params, mesh, strategy):
   """Jitted ``(grads, state, params) -> (params, state)`` with FSDP shardings."""
-  if strategy != "none":
+  if strategy == "gather_whole_bf16":
+    tx = distributed.distribute(tx, mesh, strategy="gather_whole",
+                                communication_dtype=jnp.bfloat16)
+  elif strategy != "none":
     tx = distributed.distribute(tx, mesh, strategy=strategy)
   state = jax.eval_shape(tx.init, params)
   p_sh = mesh_lib.state_shardings(params, mesh)
@@ -246,9 +263,9 @@ def main(args) -> int:
   rows = []
   print(f"{args.preset} GPT ({n_params / 1e6:.1f}M params, f32), {n} x "
         f"{jax.devices()[0].platform} devices", flush=True)
-  header = (f"{'optimizer':>10} {'mesh':>6} {'strategy':>13} {'MB/device':>10} "
+  header = (f"{'optimizer':>10} {'mesh':>6} {'strategy':>17} {'MB/device':>10} "
             f"{'all-gather':>10} {'all-to-all':>10} {'red-scat':>9} {'all-red':>9} "
-            f"{'c-perm':>8} {'#ops':>5} {'ms/step':>8}")
+            f"{'c-perm':>8} {'#ops':>5} {'GFLOP/dev':>9} {'ms/step':>8}")
   print(header)
   for opt_name in args.optimizers.split(","):
     strategies = ["none"] if opt_name == "adamw" else args.strategies.split(",")
@@ -256,25 +273,35 @@ def main(args) -> int:
       mesh = mesh_lib.make_mesh(*shape)
       for strategy in strategies:
         tx = build_optimizer(opt_name)
-        jitted, state, p_sh, s_sh = compile_update(tx, params, mesh, strategy)
-        t0 = time.perf_counter()
-        compiled = jitted.lower(params, state, params).compile()
-        compile_s = time.perf_counter() - t0
-        b = collective_bytes(compiled.as_text())
-        ms = None
-        if args.time:
-          ms = 1e3 * time_update(jitted, params, state, p_sh, s_sh, args.iters)
+        try:
+          jitted, state, p_sh, s_sh = compile_update(tx, params, mesh, strategy)
+          t0 = time.perf_counter()
+          compiled = jitted.lower(params, state, params).compile()
+          compile_s = time.perf_counter() - t0
+          b = collective_bytes(compiled.as_text())
+          gflops = _flops(compiled) / 1e9
+          ms = None
+          if args.time:
+            ms = 1e3 * time_update(jitted, params, state, p_sh, s_sh, args.iters)
+        except Exception as e:  # pylint: disable=broad-except
+          # Keep going (one failing configuration must not lose the others' numbers).
+          print(f"{opt_name} {shape} {strategy}: FAILED {type(e).__name__}: {e}"[:2000],
+                flush=True)
+          rows.append({"optimizer": opt_name, "mesh": {"data": shape[0], "fsdp": shape[1]},
+                       "strategy": strategy, "error": f"{type(e).__name__}: {e}"[:2000]})
+          continue
         row = {"optimizer": opt_name, "mesh": {"data": shape[0], "fsdp": shape[1]},
                "strategy": strategy, "bytes_per_device": b["total"],
                "bytes_by_kind": {k: b[k] for k in COLLECTIVES}, "num_collectives": b["count"],
                "unknown_trip_loops": b["unknown_trip_loops"], "compile_s": compile_s,
+               "gflop_per_device": gflops,
                "ms_per_step": ms}
         rows.append(row)
         mb = lambda v: f"{v / 2**20:.1f}"
-        print(f"{opt_name:>10} {shape[0]}x{shape[1]:<4} {strategy:>13} "
+        print(f"{opt_name:>10} {shape[0]}x{shape[1]:<4} {strategy:>17} "
               f"{mb(b['total']):>10} {mb(b['all-gather']):>10} {mb(b['all-to-all']):>10} "
               f"{mb(b['reduce-scatter']):>9} {mb(b['all-reduce']):>9} "
-              f"{mb(b['collective-permute']):>8} {b['count']:>5} "
+              f"{mb(b['collective-permute']):>8} {b['count']:>5} {gflops:>9.1f} "
               f"{(f'{ms:.2f}' if ms is not None else '-'):>8}", flush=True)
   payload = {
       "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
