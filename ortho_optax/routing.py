@@ -235,6 +235,42 @@ def label_from_model(model) -> Callable[[Any], Any]:
   return label_fn
 
 
+def dims_from_model(model) -> Callable[[Any], Any]:
+  """``dimension_numbers`` from the module types of a Flax NNX model.
+
+  ``nnx.Conv`` / ``nnx.ConvTranspose`` kernels ``(*spatial, in, out)`` get
+  :func:`ortho_optax.matrix_view.conv_dims` whatever their attribute name (the path
+  default only recognises names containing ``conv``); every other leaf gets ``None``
+  (the default view: Flax ``(in, out)`` for 2-D leaves). ``nnx.Einsum`` /
+  ``LinearGeneral`` kernels of rank > 2 still need an explicit ``MatrixDims``, since
+  their layout depends on the einsum string.
+
+  Args:
+    model: an ``nnx.Module``.
+
+  Returns:
+    A callable ``params -> pytree of MatrixDims | None`` (the callable form of
+    ``dimension_numbers``), keyed by path like :func:`label_from_model`.
+  """
+  from flax import nnx
+
+  by_path: dict[str, matrix_view.MatrixDims] = {}
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.Module) or type(node).__name__ not in ("Conv", "ConvTranspose"):
+      continue
+    kernel = vars(node).get("kernel")
+    if isinstance(kernel, nnx.Variable):
+      prefix = "/".join(str(p) for p in path)
+      by_path[f"{prefix}/kernel" if prefix else "kernel"] = matrix_view.conv_dims(
+          _ndim(kernel))
+
+  def dims_fn(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: by_path.get(matrix_view.path_str(p)), params, is_leaf=_is_variable)
+
+  return dims_fn
+
+
 def resolve_labels(params, label_fn=None):
   """The label pytree: ``label_fn(params)``, the pytree ``label_fn`` itself, or defaults."""
   if label_fn is None:
@@ -329,6 +365,7 @@ def dims_path_dict(dims_tree) -> dict:
 
 __all__ = [
     "ADAM", "EMBEDDING_NAMES", "FROZEN", "HIDDEN_MATRIX_NAMES", "LABELS", "ORTHO",
-    "OUTPUT_HEAD_NAMES", "default_label", "default_label_fn", "dims_path_dict",
+    "OUTPUT_HEAD_NAMES", "default_label", "default_label_fn", "dims_from_model",
+    "dims_path_dict",
     "label_by_path", "label_from_model", "resolve_labels", "routing_report",
 ]

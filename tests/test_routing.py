@@ -197,3 +197,22 @@ def test_validators_skip_arrays_and_schedules():
   _common.check_positive("lr", 1)
   with pytest.raises(ValueError, match="adam_b2"):
     _common.with_adamw_fallback(optax.sgd(1.0), adam_b2=1.0)
+
+
+def test_dims_from_model_views_conv_kernels_by_type():
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.stem = nnx.Conv(3, 8, kernel_size=(3, 3), rngs=rngs)  # no "conv" in the name
+      self.fc = nnx.Linear(8, 4, rngs=rngs)
+
+  model = Net(nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  dims = routing.dims_from_model(model)
+  got = routing.dims_path_dict(dims(state))
+  assert got["stem/kernel"] == MatrixDims((0, 1, 2), (3,))
+  assert got["fc/kernel"] is None
+  # Without it the 4-D kernel has no default view; with it the report shows one.
+  assert "ERROR" in routing.routing_report(state).split("stem/kernel")[1].splitlines()[0]
+  row = routing.routing_report(state, dimension_numbers=dims).split("stem/kernel")[1]
+  assert "(1, 8, 27)" in row.splitlines()[0]
