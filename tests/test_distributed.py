@@ -215,3 +215,23 @@ def test_bf16_communication_is_lossless_for_bf16_newton_schulz():
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="communication_dtype"):
     distributed.distribute(muon(0.02), mesh, communication_dtype=jnp.int8)
+
+
+def test_gpt_state_stays_fsdp_sharded_through_a_train_step():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from ortho_optax.models import gpt, train as train_lib  # pylint: disable=import-outside-toplevel
+  cfg = gpt.get_config("tiny", num_layers=1, model_dim=32, num_heads=2, seq_len=16)
+  model = gpt.GPT(cfg, rngs=nnx.Rngs(0))
+  mesh = _mesh((1, 8))
+  opt = nnx.Optimizer(model, distributed.distribute(muon(0.02), mesh), wrt=nnx.Param)
+  mesh_lib.shard_nnx(mesh, model, opt)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17))
+  x, y = mesh_lib.put_batch(mesh, tokens[:, :-1], tokens[:, 1:])
+  assert x.sharding.spec == P(("data", "fsdp"), None)
+  loss = train_lib.make_train_step(mesh)(model, opt, x, y)
+  assert np.isfinite(float(loss))
+  for tree in (nnx.state(model), nnx.state(opt)):
+    per_device, total = mesh_lib.per_device_bytes(tree)
+    # Every matrix here is divisible by 8; only step counters are replicated.
+    assert total / 8 <= per_device <= total / 8 + 64, (per_device, total)
+  assert model.blocks[0].mlp.fc.kernel[...].sharding.spec == P(None, "fsdp")
