@@ -190,23 +190,29 @@ def quickstart():
       for a, b, c in pe5:
         print(f"  ({a:8.4f}, {b:9.4f}, {c:8.4f})")
 
-      optimizers = {
-          "AdamW": optax.adamw(3e-3, b1=0.9, b2=0.95),
-          "Muon (stages)": muon_from_stages,
-          "Turbo-Muon: AOL + 4 steps": routed(hidden_chain(oo.orthogonalize(
-              steps=4, coefficients="turbo_aol", preconditioning="aol", eps=1e-6))),
-          "Polar Express, 5 steps": routed(hidden_chain(oo.orthogonalize(
-              steps=5, coefficients=pe5))),
-          "NorMuon on Aurora polar": routed(hidden_chain(
-              oo.orthogonalize("aurora"),
-              second_moment=oo.scale_by_second_moment("normuon", beta2=0.95))),
-      }
+      def make_optimizers(lr=0.02, adam_lr=3e-3):
+        """AdamW and four orthogonalized variants that differ in one stage each."""
+        def variant(orth, **kw):
+          return routed(hidden_chain(orth, learning_rate=lr, **kw), adam_learning_rate=adam_lr)
+        return {
+            "AdamW": optax.adamw(adam_lr, b1=0.9, b2=0.95),
+            "Muon (stages)": variant(oo.orthogonalize(steps=5, coefficients="muon")),
+            "Turbo-Muon: AOL + 4 steps": variant(oo.orthogonalize(
+                steps=4, coefficients="turbo_aol", preconditioning="aol", eps=1e-6)),
+            "Polar Express, 5 steps": variant(oo.orthogonalize(steps=5, coefficients=pe5)),
+            "NorMuon on Aurora polar": variant(
+                oo.orthogonalize("aurora"),
+                second_moment=oo.scale_by_second_moment("normuon", beta2=0.95)),
+        }
       '''),
       md("""
       ## 3. Train a small model
 
       A student MLP regresses a random teacher MLP on fixed inputs (full batch). Each
-      optimizer trains the same initial parameters; one `jax.lax.scan` per optimizer.
+      optimizer trains the same initial parameters with a cosine-decayed learning rate (an
+      orthogonalized step has a fixed size, so without decay it never settles); one
+      `jax.lax.scan` per optimizer. A toy problem shows the mechanics, not which optimizer is
+      best: `03_optimizer_comparison.ipynb` compares them on a language model.
       """),
       code('''
       STEPS = 40 if FAST else 400
@@ -231,6 +237,8 @@ def quickstart():
         return np.asarray(losses)
 
 
+      cosine = lambda peak: optax.cosine_decay_schedule(peak, STEPS)
+      optimizers = make_optimizers(lr=cosine(0.02), adam_lr=cosine(3e-3))
       curves = {name: train(tx, params0) for name, tx in optimizers.items()}
       for name, losses in curves.items():
         assert np.all(np.isfinite(losses)), name
@@ -596,7 +604,8 @@ def comparison():
 
 
       saved = [] if FAST else saved_results()
-      print(f"{len(saved)} saved result file(s)" + (" (not read with fast settings)" if FAST else ""))
+      print(f"{len(saved)} saved result file(s)"
+            + (" (not read with fast settings)" if FAST else ""))
       for p, title, runs in saved:
         print(" ", p.relative_to(ROOT), "-", title, "-", len(runs), "runs")
       '''),
@@ -852,13 +861,15 @@ def kernels():
           x, y = zip(*pts)
           ax.plot(x, y, ls="--", marker=".", lw=1, label=f"peer: {desc}")
       if bench is not None:
-        for config in sorted({r.get("config") for r in bench["timings"]}):
-          for backend, style in (("pallas", "-o"), ("xla", "-s")):
+        # Ours: colour = backend, line style = configuration (peers use the colour cycle).
+        for i, config in enumerate(sorted({r.get("config") for r in bench["timings"]})):
+          for backend, color, marker in (("pallas", "black", "o"), ("xla", "crimson", "s")):
             pts = sorted((step_flops(r["shape"]), r[f"{backend}_ms"]) for r in bench["timings"]
                          if r.get("config") == config and f"{backend}_ms" in r)
             if pts:
               x, y = zip(*pts)
-              ax.plot(x, y, style, lw=2, ms=4, label=f"ortho-optax {backend}, {config}")
+              ax.plot(x, y, color=color, marker=marker, ls=("-", ":", "-.")[i % 3], lw=2,
+                      ms=4, label=f"ortho-optax {backend}, {config}")
       ax.set_xscale("log")
       ax.set_yscale("log")
       ax.set(xlabel="flops of one NS step (one triangle), batch·(3m²n + m³)",
