@@ -135,8 +135,9 @@ def collective_bytes(hlo_text: str) -> dict:
     types[name] = rtype
     comps[current].append((name, rtype, op, rest))
   unknown_trip = []
+  memo: dict[str, dict] = {}  # per module: computation names repeat across modules
 
-  def visit(comp: str, memo={}) -> dict:
+  def visit(comp: str) -> dict:
     if comp in memo:
       return memo[comp]
     acc = {k: 0 for k in COLLECTIVES} | {"count": 0}

@@ -235,3 +235,29 @@ def test_gpt_state_stays_fsdp_sharded_through_a_train_step():
     # Every matrix here is divisible by 8; only step counters are replicated.
     assert total / 8 <= per_device <= total / 8 + 64, (per_device, total)
   assert model.blocks[0].mlp.fc.kernel[...].sharding.spec == P(None, "fsdp")
+
+
+def test_bench_counts_collective_bytes_with_loop_trip_counts():
+  """The benchmark's HLO reader: loop bodies count per iteration, modules independently."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
+  spec = importlib.util.spec_from_file_location("bench_distributed", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  mesh = _mesh((8, 1))
+
+  def program(trips):
+    def body(x):
+      def step(_, c):
+        return jax.lax.all_gather(c, "data", axis=0, tiled=True)[:c.shape[0]] * 2.0
+      return jax.lax.fori_loop(0, trips, step, x)
+    f = distributed.shard_map(body, mesh, in_specs=(P("data"),), out_specs=P("data"))
+    x = jax.ShapeDtypeStruct((64, 16), jnp.float32)
+    return jax.jit(f).lower(x).compile().as_text()
+
+  gathered = 64 * 16 * 4  # the all-gather result on each device, f32
+  three, five = program(3), program(5)
+  assert bench.collective_bytes(three)["all-gather"] == 3 * gathered
+  assert bench.collective_bytes(five)["all-gather"] == 5 * gathered
+  assert bench.collective_bytes(three)["all-gather"] == 3 * gathered
