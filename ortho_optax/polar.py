@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -290,9 +291,22 @@ def riemannian_balanced_polar(
   _check_positive_int(retraction_steps, "retraction_steps", minimum=0)
   _check_positive(riemannian_eta, "riemannian_eta", allow_zero=True)
   _check_positive(eps, "eps")
-  polar_fn = lambda y: aurora_polar(y, steps=steps, compute_dtype=compute_dtype, backend=backend)
   if x.shape[-2] == x.shape[-1]:
-    return polar_fn(x)
+    return aurora_polar(x, steps=steps, compute_dtype=compute_dtype, backend=backend)
+  return _riemannian_balanced_polar_jit(
+      x, jnp.asarray(riemannian_eta, _accum_dtype(x.dtype)),
+      jnp.asarray(eps, _accum_dtype(x.dtype)), outer_steps=outer_steps, cg_steps=cg_steps,
+      retraction_steps=retraction_steps, compute_dtype=compute_dtype, steps=steps,
+      backend=backend)
+
+
+# Jitted so that an eager call compiles once instead of dispatching op by op; inside an
+# outer jit this inlines. The step counts and dtypes are static, eta and eps traced.
+@functools.partial(jax.jit, static_argnames=("outer_steps", "cg_steps", "retraction_steps",
+                                             "compute_dtype", "steps", "backend"))
+def _riemannian_balanced_polar_jit(x, riemannian_eta, eps, *, outer_steps, cg_steps,
+                                   retraction_steps, compute_dtype, steps, backend):
+  polar_fn = lambda y: aurora_polar(y, steps=steps, compute_dtype=compute_dtype, backend=backend)
   y, transposed = _to_tall(x)
   acc = _accum_dtype(x.dtype)
   lead = y.shape[:-2]
