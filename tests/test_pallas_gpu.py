@@ -95,8 +95,7 @@ def test_apply(batch, m, n, split):
 
 @pytest.mark.parametrize("aol", [True, False])
 @pytest.mark.parametrize("shape", [(1, 256, 256), (1, 1000, 3000), (3, 300, 500),
-                                   (2, 768, 3072), (5, 130, 1030), (16, 768, 768),
-                                   (1, 2048, 2048)])
+                                   (16, 768, 768), (1, 2048, 2048)])
 def test_newton_schulz_vs_f32_reference(shape, aol):
   g = jax.random.normal(_key(), shape, jnp.float32)
   if not aol:
@@ -129,15 +128,19 @@ def test_cubic_step_and_zero_matrix():
 
 
 @pytest.mark.parametrize("preconditioning", ["aol", "frobenius"])
-@pytest.mark.parametrize("shape", [(768, 3072), (3072, 768), (4, 512, 512), (1000, 300)])
-def test_auto_matches_xla(shape, preconditioning):
+@pytest.mark.parametrize("shape", [(768, 3072), (3072, 768), (1000, 300), (2048, 2048)])
+def test_auto_and_pallas_match_xla(shape, preconditioning):
   x = jax.random.normal(_key(), shape, jnp.float32)
   kw = (dict(steps=4, coefficients="turbo_aol", preconditioning="aol", eps=1e-6)
         if preconditioning == "aol" else dict(steps=5, coefficients="quintic"))
-  auto = ns_entry(x, backend="auto", **kw)
-  pallas = ns_entry(x, backend="pallas", **kw)
-  xla = ns_entry(x, backend="xla", **kw)
-  assert auto.shape == xla.shape == x.shape
-  np.testing.assert_array_equal(np.asarray(auto), np.asarray(pallas))
-  rel = np.linalg.norm(np.asarray(pallas - xla)) / np.linalg.norm(np.asarray(xla))
+  auto = np.asarray(ns_entry(x, backend="auto", **kw), np.float32)
+  pallas = np.asarray(ns_entry(x, backend="pallas", **kw), np.float32)
+  xla = np.asarray(ns_entry(x, backend="xla", **kw), np.float32)
+  assert auto.shape == pallas.shape == xla.shape == x.shape
+  assert np.all(np.isfinite(pallas))
+  # "auto" takes the kernels only for stacks big enough to win (prefers_kernels).
+  m, n = sorted(shape[-2:])
+  batch = int(np.prod(shape[:-2]))
+  np.testing.assert_array_equal(auto, pallas if opl.prefers_kernels(batch, m, n) else xla)
+  rel = np.linalg.norm(pallas - xla) / np.linalg.norm(xla)
   assert rel < 3e-2, rel
