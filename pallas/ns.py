@@ -114,6 +114,8 @@ def newton_schulz(x: jax.Array, coefficients: Sequence[Sequence[float]], *,
         "ortho_optax.pallas.newton_schulz needs a Hopper GPU (sm_90) with Mosaic GPU "
         "Pallas; use ortho_optax.newton_schulz(..., backend='xla') elsewhere.")
   batch, m, n = x.shape
+  if batch == 0 or m == 0:
+    return x
   mp, np_ = mm.round_up(m, PAD), mm.round_up(n, PAD)
   cfg = config or plan(batch, mp, np_)
   X = x

@@ -62,6 +62,12 @@ def test_bad_inputs_raise_value_error(x, coefficients, match):
     opl.newton_schulz(x, coefficients)
 
 
+def test_empty_stack_is_returned_unchanged(monkeypatch):
+  monkeypatch.setattr(opl, "is_available", lambda: True)
+  x = jnp.zeros((0, 8, 16), jnp.bfloat16)
+  assert opl.newton_schulz(x, TURBO_AOL).shape == (0, 8, 16)
+
+
 def test_bad_tiles_raise_value_error():
   x = jnp.ones((1, 384, 256), jnp.bfloat16)
   with pytest.raises(ValueError, match="multiple"):
