@@ -150,10 +150,19 @@ def leverage_uniform_polar(
   _check_positive_int(pp_iterations, "pp_iterations")
   _check_positive(pp_beta, "pp_beta")
   _check_positive(eps, "eps")
-  m, n = x.shape[-2:]
+  if x.shape[-2] == x.shape[-1]:
+    return aurora_polar(x, steps=steps, compute_dtype=compute_dtype, backend=backend)
+  acc = _accum_dtype(x.dtype)
+  return _leverage_uniform_polar_jit(
+      x, jnp.asarray(pp_beta, acc), jnp.asarray(eps, acc), pp_iterations=pp_iterations,
+      compute_dtype=compute_dtype, steps=steps, backend=backend)
+
+
+@functools.partial(jax.jit, static_argnames=("pp_iterations", "compute_dtype", "steps",
+                                             "backend"))
+def _leverage_uniform_polar_jit(x, pp_beta, eps, *, pp_iterations, compute_dtype, steps,
+                                backend):
   polar_fn = lambda y: aurora_polar(y, steps=steps, compute_dtype=compute_dtype, backend=backend)
-  if m == n:
-    return polar_fn(x)
   y, transposed = _to_tall(x)
   m, n = y.shape[-2:]
   acc = _accum_dtype(x.dtype)
