@@ -17,6 +17,18 @@ GPU kernels live in ``ortho_optax.pallas``; the validation GPT, data and the
 ``ortho-optax`` command in ``ortho_optax.models``.
 """
 
+import os as _os
+
+# In a source checkout `pallas/` and `models/` sit beside this package; pyproject maps them to
+# `ortho_optax.pallas` / `ortho_optax.models` on install. When the checkout itself is first on
+# sys.path (running from the repository root, or an install whose editable finder is shadowed
+# by the local folder), let the same import names resolve to those folders.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if (not _os.path.isdir(_os.path.join(__path__[0], "pallas"))
+    and _os.path.isfile(_os.path.join(_root, "pallas", "__init__.py"))
+    and _os.path.isfile(_os.path.join(_root, "pyproject.toml"))):
+  __path__.append(_root)
+
 from ortho_optax.coefficients import PRESETS, resolve_coefficients
 from ortho_optax.matrix_view import (
     FLAX_LAYOUT,
