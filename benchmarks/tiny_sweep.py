@@ -114,6 +114,9 @@ def main(argv=None) -> int:
     t = r["timings"]
     wall = t["median_step_s"] * r["completed_steps"]
     v = r["final_val_loss"]
+    if v is None:
+      lines.append(f"| {name} | all diverged | - | - | - | - | - |")
+      continue
     tried = ", ".join(f"{x['config']['lr']:.3g}" for x in sorted(
         (x for x in runs if x["config"]["optimizer"] == name), key=lambda x: x["config"]["lr"]))
     lines.append(f"| {name} | {tried} | {r['config']['lr']:.3g} | {v:.4f} | "

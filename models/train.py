@@ -200,10 +200,11 @@ def eval_step(model, inputs, targets):
   return gpt.loss_fn(model, inputs, targets)
 
 
-def evaluate(model, tokens, batch_size, seq_len, max_batches) -> float:
+def evaluate(model, tokens, batch_size, seq_len, max_batches, mesh=None) -> float:
   losses, weights = [], []
   for x, y in data_lib.eval_batches(tokens, batch_size, seq_len, max_batches):
-    losses.append(eval_step(model, jnp.asarray(x), jnp.asarray(y)))
+    xb, yb = (jnp.asarray(x), jnp.asarray(y)) if mesh is None else mesh_lib.put_batch(mesh, x, y)
+    losses.append(eval_step(model, xb, yb))
     weights.append(x.shape[0])
   return float(np.average(np.asarray(jax.device_get(losses)), weights=weights))
 
@@ -323,8 +324,9 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None,
 
   Returns:
     A result dict: ``config``, ``data`` (with sha256), ``train_loss`` [(step, loss)],
-    ``val_loss`` [(step, loss)], ``final_val_loss``, ``timings`` (seconds, tokens/s),
-    ``num_params``, ``machine``. Also written to ``out_dir/results.json`` with
+    ``val_loss`` [(step, loss)], ``final_val_loss`` (None when the run diverged: then
+    ``diverged_at`` is the step of the first non-finite loss), ``timings`` (seconds,
+    tokens/s), ``num_params``, ``machine``. Also written to ``out_dir/results.json`` with
     ``loss.png`` and ``results.md`` when ``out_dir`` is set.
   """
   cfg.validate()
@@ -363,6 +365,7 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None,
   pending: list[tuple[int, jax.Array]] = []
   t_last, last_logged = time.perf_counter(), start
   train_time = 0.0
+  diverged_at = None
   for step in range(start, end):
     x, y = sampler(step)
     t0 = time.perf_counter()
@@ -381,15 +384,19 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None,
         history["step_times"].append(((t1 - t_last) / (done - last_logged)))
         train_time += t1 - t_last
       if not all(math.isfinite(float(l)) for l in losses):
-        bar.close()
-        raise FloatingPointError(f"{label}: non-finite loss at step {pending[-1][0]}.")
+        # Diverged: stop here and report it (a sweep goes on with its next run).
+        diverged_at = pending[-1][0]
+        print(f"[{label}] non-finite loss at step {diverged_at}: stopping this run.",
+              file=sys.stderr, flush=True)
+        end = done
+        break
       n = done - last_logged
       rate = tokens_per_step * n / max(t1 - t_last, 1e-9)
       bar.update(done, n, {"loss": float(losses[-1]), "tok/s": f"{rate:,.0f}"})
       pending, t_last, last_logged = [], time.perf_counter(), done
     if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
       history["val_loss"].append(
-          (done, evaluate(model, dataset.val, cfg.batch_size, seq_len, cfg.eval_batches)))
+          (done, evaluate(model, dataset.val, cfg.batch_size, seq_len, cfg.eval_batches, mesh)))
       t_last = time.perf_counter()  # keep evaluation out of the step timings
     if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == end):
       save_checkpoint(cfg.out_dir, done, model, optimizer, history)
@@ -413,6 +420,7 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None,
                   "tokens_per_s": tokens_per_step / med if step_times else None,
                   "train_s_this_session": train_time},
       "completed_steps": end,
+      "diverged_at": diverged_at,
       "machine": machine_info(),
   }
   if cfg.out_dir:
@@ -489,6 +497,8 @@ def markdown_table(runs: Sequence[dict], best: dict | None = None) -> str:
     c, t = r["config"], r["timings"]
     val = r["final_val_loss"]
     val_s = f"{val:.4f}" if val is not None else "-"
+    if r.get("diverged_at") is not None:
+      val_s = f"diverged at step {r['diverged_at']}"
     if id(r) in best_ids and len(runs) > len(best or {}):
       val_s = f"**{val_s}**"
     tl = r["final_train_loss"]
