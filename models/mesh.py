@@ -18,6 +18,7 @@ feeds the same global batch (:func:`put_batch` slices out the local part).
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import jax
@@ -34,10 +35,14 @@ BATCH_AXES = ("data", "fsdp")
 def initialize_multihost(**kwargs) -> None:
   """``jax.distributed.initialize(**kwargs)``; must run before any other JAX call.
 
-  On SLURM / Cloud TPU / a cluster with the ``JAX_COORDINATOR_ADDRESS``,
-  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` environment variables the arguments are
-  detected automatically.
+  Under SLURM, Open MPI, Kubernetes or Cloud TPU JAX detects the coordinator, the number
+  of processes and this process's id itself. For a manual launch set
+  ``JAX_COORDINATOR_ADDRESS=host:port`` (read by JAX) and ``JAX_NUM_PROCESSES`` /
+  ``JAX_PROCESS_ID`` (read here) on every host; explicit ``kwargs`` win.
   """
+  for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    if key not in kwargs and os.environ.get(env):
+      kwargs[key] = int(os.environ[env])
   jax.distributed.initialize(**kwargs)
 
 
