@@ -17,19 +17,27 @@ where a distributed Muon loses time. This module offers two strategies:
   the same way (``all_gather`` over the data axes, ``all_to_all`` over FSDP) to the
   original sharding. Per step this moves about ``2 x`` the stack over the FSDP axes and
   one all-gather of the results over the data axes, and no device computes more than
-  ``ceil(B/D)`` orthogonalizations.
+  ``ceil(B/D)`` orthogonalizations. Padding costs up to ``D - 1`` extra matrices per
+  shape group in the transfers (GPT-2 small on 8 devices: the two MLP groups of 12 are
+  padded to 16, ~22% more bytes). ``communication_dtype=jnp.bfloat16`` halves the
+  bytes (lossless for the results of a bf16 Newton–Schulz).
 
 ``"auto"``
   Plain ``jit`` with sharded inputs: XLA's SPMD partitioner decides (typically it keeps
   the matrices sharded and all-reduces every Gram product, or gathers each matrix on
-  every device and repeats the work). Selectable for comparison.
+  every device and repeats the work). Selectable for comparison. Under pure data
+  parallelism it moves no bytes but every device computes every orthogonalization.
+
+Meshes need Auto axis types (``jax.make_mesh(..., axis_types=(AxisType.Auto,) * k)``;
+recent JAX defaults to Explicit, under which ``"auto"`` rejects sharded contractions);
+:func:`ortho_optax.models.mesh.make_mesh` builds one.
 
 Design: the strategy is not an argument of every optimizer factory. :func:`distribute`
 wraps *any* optimizer of the library (or any chain containing
 :func:`ortho_optax.stages.orthogonalize.orthogonalize`) and makes every orthogonalize
 stage that runs inside its ``update`` use the strategy::
 
-  mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
+  mesh = ortho_optax.models.mesh.make_mesh(data=4, fsdp=2)
   tx = ortho_optax.distributed.distribute(ortho_optax.optimizers.muon.muon(0.02), mesh)
 
 The second-moment, momentum, scale and decay stages are elementwise (or row/column
