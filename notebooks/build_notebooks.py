@@ -629,7 +629,8 @@ def comparison():
 
       if not saved:
         out_dir = pathlib.Path(tempfile.mkdtemp(prefix="ortho_optax_compare_"))
-        train_lib.compare(dataclasses.replace(base, out_dir=str(out_dir)), names, progress=False)
+        train_lib.compare(dataclasses.replace(base, out_dir=str(out_dir)), names,
+                          progress=not FAST)
         path = out_dir / "results.json"
         saved = [(path, *load_results(path))]
         print("wrote and re-read", path)
