@@ -213,6 +213,27 @@ def test_aurora_nonfinite_update_is_skipped_and_counted():
   updates, state = tx.update(good, state, params)
   assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"] != 0)
   assert int(aurora_lib.nonfinite_count(state)) == 1
+  # Under an outer apply_if_finite the Aurora guard is still the one reported.
+  outer = optax.apply_if_finite(tx, max_consecutive_errors=5)
+  outer_state = outer.init(params)
+  _, outer_state = outer.update(good, outer_state, params)
+  assert int(aurora_lib.nonfinite_count(outer_state)) == 0
+
+
+def test_skip_nonfinite_updates_checks_the_output_too():
+  # Finite gradients, non-finite output (an overflow inside the transformation).
+  guard = aurora_lib.skip_nonfinite_updates(
+      optax.chain(optax.trace(decay=0.5), optax.scale(jnp.inf)))
+  params = {"w": jnp.ones((2, 3))}
+  state = guard.init(params)
+  updates, new_state = guard.update({"w": jnp.ones((2, 3))}, state, params)
+  np.testing.assert_array_equal(updates["w"], 0.0)
+  np.testing.assert_array_equal(new_state.inner_state[0].trace["w"], 0.0)  # not advanced
+  assert int(new_state.total_notfinite) == 1 and int(new_state.notfinite_count) == 1
+  ok = aurora_lib.skip_nonfinite_updates(optax.chain(optax.trace(decay=0.5), optax.scale(2.0)))
+  updates, s2 = ok.update({"w": jnp.ones((2, 3))}, ok.init(params), params)
+  np.testing.assert_array_equal(updates["w"], 2.0)
+  assert int(s2.total_notfinite) == 0
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ element-wise branch and only the hidden Linear kernel to the orthogonalized bran
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -11,21 +11,24 @@ Per hidden matrix ``W`` with gradient ``G`` (PyTorch view ``(out, in)`` = ``(r, 
 
 Non-finite updates. The reference raises ``RuntimeError`` when ``O`` has a non-finite
 element. A jitted optax transformation cannot raise, so the orthogonalized branch is
-wrapped in :func:`optax.apply_if_finite` with an unbounded error budget: when any
-element of the branch's update is NaN/Inf (a NaN gradient, an overflow in the polar
-iteration) the update of every Aurora matrix is **zero for that step, the branch's state
-(momentum) is not advanced**, and the step is counted in the branch's
-``optax.ApplyIfFiniteState`` (``notfinite_count`` consecutive, ``total_notfinite``
-overall; see :func:`nonfinite_count`). Nothing is silently written into the weights. Wrap
-the whole optimizer in ``optax.apply_if_finite`` as well to skip the AdamW branch too.
+wrapped in :func:`skip_nonfinite_updates`: when any element of the branch's gradient,
+output or new state is NaN/Inf (a NaN gradient, an overflow in the polar iteration) the
+update of every Aurora matrix is **zero for that step, the branch's state (momentum) is
+not advanced**, and the step is counted (``notfinite_count`` consecutive,
+``total_notfinite`` overall; see :func:`nonfinite_count`). Nothing is silently written
+into the weights or the momentum. (Unlike :func:`optax.apply_if_finite`, which tests
+only the incoming gradients, the guard also tests what would be applied and stored.)
+Wrap the whole optimizer in ``optax.apply_if_finite`` as well to skip the AdamW branch
+on bad gradients too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
+import chex
+import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from optax import tree_utils as otu
 
@@ -35,8 +38,56 @@ from ortho_optax.stages import momentum as momentum_stages
 from ortho_optax.stages import orthogonalize as orth_stages
 from ortho_optax.stages import scale as scale_stages
 
-#: ``max_consecutive_errors`` of the finite guard: never give up and apply a NaN.
-_NEVER = int(np.iinfo(np.int32).max) - 1
+
+class SkipNonFiniteState(NamedTuple):
+  """State of :func:`skip_nonfinite_updates`.
+
+  Attributes:
+    notfinite_count: consecutive skipped steps (reset by a finite one).
+    total_notfinite: all skipped steps.
+    inner_state: the wrapped transformation's state (not advanced on skipped steps).
+  """
+  notfinite_count: chex.Array
+  total_notfinite: chex.Array
+  inner_state: Any
+
+
+def skip_nonfinite_updates(
+    inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Zeroes a step that would produce a NaN/Inf and keeps the previous inner state.
+
+  Args:
+    inner: the transformation to guard.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`SkipNonFiniteState`.
+    On a step where any element of the incoming updates, of ``inner``'s output or of
+    its new state is not finite, every update is zero, ``inner``'s state is left as it
+    was and both counters increase.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    zero = jnp.zeros([], jnp.int32)
+    return SkipNonFiniteState(zero, zero, inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    # The incoming gradient, the output and the new state must all be finite: a NaN
+    # gradient can come out as a finite (zero) polar factor while poisoning the momentum.
+    leaves = [x for x in jax.tree.leaves((updates, new_updates, new_inner))
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
+        else jnp.array(True)
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+    new_inner = otu.tree_where(finite, new_inner, state.inner_state)
+    bad = (~finite).astype(jnp.int32)
+    return new_updates, SkipNonFiniteState(
+        notfinite_count=jnp.where(finite, 0, optax.safe_int32_increment(state.notfinite_count)),
+        total_notfinite=state.total_notfinite + bad,
+        inner_state=new_inner)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _check_aurora(learning_rate, weight_decay, momentum, eps):
@@ -54,7 +105,7 @@ def _aurora_branch(orth, learning_rate, weight_decay, momentum, nesterov, dims, 
       scale_stages.scale_by_shape("shape_scaling", dimension_numbers=dims),
       decay_stages.scale_by_learning_rate_and_decay(learning_rate, weight_decay, "decoupled"),
   )
-  return optax.apply_if_finite(chain, max_consecutive_errors=_NEVER)
+  return skip_nonfinite_updates(chain)
 
 
 def aurora(
@@ -198,17 +249,40 @@ def nonfinite_count(state) -> jnp.ndarray:
   """Total number of steps whose Aurora update was skipped as non-finite.
 
   Args:
-    state: the state of :func:`aurora` / :func:`riemannian_aurora` (possibly nested in
-      other optax states).
+    state: the state of :func:`aurora` / :func:`riemannian_aurora`, possibly nested in
+      other optax states (an outer ``optax.apply_if_finite`` is not confused with the
+      Aurora guard: the guard is looked up inside the ``"ortho"`` branch).
 
   Returns:
-    The int32 ``total_notfinite`` of the Aurora branch's ``optax.ApplyIfFiniteState``
-    (the first one found, depth-first).
+    The int32 ``total_notfinite`` of the Aurora branch's :class:`SkipNonFiniteState`.
   """
-  found = otu.tree_get_all_with_path(state, "total_notfinite")
-  if not found:
-    raise ValueError("no Aurora finite-guard state (ApplyIfFiniteState) found in state.")
-  return found[0][1]
+  branches = [s.inner_states["ortho"] for s in _find_branch_states(state)]
+  for subtree in branches or [state]:
+    found = otu.tree_get_all_with_path(subtree, "total_notfinite")
+    if found:
+      return found[0][1]
+  raise ValueError("no Aurora finite-guard state (SkipNonFiniteState) found in state.")
 
 
-__all__ = ["aurora", "nonfinite_count", "riemannian_aurora"]
+def _find_branch_states(tree):
+  """``multi_transform`` states (anything with ``inner_states["ortho"]``), depth-first."""
+  found = []
+
+  def walk(x):
+    inner = getattr(x, "inner_states", None)
+    if isinstance(inner, dict) and "ortho" in inner:
+      found.append(x)
+      return
+    if isinstance(x, dict):
+      for v in x.values():
+        walk(v)
+    elif isinstance(x, (tuple, list)):
+      for v in x:
+        walk(v)
+
+  walk(tree)
+  return found
+
+
+__all__ = ["SkipNonFiniteState", "aurora", "nonfinite_count", "riemannian_aurora",
+           "skip_nonfinite_updates"]
