@@ -46,8 +46,10 @@ from ortho_optax.polar import (
     riemannian_balanced_polar,
 )
 from ortho_optax.polar_express import polar_express_coefficients
+from ortho_optax import routing
 from ortho_optax.routing import (
     default_label_fn,
+    dims_from_model,
     label_by_path,
     label_from_model,
     routing_report,
@@ -55,6 +57,7 @@ from ortho_optax.routing import (
 from ortho_optax.stages.decay import (
     add_weight_decay,
     scale_by_learning_rate_and_decay,
+    weight_decay_stages,
 )
 from ortho_optax.stages.kahan import kahan_summation
 from ortho_optax.stages.momentum import ema_momentum
@@ -64,9 +67,14 @@ from ortho_optax.stages.second_moment import scale_by_namo, scale_by_second_mome
 from ortho_optax.stages.stable_adamw import stable_adamw
 from ortho_optax.optimizers._common import with_adamw_fallback
 from ortho_optax.optimizers.adaptive_muon import adaptive_muon, adamuon, namo, normuon
-from ortho_optax.optimizers.auon import auon, hybrid_auon
-from ortho_optax.optimizers.aurora import aurora, riemannian_aurora
-from ortho_optax.optimizers.muon import muon
+from ortho_optax.optimizers.auon import auon, auon_adam, hybrid_auon
+from ortho_optax.optimizers.aurora import (
+    aurora,
+    nonfinite_count,
+    riemannian_aurora,
+    skip_nonfinite_updates,
+)
+from ortho_optax.optimizers.muon import inject_static_args, muon
 from ortho_optax.optimizers.oadamw import oadamw
 from ortho_optax.optimizers.turbo_muon import turbo_muon
 
