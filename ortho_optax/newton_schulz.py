@@ -109,13 +109,14 @@ def _frobenius_normalize(x, eps, compute_dtype):
   plain = xa / (norm + eps)
   info = jnp.finfo(acc)
   safe_range = jnp.logical_and(norm >= 16 * jnp.sqrt(info.tiny), norm <= info.max)
-  big = jnp.max(jnp.abs(xa), axis=(-2, -1), keepdims=True)
+  big = jnp.max(jnp.abs(xa), axis=(-2, -1), keepdims=True, initial=0.0)  # 0 for empty
   # max|X| = m·2^e with m in [0.5, 1): X·2^(1-e) has max in [1, 2).
   _, e = jnp.frexp(jnp.where(jnp.logical_and(big > 0, jnp.isfinite(big)), big, 1.0))
   xs = _scale_by_pow2(xa, 1 - e)
   eps_s = _scale_by_pow2(jnp.full_like(big, eps), 1 - e)
   denom = jnp.sqrt(jnp.sum(jnp.square(xs), axis=(-2, -1), keepdims=True)) + eps_s
-  scaled = jnp.where(denom > 0, xs / jnp.where(denom > 0, denom, 1), 0)  # 0 -> 0 (eps=0)
+  # An all-zero matrix with eps = 0 maps to 0; NaN (denom NaN) must stay NaN.
+  scaled = jnp.where(denom == 0, 0, xs / jnp.where(denom == 0, 1, denom))
   return _round_to(jnp.where(safe_range, plain, scaled), compute_dtype)
 
 
@@ -132,7 +133,7 @@ def _aol_prescale(x, compute_dtype):
   xa = x.astype(acc)
   m, n = x.shape[-2:]
   limit = math.sqrt(float(jnp.finfo(compute_dtype).max) / (4.0 * max(m * n, 1)))
-  big = jnp.max(jnp.abs(xa), axis=(-2, -1), keepdims=True)
+  big = jnp.max(jnp.abs(xa), axis=(-2, -1), keepdims=True, initial=0.0)  # 0 for empty
   over = jnp.logical_and(big > limit, jnp.isfinite(big))
   # 2^k <= limit / big (k <= 0), computed on logs so nothing overflows.
   k = jnp.floor(jnp.log2(limit) - jnp.log2(jnp.where(over, big, limit)))

@@ -105,7 +105,7 @@ def _row_norm(y):
   """
   plain = jnp.sqrt(jnp.sum(jnp.square(y), axis=-1, keepdims=True))
   info = jnp.finfo(y.dtype)
-  big = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
+  big = jnp.max(jnp.abs(y), axis=-1, keepdims=True, initial=0.0)
   ok = jnp.logical_and(plain >= 16 * jnp.sqrt(info.tiny), plain <= info.max)
   # max|y_i| = m·2^e, m in [0.5, 1): scale by the exact power of two 2^(1-e).
   _, e = jnp.frexp(jnp.where(jnp.logical_and(big > 0, jnp.isfinite(big)), big, 1.0))
@@ -302,6 +302,8 @@ def riemannian_balanced_polar(
   _check_positive(eps, "eps")
   if x.shape[-2] == x.shape[-1]:
     return aurora_polar(x, steps=steps, compute_dtype=compute_dtype, backend=backend)
+  if x.size == 0:  # an empty stack or a 0 x n matrix: nothing to balance
+    return x
   return _riemannian_balanced_polar_jit(
       x, jnp.asarray(riemannian_eta, _accum_dtype(x.dtype)),
       jnp.asarray(eps, _accum_dtype(x.dtype)), outer_steps=outer_steps, cg_steps=cg_steps,

@@ -104,6 +104,8 @@ def scale_by_shape(
     dims = matrix_view.resolve_dims(updates, dimension_numbers)
 
     def one(u, d):
+      if u.size == 0:  # an empty (0 x n) leaf has no shape factor (n / 0); nothing to scale
+        return u
       _, fan_out, fan_in = matrix_view.matrix_shape(u.shape, d)
       factor = shape_scale_factor(mode, fan_out, fan_in, consistent_rms=1.0)
       if mode == "consistent_rms":
