@@ -309,6 +309,23 @@ def main(args) -> int:
   params = gpt_param_shapes(args.preset, args.num_layers)
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   rows = []
+  payload = {
+      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "machine": {"platform": platform.platform(), "device": jax.devices()[0].device_kind,
+                  "backend": jax.default_backend(), "num_devices": n,
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__},
+      "preset": args.preset, "num_params": n_params,
+      "definition": "per-device bytes: max(operand, result) of each collective in the "
+                    "compiled HLO, x while-loop trip counts; largest conditional branch",
+      "rows": rows,
+  }
+
+  def dump():  # after every row: a long run interrupted keeps what it measured
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(payload, f, indent=1)
+
   print(f"{args.preset} GPT ({n_params / 1e6:.1f}M params, f32), {n} x "
         f"{jax.devices()[0].platform} devices", flush=True)
   header = (f"{'optimizer':>10} {'mesh':>6} {'strategy':>17} {'MB/device':>10} "
@@ -337,6 +354,7 @@ def main(args) -> int:
                 flush=True)
           rows.append({"optimizer": opt_name, "mesh": {"data": shape[0], "fsdp": shape[1]},
                        "strategy": strategy, "error": f"{type(e).__name__}: {e}"[:2000]})
+          dump()
           continue
         row = {"optimizer": opt_name, "mesh": {"data": shape[0], "fsdp": shape[1]},
                "strategy": strategy, "bytes_per_device": b["total"],
@@ -345,26 +363,15 @@ def main(args) -> int:
                "gflop_per_device": gflops,
                "ms_per_step": ms}
         rows.append(row)
+        dump()
         mb = lambda v: f"{v / 2**20:.1f}"
         print(f"{opt_name:>10} {shape[0]}x{shape[1]:<4} {strategy:>17} "
               f"{mb(b['total']):>10} {mb(b['all-gather']):>10} {mb(b['all-to-all']):>10} "
               f"{mb(b['reduce-scatter']):>9} {mb(b['all-reduce']):>9} "
               f"{mb(b['collective-permute']):>8} {b['count']:>5} {gflops:>9.1f} "
               f"{(f'{ms:.2f}' if ms is not None else '-'):>8}", flush=True)
-  payload = {
-      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "machine": {"platform": platform.platform(), "device": jax.devices()[0].device_kind,
-                  "backend": jax.default_backend(), "num_devices": n,
-                  "cpu_count": os.cpu_count(), "jax": jax.__version__},
-      "preset": args.preset, "num_params": n_params,
-      "definition": "per-device bytes: max(operand, result) of each collective in the "
-                    "compiled HLO, x while-loop trip counts; largest conditional branch",
-      "rows": rows,
-  }
+  dump()
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(payload, f, indent=1)
     print(f"wrote {args.out}")
   if args.markdown:
     with open(args.markdown, "w") as f:
