@@ -613,7 +613,7 @@ def comparison():
       ## Running a comparison
 
       Runs only when nothing is saved (or with fast settings). The full settings are the
-      `compare` defaults on the `tiny` preset, shortened to 300 steps (a few minutes on a CPU);
+      `compare` defaults on the `tiny` preset, shortened to 200 steps (a few minutes on a CPU);
       the fast ones are a 1-layer, 32-wide model for a handful of steps, only a smoke test.
       """),
       code('''
@@ -624,7 +624,7 @@ def comparison():
             log_every=2, warmup_steps=0, schedule="constant")
         names = ("adamw", "muon", "turbo_muon", "normuon")
       else:
-        base = train_lib.TrainConfig(preset="tiny", steps=300, eval_every=50, log_every=10)
+        base = train_lib.TrainConfig(preset="tiny", steps=200, eval_every=50, log_every=10)
         names = opt_lib.COMPARE_DEFAULT
 
       if not saved:
