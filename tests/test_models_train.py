@@ -76,7 +76,7 @@ def test_every_optimizer_lowers_the_loss(name):
     losses.append(float(step(model, optimizer, jnp.asarray(x), jnp.asarray(y))))
   assert all(math.isfinite(l) for l in losses), losses
   assert losses[0] == pytest.approx(math.log(256), rel=1e-4)  # zero-init head
-  assert np.mean(losses[-3:]) < losses[0] - 0.3, losses
+  assert np.mean(losses[-3:]) < losses[0] - 0.2, losses
 
 
 def test_cli_train_and_compare_write_reports(tmp_path, capsys):
