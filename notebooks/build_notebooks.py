@@ -745,7 +745,10 @@ def kernels():
       """),
       code('''
       def is_bench_json(payload):
-        return isinstance(payload, dict) and isinstance(payload.get("timings"), list)
+        """A bench_kernels.py output: timing rows with a shape and a configuration each."""
+        rows = payload.get("timings") if isinstance(payload, dict) else None
+        return (isinstance(rows, list) and bool(rows)
+                and all(isinstance(r, dict) and "shape" in r and "config" in r for r in rows))
 
 
       def find_saved_bench():
