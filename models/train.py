@@ -23,6 +23,7 @@ import pathlib
 import platform
 import sys
 import time
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -234,12 +235,46 @@ def save_checkpoint(out_dir, step: int, model, optimizer, history: dict) -> path
   return path
 
 
+def checkpoint_problem(path) -> str | None:
+  """Why the checkpoint directory ``path`` cannot be trusted, or ``None`` if complete.
+
+  A save is complete when orbax finalised the directory (``_CHECKPOINT_METADATA``,
+  written last, then the temporary directory is renamed) and the history JSON written
+  after it parses. A crash leaves an ``*.orbax-checkpoint-tmp-*`` directory, a step
+  directory without its JSON, or a truncated JSON.
+  """
+  path = pathlib.Path(path)
+  if not path.name[5:].isdigit():
+    return "an orbax temporary directory of an interrupted save"
+  if not (path / "_CHECKPOINT_METADATA").exists():
+    return "orbax's _CHECKPOINT_METADATA is missing (unfinished or damaged save)"
+  meta = path.parent / f"{path.name}.json"
+  if not meta.exists():
+    return "its history file is missing (the run stopped while saving)"
+  try:
+    json.loads(meta.read_text())
+  except ValueError:
+    return "its history file is truncated"
+  return None
+
+
 def latest_checkpoint(out_dir) -> tuple[int, pathlib.Path] | None:
+  """The newest complete checkpoint ``(step, path)``; incomplete ones are skipped with a
+  warning (falling back to the previous good one), see :func:`checkpoint_problem`."""
   d = _ckpt_dir(out_dir)
   if not d.is_dir():
     return None
-  steps = sorted(int(p.name[5:]) for p in d.glob("step_*") if p.is_dir()
-                 and (d / f"{p.name}.json").exists())
+  steps = []
+  for p in sorted(d.glob("step_*")):
+    if not p.is_dir():
+      continue
+    problem = checkpoint_problem(p)
+    if problem is not None:
+      warnings.warn(f"ignoring checkpoint {p}: {problem}; resuming from an earlier one.",
+                    RuntimeWarning, stacklevel=2)
+      continue
+    steps.append(int(p.name[5:]))
+  steps.sort()
   return (steps[-1], d / f"step_{steps[-1]:08d}") if steps else None
 
 

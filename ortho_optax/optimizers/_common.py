@@ -13,6 +13,7 @@ import numbers
 from typing import Any, Iterable, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from ortho_optax import matrix_view
@@ -149,16 +150,62 @@ def with_adamw_fallback(
   """
   if adam_tx is None:
     check_adam(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay)
-    adam_tx = optax.adamw(
+    adam_tx = float16_in_float32(optax.adamw(
         learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-        weight_decay=adam_weight_decay)
+        weight_decay=adam_weight_decay))
   transforms = {
       routing.ORTHO: ortho_tx,
       routing.ADAM: adam_tx,
       routing.FROZEN: optax.set_to_zero(),
   }
-  return optax.multi_transform(
-      transforms, routing.default_label_fn if label_fn is None else label_fn)
+  return optax.multi_transform(transforms, _freeze_non_floating(label_fn))
+
+
+def _freeze_non_floating(label_fn):
+  """``label_fn`` with every non floating-point leaf labelled ``"frozen"``.
+
+  The default rules already do this; a user label pytree or callable that sends an
+  integer / bool leaf to ``"ortho"`` or ``"adam"`` would otherwise hit a matrix-view
+  error or AdamW's integer arithmetic. Integer leaves are always left untouched.
+  """
+  base = routing.default_label_fn if label_fn is None else label_fn
+
+  def labels(params):
+    lab = base(params) if callable(base) else base
+
+    def one(label, leaf):
+      return label if routing._is_floating(routing._leaf_array(leaf)) else routing.FROZEN
+
+    return jax.tree.map(one, lab, params, is_leaf=lambda x: x is None)
+
+  return labels
+
+
+def _to_float32_if_float16(x):
+  return x.astype(jnp.float32) if getattr(x, "dtype", None) == jnp.float16 else x
+
+
+def float16_in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Runs ``inner`` in float32 for float16 leaves (state in float32, updates cast back).
+
+  ``optax.adamw`` keeps ``nu`` in the parameter dtype: in float16, ``(1 - b2) g²``
+  underflows to 0 for ``|g| < ~1e-3`` and ``adam_eps = 1e-10`` rounds to 0, so
+  ``m / (sqrt(nu) + eps)`` is ``inf``/NaN for small gradients. float16 leaves are
+  therefore upcast; other dtypes (bfloat16 has float32's exponent range) are untouched,
+  so their state keeps the parameter dtype.
+  """
+
+  def init_fn(params):
+    return inner.init(jax.tree.map(_to_float32_if_float16, params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    up32 = jax.tree.map(_to_float32_if_float16, updates)
+    p32 = None if params is None else jax.tree.map(_to_float32_if_float16, params)
+    new, state = inner.update(up32, state, p32, **extra_args)
+    new = jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates)
+    return new, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def masked_dimension_numbers(dimension_numbers):
@@ -184,7 +231,8 @@ def masked_dimension_numbers(dimension_numbers):
 
 __all__ = [
     "check_adam", "check_choice", "check_in_range", "check_int", "check_learning_rate",
-    "check_momentum", "check_non_negative", "check_positive", "masked_dimension_numbers",
+    "check_momentum", "check_non_negative", "check_positive", "float16_in_float32",
+    "masked_dimension_numbers",
     "with_adamw_fallback",
 ]
 
