@@ -33,7 +33,7 @@ from ortho_optax.newton_schulz import PRECONDITIONINGS, newton_schulz
 from ortho_optax.polar import aurora_polar, leverage_uniform_polar, polar
 from ortho_optax.stages.orthogonalize import orthogonalize
 
-PROPS = settings(max_examples=12, deadline=None, derandomize=True, print_blob=False,
+PROPS = settings(max_examples=10, deadline=None, derandomize=True, print_blob=False,
                  phases=(Phase.explicit, Phase.generate),  # no slow shrinking
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -531,3 +531,28 @@ def test_orthogonalize_rank4_matrix_dims(shape, dims, method, scale, dtype_name,
   if scale >= 1.0 or method == "polar":
     y1 = upd({"w": _make(shape, 1.0, "gaussian", seed, dtype), "none": None}, state)["w"]
     assert _maxdiff(y, y1) <= 2 * TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite inputs stay non-finite (never a silent finite update)
+# ---------------------------------------------------------------------------------------
+
+NONFINITE_FNS = {
+    **{f"newton_schulz_{p}": (lambda p: lambda x: _ns("muon", p, jnp.bfloat16, 1e-7)(x))(p)
+       for p in PRECONDITIONINGS},
+    "polar": _polar,
+    "aurora_polar": lambda x: _aurora("aurora_polar", jnp.bfloat16)(x),
+    "leverage_uniform_polar": lambda x: _aurora("leverage_uniform_polar", jnp.bfloat16)(x),
+}
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("fn", list(NONFINITE_FNS))
+def test_non_finite_entry_gives_non_finite_matrix(fn, value):
+  """One NaN/±Inf entry makes that matrix's output non-finite (so ``apply_if_finite`` and
+  Aurora's guard see it); the other matrices of the batch are unaffected."""
+  x = np.array(_make((2, 5, 8), 1.0, "gaussian", 0))
+  x[1, 2, 3] = value
+  y = _np(NONFINITE_FNS[fn](jnp.asarray(x)))
+  assert np.all(np.isfinite(y[0]))
+  assert not np.all(np.isfinite(y[1]))

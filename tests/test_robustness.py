@@ -275,5 +275,43 @@ def state_dtype_table():
   return "\n".join(rows)
 
 
+ROBUSTNESS_FILES = ("tests/test_properties.py", "tests/test_robustness.py",
+                    "tests/test_faults.py")
+
+
+def count_cases(files=ROBUSTNESS_FILES):
+  """Number of bad inputs / faults the robustness files try, per file.
+
+  Every collected test item counts 1, except a hypothesis property, which counts its
+  ``max_examples`` (each example is one generated awkward input). Run from the
+  repository root: ``python tests/test_robustness.py --count``.
+  """
+  import pytest  # pylint: disable=import-outside-toplevel
+
+  class Collector:
+    items = []
+
+    def pytest_collection_modifyitems(self, items):
+      Collector.items = list(items)
+
+  pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *files],
+              plugins=[Collector()])
+  counts = {}
+  for item in Collector.items:
+    fn = getattr(item, "function", None)
+    settings = getattr(fn, "_hypothesis_internal_use_settings", None)
+    n = settings.max_examples if getattr(fn, "is_hypothesis_test", False) else 1
+    key = item.nodeid.split("::")[0]
+    counts[key] = counts.get(key, 0) + n
+  return counts
+
+
 if __name__ == "__main__":
-  print(state_dtype_table())
+  import sys
+  if "--count" in sys.argv:
+    counts = count_cases()
+    for k, v in counts.items():
+      print(f"{k}: {v}")
+    print(f"total: {sum(counts.values())}")
+  else:
+    print(state_dtype_table())
