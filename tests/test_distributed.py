@@ -36,7 +36,7 @@ OPTIMIZERS = {
     "aurora": lambda: aurora(0.02),
     "oadamw": lambda: oadamw(1e-3, update_proj_gap=2),
 }
-# Every (optimizer, mesh) pair would be 18 compilations (too slow for CI): muon runs on
+# Every (optimizer, mesh) pair would be 15 compilations (too slow for CI): muon runs on
 # all three meshes, each other optimizer on one, and every mesh sees several optimizers.
 CASES = [("muon", m) for m in MESHES] + [
     ("turbo_muon", (4, 2)), ("normuon", (1, 8)), ("aurora", (4, 2)), ("oadamw", (1, 8))]
