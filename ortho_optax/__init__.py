@@ -29,7 +29,9 @@ if (not _os.path.isdir(_os.path.join(__path__[0], "pallas"))
     and _os.path.isfile(_os.path.join(_root, "pyproject.toml"))):
   __path__.append(_root)
 
+from ortho_optax import distributed
 from ortho_optax.coefficients import PRESETS, resolve_coefficients
+from ortho_optax.distributed import distribute, fsdp_shardings
 from ortho_optax.matrix_view import (
     FLAX_LAYOUT,
     TORCH_LAYOUT,
