@@ -27,27 +27,29 @@ COMPARE_DEFAULT = ("adamw", "muon", "turbo_muon", "auon", "aurora", "normuon", "
 #: Learning rate of the embeddings and head (AdamW branch) in every hybrid optimizer.
 TINY_ADAM_LR = 3e-3
 
-#: Peak learning rates for the ``tiny`` preset (warm-up then cosine decay): the centres
-#: of the sweep in benchmarks/results/tiny_compare.md (x1/3, x1, x3 around these).
+#: Peak learning rates for the ``tiny`` preset (300 steps, warm-up then cosine decay): the
+#: best of the sweep in benchmarks/results/tiny_compare.md where one was run, else an
+#: estimate from the update's scale (noted).
 TINY_DEFAULTS: dict[str, float] = {
-    "adamw": 3e-3,
-    # Keller's shape scaling sqrt(max(1, out/in)): ~0.007 per element on 128-wide matrices.
-    "muon": 0.06,
+    "adamw": 3e-3,  # swept 1e-3, 3e-3, 9e-3
+    # Keller's shape scaling sqrt(max(1, out/in)): ~0.005 per element on 128-wide matrices.
+    "muon": 0.06,  # swept 0.02, 0.06, 0.18
     "turbo_muon": 0.06,
     "aurora": 0.06,
-    "riemannian_aurora": 0.06,
-    "hybrid_auon": 0.06,
+    "riemannian_aurora": 0.06,  # not swept (= aurora)
+    "hybrid_auon": 0.06,  # not swept (NS output without shape scaling)
     # AuON's update is the momentum itself (G / r with r ~ 1): SGD-sized learning rates
-    # (hidden-matrix gradients have an RMS of ~1e-4 on this model).
-    "auon": 50.0,
+    # (hidden-matrix gradients have an RMS of ~1e-5..1e-4 on this model).
+    "auon": 1.85,  # swept 0.62 .. 150
     # Spectral scaling sqrt(max(out, in)) gives updates of RMS ~1: Adam-sized rates.
-    "normuon": 6e-3,
-    "namo": 1e-2,
-    # AdaMuon's sign-like update (RMS ~1) times the spectral factor (~11-22).
+    "normuon": 2e-3,  # swept 2e-3, 6e-3, 1.8e-2
+    "namo": 1e-2,  # not swept
+    # AdaMuon's sign-like update (RMS ~1) times the spectral factor (~11-22); not swept.
     "adamuon": 5e-4,
     "adaptive_muon": 5e-4,
-    # Adam on the orthogonalized gradient: element-wise normalised, AdamW-sized.
-    "oadamw": 3e-3,
+    # Adam on the orthogonalized gradient (and plain StableAdamW on embeddings / head,
+    # at this same lr: OAdamW has no separate AdamW learning rate).
+    "oadamw": 9e-3,  # swept 1e-3, 3e-3, 9e-3, 2.7e-2
 }
 
 # Where an optimizer may live until the lead exports it from ``ortho_optax``.
