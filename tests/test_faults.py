@@ -12,6 +12,7 @@
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
 import shutil
@@ -119,11 +120,22 @@ CRASH_KINDS = ["orbax_tmp_dir", "missing_history_json", "truncated_history_json"
                "missing_checkpoint_metadata"]
 
 
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+  """A run with good checkpoints at steps 3 and 6 (copied by each crash test)."""
+  out = tmp_path_factory.mktemp("checkpointed")
+  cfg = _interrupted_run(out, stop_after=STEPS)
+  return cfg, out
+
+
 @pytest.mark.parametrize("kind", CRASH_KINDS)
-def test_crashed_checkpoint_is_skipped_with_a_warning(kind, uninterrupted, tmp_path):
+def test_crashed_checkpoint_is_skipped_with_a_warning(kind, uninterrupted, checkpointed,
+                                                      tmp_path):
   full, _ = uninterrupted
+  cfg, src = checkpointed
   out = tmp_path / "run"
-  cfg = _interrupted_run(out, stop_after=STEPS)  # checkpoints at steps 3 and 6
+  shutil.copytree(src / "checkpoints", out / "checkpoints")
+  cfg = dataclasses.replace(cfg, out_dir=str(out))
   ckpt = out / "checkpoints"
   assert train_lib.latest_checkpoint(out)[0] == 6
   _damage(ckpt, kind)
@@ -167,13 +179,9 @@ OPTIMIZERS = ["muon", "turbo_muon", "auon", "hybrid_auon", "aurora", "riemannian
               "adaptive_muon", "normuon", "adamuon", "namo", "oadamw"]
 
 
-def _run_optimizer(name, seed=0, steps=3):
-  k = jax.random.split(jax.random.PRNGKey(seed), 3)
-  params = {"blocks": {"kernel": jax.random.normal(k[0], (8, 12)),
-                       "bias": jax.random.normal(k[1], (12,))},
-            "mlp": {"kernel": jax.random.normal(k[2], (12, 8))}}
+@functools.lru_cache(maxsize=None)
+def _optimizer_step(name):
   tx = getattr(ortho_optax, name)()
-  state = tx.init(params)
   loss = lambda p: jnp.sum(jnp.tanh(p["blocks"]["kernel"] @ p["mlp"]["kernel"]) ** 2) + jnp.sum(
       p["blocks"]["bias"] ** 2)
 
@@ -183,6 +191,16 @@ def _run_optimizer(name, seed=0, steps=3):
     u, state = tx.update(g, state, params)
     return optax.apply_updates(params, u), state
 
+  return tx, step
+
+
+def _run_optimizer(name, seed=0, steps=3):
+  k = jax.random.split(jax.random.PRNGKey(seed), 3)
+  params = {"blocks": {"kernel": jax.random.normal(k[0], (8, 12)),
+                       "bias": jax.random.normal(k[1], (12,))},
+            "mlp": {"kernel": jax.random.normal(k[2], (12, 8))}}
+  tx, step = _optimizer_step(name)
+  state = tx.init(params)
   for _ in range(steps):
     params, state = step(params, state)
   return params, state

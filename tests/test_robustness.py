@@ -153,18 +153,18 @@ def _awkward_grads(tree, seed=0):
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-@pytest.mark.parametrize("labels", ["default", "int_to_adam", "int_to_ortho"])
+@pytest.mark.parametrize("labels", ["default", "ints_routed"])
 @pytest.mark.parametrize("name", NAMES)
 def test_none_empty_scalar_and_integer_leaves(name, labels):
   params = _awkward_tree()
   if labels == "default":
     label_fn = None
   else:
-    # A label pytree that (wrongly) routes the integer leaves: they stay frozen anyway.
-    bad = labels.split("_")[-1]
+    # A label pytree that (wrongly) routes the integer / bool leaves to the orthogonalized
+    # and AdamW branches: they stay frozen anyway.
     label_fn = {"dense": {"kernel": "ortho", "bias": "adam"},
                 "empty": {"kernel": "ortho", "bias": "adam"}, "nothing": None,
-                "gain": "adam", "step": bad, "token_ids": bad, "mask": bad}
+                "gain": "adam", "step": "ortho", "token_ids": "adam", "mask": "ortho"}
   tx = _factory(name)(label_fn=label_fn)
   state = tx.init(params)
   update = jax.jit(tx.update)
