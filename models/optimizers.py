@@ -40,7 +40,7 @@ TINY_DEFAULTS: dict[str, float] = {
     "hybrid_auon": 0.06,  # not swept (NS output without shape scaling)
     # AuON's update is the momentum itself (G / r with r ~ 1): SGD-sized learning rates
     # (hidden-matrix gradients have an RMS of ~1e-5..1e-4 on this model).
-    "auon": 1.85,  # swept 0.62 .. 150
+    "auon": 5.5,  # swept 0.62, 1.85, 5.6, 16.7, 50, 150
     # Spectral scaling sqrt(max(out, in)) gives updates of RMS ~1: Adam-sized rates.
     "normuon": 2e-3,  # swept 2e-3, 6e-3, 1.8e-2
     "namo": 1e-2,  # not swept
