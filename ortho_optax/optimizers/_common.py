@@ -9,7 +9,6 @@ time.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Iterable, Optional
 
 import jax
@@ -20,82 +19,15 @@ from ortho_optax import matrix_view
 from ortho_optax import routing
 
 
-# ---------------------------------------------------------------------------------------
-# Hyperparameter validation
-# ---------------------------------------------------------------------------------------
-
-
-def _is_number(value) -> bool:
-  """True for Python (and NumPy scalar) real numbers; False for arrays and callables."""
-  return isinstance(value, numbers.Real) and not callable(value)
-
-
-def check_non_negative(name: str, value) -> None:
-  """Raises ``ValueError`` if ``value`` is a number < 0 (or NaN)."""
-  if _is_number(value) and not value >= 0:
-    raise ValueError(f"{name} must be >= 0, got {name}={value!r}.")
-
-
-def check_positive(name: str, value) -> None:
-  """Raises ``ValueError`` if ``value`` is a number <= 0 (or NaN)."""
-  if _is_number(value) and not value > 0:
-    raise ValueError(f"{name} must be > 0, got {name}={value!r}.")
-
-
-def check_in_range(name: str, value, low=None, high=None, *, low_inclusive: bool = True,
-                   high_inclusive: bool = True) -> None:
-  """Raises ``ValueError`` if the number ``value`` is outside ``[low, high]``.
-
-  Args:
-    name: hyperparameter name used in the message.
-    value: the value to check (non-numbers are skipped).
-    low, high: bounds, ``None`` for unbounded.
-    low_inclusive, high_inclusive: whether the bounds themselves are allowed.
-  """
-  if not _is_number(value):
-    return
-  ok = value == value  # NaN fails every range
-  if low is not None:
-    ok = ok and (value >= low if low_inclusive else value > low)
-  if high is not None:
-    ok = ok and (value <= high if high_inclusive else value < high)
-  if not ok:
-    lo = "(-inf" if low is None else ("[" if low_inclusive else "(") + repr(low)
-    hi = "inf)" if high is None else repr(high) + ("]" if high_inclusive else ")")
-    raise ValueError(f"{name} must be in {lo}, {hi}, got {name}={value!r}.")
-
-
-def check_choice(name: str, value, choices: Iterable) -> None:
-  """Raises ``ValueError`` if ``value`` is not one of ``choices``."""
-  choices = tuple(choices)
-  if value not in choices:
-    raise ValueError(
-        f"{name}={value!r} is not supported; valid choices: "
-        + ", ".join(repr(c) for c in choices) + ".")
-
-
-def check_int(name: str, value, minimum: Optional[int] = None) -> None:
-  """Raises ``ValueError`` unless ``value`` is a Python ``int`` (>= ``minimum``).
-
-  Step counts and iteration counts fix array shapes / loop lengths, so they must be
-  static Python integers (``bool`` is rejected).
-  """
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{name} must be a Python int, got {name}={value!r}.")
-  if minimum is not None and value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}.")
-
-
-def check_learning_rate(value, name: str = "learning_rate") -> None:
-  """A learning rate is a number >= 0 or a schedule (callable) or an array."""
-  if value is None:
-    raise ValueError(f"{name} must be a number or a schedule, got None.")
-  check_non_negative(name, value)
-
-
-def check_momentum(value, name: str = "momentum") -> None:
-  """EMA coefficients live in [0, 1]."""
-  check_in_range(name, value, 0.0, 1.0)
+from ortho_optax.validation import (  # noqa: F401  (re-exported for the optimizers)
+    check_choice,
+    check_in_range,
+    check_int,
+    check_learning_rate,
+    check_momentum,
+    check_non_negative,
+    check_positive,
+)
 
 
 def check_adam(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay) -> None:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ortho_optax.stages.momentum import check_choice, check_range
+from ortho_optax.validation import check_choice, check_range
 
 WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2", "palm")
 _NO_PARAMS = ("This transformation needs the parameters: call update(updates, state, "

@@ -8,7 +8,6 @@ Nesterov blend ``lerp(g, m, mu) = (1 - mu) * g + mu * m``.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -17,35 +16,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
-
-def is_python_number(x: Any) -> bool:
-  """True for a plain Python ``int``/``float`` (not ``bool``, arrays or schedules).
-
-  Hyperparameters are only validated when they are Python numbers: under
-  ``optax.inject_hyperparams`` they arrive as jax arrays (possibly traced) and
-  schedules are callables, neither of which can be checked at construction.
-  """
-  return isinstance(x, numbers.Real) and not isinstance(x, bool) and not hasattr(x, "shape")
-
-
-def check_range(name: str, value: Any, low: float, high: float, *,
-                low_open: bool = False, high_open: bool = False) -> None:
-  """Raises ``ValueError`` naming ``value`` when a Python number is out of range."""
-  if not is_python_number(value):
-    return
-  ok_low = value > low if low_open else value >= low
-  ok_high = value < high if high_open else value <= high
-  if not (ok_low and ok_high):
-    lb = "(" if low_open else "["
-    hb = ")" if high_open else "]"
-    raise ValueError(
-        f"{name}={value!r} is out of range: expected a value in {lb}{low}, {high}{hb}.")
-
-
-def check_choice(name: str, value: Any, choices) -> None:
-  """Raises ``ValueError`` naming ``value`` and the valid ``choices``."""
-  if value not in choices:
-    raise ValueError(f"Unknown {name}={value!r}; valid choices are {tuple(choices)}.")
+from ortho_optax.validation import check_range
 
 
 class EmaMomentumState(NamedTuple):

@@ -15,7 +15,7 @@ import jax
 import optax
 
 from ortho_optax import matrix_view
-from ortho_optax.stages.momentum import check_choice
+from ortho_optax.validation import check_choice
 
 SCALE_MODES = ("shape_scaling", "spectral", "unit_rms_norm", "consistent_rms", "none")
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from ortho_optax import matrix_view
-from ortho_optax.stages.momentum import check_choice, check_range
+from ortho_optax.validation import check_choice, check_range
 
 SECOND_MOMENT_METHODS = ("adamuon", "normuon", "namo")
 
