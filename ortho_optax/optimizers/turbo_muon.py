@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from ortho_optax.optimizers import _common
-from ortho_optax.optimizers.muon import orthogonalized_chain, validate_common, with_kahan
+from ortho_optax.optimizers.muon import muon
 
 TURBO_VARIANTS = ("turbo", "standard")
 
@@ -88,19 +88,13 @@ def turbo_muon(
     coefficients, preconditioning = "turbo_aol", "aol"
   else:
     coefficients, preconditioning = "quintic", "frobenius"
-  validate_common(
-      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
-      weight_decay_method=weight_decay_method, ns_steps=ns_steps, coefficients=coefficients,
-      preconditioning=preconditioning, scale_mode=scale_mode,
-      extra_scale_factor=extra_scale_factor, eps=eps, backend=backend)
-  dims = _common.masked_dimension_numbers(dimension_numbers)
-  ortho_tx = orthogonalized_chain(
-      learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
-      weight_decay=weight_decay, weight_decay_method=weight_decay_method, ns_steps=ns_steps,
-      coefficients=coefficients, preconditioning=preconditioning, eps=eps,
-      compute_dtype=compute_dtype, scale_mode=scale_mode,
-      extra_scale_factor=extra_scale_factor, mu_dtype=mu_dtype, dimension_numbers=dims,
-      backend=backend)
-  return with_kahan(_common.with_adamw_fallback(
-      ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn), kahan_sum)
+  # Turbo-Muon is Muon with its own preconditioning, table and defaults.
+  return muon(
+      learning_rate=learning_rate, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+      coefficients=coefficients, preconditioning=preconditioning, scale_mode=scale_mode,
+      extra_scale_factor=extra_scale_factor, weight_decay=weight_decay,
+      weight_decay_method=weight_decay_method, compute_dtype=compute_dtype, eps=eps,
+      mu_dtype=mu_dtype, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1,
+      adam_b2=adam_b2, adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
+      label_fn=label_fn, dimension_numbers=dimension_numbers, backend=backend,
+      kahan_sum=kahan_sum)
