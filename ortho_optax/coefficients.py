@@ -165,6 +165,12 @@ def resolve_coefficients(
     ``iter == 0`` both yield the whole table, so asking the reference for 6 or more
     iterations silently runs 5. Rather than silently returning fewer triples than asked,
     ``steps > 5`` raises here; ``steps == 5`` is the whole table, like the reference.
+
+  References:
+    NVIDIA-NeMo/Emerging-Optimizers (the coefficient sets); K. Jordan et al., "Muon: An
+    optimizer for hidden layers in neural networks", 2024,
+    https://kellerjordan.github.io/posts/muon/; Amsel, Persson, Musco, Gower, "The Polar
+    Express", arXiv 2505.16932, 2025.
   """
   if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
     raise ValueError(f"steps must be a positive integer, got {steps!r}.")

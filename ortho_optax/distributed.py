@@ -153,6 +153,20 @@ def fsdp_shardings(tree, mesh: Mesh, fsdp_axes: Sequence[str] = ("fsdp",)):
   caches have the parameter's shape), so per-device state memory scales as ``1/fsdp``
   for every divisible leaf; scalars (step counters) and indivisible leaves replicate.
   Non-array leaves (``None``, ``optax.MaskedNode``) are kept as they are.
+
+  Args:
+    tree: a pytree of arrays (or of objects with a ``shape``), e.g. the parameters or
+      ``tx.init(params)``.
+    mesh: the ``jax.sharding.Mesh``.
+    fsdp_axes: the mesh axes the leaves are sharded over (default ``("fsdp",)``).
+
+  Returns:
+    A pytree of ``tree``'s structure whose array leaves are ``NamedSharding`` objects
+    (sharded on the axis chosen by :func:`fsdp_axis`, else replicated).
+
+  References:
+    SPEC / the seed repository (FSDP layout); microsoft/dion (distributed
+    orthogonalization).
   """
   def one(x):
     shape = getattr(x, "shape", None)
@@ -287,6 +301,11 @@ def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
 
   Raises:
     ValueError: for an unknown strategy or axis names not in the mesh.
+
+  References:
+    microsoft/dion and NVIDIA-NeMo/Emerging-Optimizers (distributed Muon
+    orthogonalization); Liu et al., "Muon is Scalable for LLM Training",
+    arXiv 2502.16982, 2025.
   """
   config = make_sharding_config(mesh, strategy, axis_names, fsdp_axes, communication_dtype)
 

@@ -104,6 +104,10 @@ def to_matrices(
     ``(mats, restore)`` where ``mats`` has shape ``(batch, out, in)`` and
     ``restore(mats_like)`` maps an array of the same shape back to ``x``'s shape and
     axis order.
+
+  References:
+    SPEC (matrix views of parameter leaves); NVIDIA-NeMo/Emerging-Optimizers and
+    microsoft/dion for the ``(batch, out, in)`` convention.
   """
   dims = validate_dims(dims, x.shape)
   ndim = x.ndim
@@ -181,6 +185,10 @@ def resolve_dims(tree, dimension_numbers=None):
 
   Raises:
     ValueError: for a leaf with no view, naming its path and shape and how to give one.
+
+  References:
+    SPEC (matrix views of parameter leaves); NVIDIA-NeMo/Emerging-Optimizers and
+    microsoft/dion for the ``(batch, out, in)`` convention.
   """
   if callable(dimension_numbers) and not isinstance(dimension_numbers, MatrixDims):
     dimension_numbers = dimension_numbers(tree)

@@ -298,6 +298,13 @@ def newton_schulz(
 
   Raises:
     ValueError: for ``x.ndim < 2`` or bad arguments (naming the value and the choices).
+
+  References:
+    K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+    https://kellerjordan.github.io/posts/muon/; NVIDIA-NeMo/Emerging-Optimizers (coefficient
+    sets); Amsel, Persson, Musco, Gower, "The Polar Express", arXiv 2505.16932, 2025;
+    Boissin et al., "Turbo-Muon", arXiv 2512.04632, 2025 and thib-s/flash-newton-schulz
+    (AOL preconditioning).
   """
   validate_args(preconditioning, backend, eps)
   triples = resolve_coefficients(coefficients, steps, order)

@@ -58,6 +58,9 @@ def polar(x: jax.Array) -> jax.Array:
 
   Returns:
     An array of ``x``'s shape and dtype.
+
+  References:
+    SPEC / the seed repository (exact SVD reference for the iterative polar factors).
   """
   x = _check_matrix(x, "polar")
   acc = _accum_dtype(x.dtype)
@@ -82,6 +85,13 @@ def aurora_polar(x: jax.Array, steps: int = 12, compute_dtype=jnp.bfloat16,
     steps: number of iterations (12 in Aurora).
     compute_dtype: dtype of the iterations.
     backend: see :func:`ortho_optax.newton_schulz.newton_schulz`.
+
+  Returns:
+    An array of ``x``'s shape and dtype: the approximate polar factor of each matrix.
+
+  References:
+    "Aurora: A Leverage-Aware Spectral Optimizer", arXiv 2606.27715, 2026 (Tilde
+    Research); tilde-research/aurora-release ``src/aurora.py``.
   """
   x = _check_matrix(x, "aurora_polar")
   return newton_schulz(x, steps=steps, coefficients="aurora", preconditioning="frobenius",
@@ -145,6 +155,10 @@ def leverage_uniform_polar(
 
   Returns:
     An array of ``x``'s shape and dtype (the aspect-ratio factor is NOT applied).
+
+  References:
+    "Aurora: A Leverage-Aware Spectral Optimizer", arXiv 2606.27715, 2026 (Tilde
+    Research); tilde-research/aurora-release ``src/aurora.py``.
   """
   x = _check_matrix(x, "leverage_uniform_polar")
   _check_positive_int(pp_iterations, "pp_iterations")
@@ -293,6 +307,10 @@ def riemannian_balanced_polar(
 
   Returns:
     An array of ``x``'s shape and dtype (the aspect-ratio factor is NOT applied).
+
+  References:
+    "Aurora: A Leverage-Aware Spectral Optimizer", arXiv 2606.27715, 2026 (Tilde
+    Research); tilde-research/aurora-release ``src/riemannian_aurora.py``.
   """
   x = _check_matrix(x, "riemannian_balanced_polar")
   _check_positive_int(outer_steps, "outer_steps", minimum=0)
@@ -345,6 +363,10 @@ def cosh_normalize(x: jax.Array, gamma: float = 1.5) -> jax.Array:
 
   Returns:
     An array of ``x``'s shape and dtype (computed in >= float32).
+
+  References:
+    D. Maity, "AuON: A Linear-time Alternative to Semi-Orthogonal Momentum Updates",
+    arXiv 2509.24320, 2025; ryyzn9/AuON ``auon/optimizer.py``.
   """
   x = jnp.asarray(x)
   _check_positive(gamma, "gamma", allow_zero=True)

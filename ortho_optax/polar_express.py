@@ -96,6 +96,11 @@ def polar_express_coefficients(
   Returns:
     A tuple of ``steps`` ``(a, b, c)`` triples (usable as ``coefficients=`` of
     :func:`ortho_optax.newton_schulz.newton_schulz`).
+
+  References:
+    Amsel, Persson, Musco, Gower, "The Polar Express: Optimal Matrix Sign Methods and
+    Their Application to the Muon Algorithm", arXiv 2505.16932, 2025;
+    NVIDIA-NeMo/Emerging-Optimizers (published coefficient table).
   """
   if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
     raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")

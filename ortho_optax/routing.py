@@ -158,6 +158,11 @@ def default_label_fn(params):
   Returns:
     A pytree with the structure of ``params`` whose leaves are ``"ortho"``, ``"adam"``
     or ``"frozen"`` (non floating-point leaves, left untouched).
+
+  References:
+    K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+    https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
+    AdamW); SPEC / the seed repository (routing rules).
   """
   return _map_leaves(default_label, params)
 
@@ -167,6 +172,21 @@ def label_by_path(rule: Callable[[str, Any], str]) -> Callable[[Any], Any]:
 
   The path is the ``a/b/c`` string of :func:`matrix_view.path_str`. Non floating-point
   leaves are labelled ``"frozen"`` before the rule is asked.
+
+  Args:
+    rule: ``rule(path, leaf) -> label`` called for every floating-point leaf, with
+      ``path`` the leaf's ``a/b/c`` string; it must return ``"ortho"``, ``"adam"`` or
+      ``"frozen"``.
+
+  Returns:
+    ``label_fn(params) -> pytree of labels`` with the structure of ``params``, usable as
+    the ``label_fn`` argument of every optimizer. Calling it raises ``ValueError``
+    (naming the path) when ``rule`` returns any other label.
+
+  References:
+    K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+    https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
+    AdamW); SPEC / the seed repository (routing rules).
   """
 
   def label_fn(params):
@@ -203,6 +223,11 @@ def label_from_model(model) -> Callable[[Any], Any]:
   Returns:
     ``label_fn(params) -> pytree of labels`` for ``nnx.state(model, nnx.Param)``-shaped
     trees (with or without ``Variable`` wrappers; the path is the key).
+
+  References:
+    K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+    https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
+    AdamW); SPEC / the seed repository (routing rules).
   """
   from flax import nnx
 
@@ -251,6 +276,11 @@ def dims_from_model(model) -> Callable[[Any], Any]:
   Returns:
     A callable ``params -> pytree of MatrixDims | None`` (the callable form of
     ``dimension_numbers``), keyed by path like :func:`label_from_model`.
+
+  References:
+    K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+    https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
+    AdamW); SPEC / the seed repository (routing rules).
   """
   from flax import nnx
 
@@ -292,6 +322,11 @@ def routing_report(params, label_fn=None, dimension_numbers=None) -> str:
     A text table with columns path, shape, dtype, label, matrix view: ``(batch, out,
     in)`` for ``"ortho"`` leaves, or the reason there is none (an error that
     ``init`` would raise), and the totals per label.
+
+  References:
+    K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+    https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
+    AdamW); SPEC / the seed repository (routing rules).
   """
   labels = resolve_labels(params, label_fn)
   flat_params = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]

@@ -17,7 +17,15 @@ import functools
 def is_available() -> bool:
   """True when a Hopper GPU (compute capability 9.x) and Mosaic GPU Pallas are usable.
 
-  Never raises: any failure to import or query reports False.
+  Never raises: any failure to import or query reports False. The answer is cached.
+
+  Returns:
+    ``True`` when the first GPU of ``jax.devices()`` has compute capability 9.x and the
+    Mosaic GPU Pallas backend imports, ``False`` otherwise.
+
+  References:
+    JAX Pallas Mosaic GPU backend (``jax.experimental.pallas.mosaic_gpu``); SPEC / the
+    seed repository.
   """
   try:
     import jax
@@ -45,6 +53,17 @@ def prefers_kernels(batch: int, m: int, n: int) -> bool:
 
   For ``backend="auto"``: small single matrices (e.g. one 768×768) are launch- and
   occupancy-bound in the kernels (few 128×256 tiles for 132 SMs) and faster in XLA.
+
+  Args:
+    batch: number of matrices in the stack.
+    m, n: matrix dimensions (in either order).
+
+  Returns:
+    ``True`` when one Newton–Schulz step of the stack costs at least
+    ``MIN_STEP_FLOPS`` (``batch * (3 m² n + m³)`` with ``m <= n``).
+
+  References:
+    SPEC / the seed repository (kernel benchmarks on H100/H200).
   """
   m, n = min(m, n), max(m, n)
   return batch * (3.0 * m * m * n + float(m) ** 3) >= MIN_STEP_FLOPS
@@ -61,6 +80,11 @@ def newton_schulz(x, coefficients, *, aol: bool = False, eps: float = 1e-7):
 
   Returns:
     bf16 ``(batch, m, n)``.
+
+  References:
+    K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+    https://kellerjordan.github.io/posts/muon/; Boissin et al., "Turbo-Muon",
+    arXiv 2512.04632, 2025 and thib-s/flash-newton-schulz (AOL preconditioning).
   """
   from ortho_optax.pallas import ns
   return ns.newton_schulz(x, coefficients, aol=aol, eps=eps)

@@ -79,6 +79,12 @@ def with_adamw_fallback(
   Returns:
     An ``optax.GradientTransformation`` (a ``multi_transform``; its state is
     ``optax.MultiTransformState`` with ``inner_states["ortho" | "adam" | "frozen"]``).
+
+  References:
+    K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+    https://kellerjordan.github.io/posts/muon/ (AdamW for embeddings, heads and
+    non-matrix parameters); Liu et al., "Muon is Scalable for LLM Training",
+    arXiv 2502.16982, 2025.
   """
   if adam_tx is None:
     check_adam(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay)

@@ -89,8 +89,11 @@ def adaptive_muon(
     ValueError: for invalid hyperparameters, including ``namo`` with ``l2``.
 
   References:
-    Si et al., "AdaMuon", 2025; Li et al., "NorMuon", 2025; NVIDIA-NeMo/Emerging-Optimizers
-    ``adaptive_muon.py``.
+    C. Si, D. Zhang, W. Shen, "AdaMuon: Adaptive Muon Optimizer", arXiv 2507.11005, 2025;
+    Z. Li et al., "NorMuon: Making Muon more efficient and scalable", arXiv 2510.05491,
+    2025; M. Zhang, Y. Liu, H. Schaeffer, "Adam Improves Muon: Adaptive Moment Estimation
+    with Orthogonalized Momentum" (NAMO), arXiv 2602.17080, 2026;
+    NVIDIA-NeMo/Emerging-Optimizers ``adaptive_muon.py``.
   """
   _common.check_choice("moment2_method", moment2_method, SECOND_MOMENT_METHODS)
   if moment2_method == "namo" and weight_decay_method == "l2":
@@ -151,3 +154,53 @@ normuon = _fixed_method(
     "normalisation, rescaled to the update's Frobenius norm.")
 namo = _fixed_method(
     "namo", "NAMO: Muon scaled by ||U||_F / sqrt(EMA of ||g||_F^2) (norm-adaptive step size).")
+
+_PRESET_ARGS = """
+  Args:
+    learning_rate: lr of the orthogonalized branch, a number or schedule (default 3e-4).
+    momentum: EMA coefficient in ``[0, 1)`` (default 0.95).
+    weight_decay: decay coefficient >= 0 (default 0.01).
+    beta2: second-moment EMA coefficient in ``[0, 1)`` (default 0.95).
+    eps: second-moment epsilon (default 1e-8).
+    nesterov: Nesterov blend (default ``False``, as in the reference).
+    weight_decay_method: ``"decoupled"`` (default), ``"independent"``, ``"l2"`` or
+      ``"palm"``.{l2_note}
+    ns_steps, coefficients, preconditioning, compute_dtype, backend: Newton-Schulz
+      (defaults 5, ``"quintic"``, ``"frobenius"``, ``jnp.bfloat16``, ``"auto"``), as in
+      :func:`ortho_optax.optimizers.muon.muon`.
+    ns_eps: Newton-Schulz normalisation epsilon (default 1e-7).
+    scale_mode, extra_scale_factor, mu_dtype: as in :func:`~ortho_optax.optimizers.muon.muon`
+      (defaults ``"spectral"``, 1.0, ``None``).
+    adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW branch for
+      non-matrix leaves (defaults 3e-4, 0.9, 0.95, 1e-10, 0.0).
+    label_fn, dimension_numbers: routing and matrix views (``None``: the defaults).
+    kahan_sum: Kahan-compensated summation for bf16/fp16 parameters (default ``False``).
+
+  Returns:
+    An ``optax.GradientTransformation``, the same as
+    ``adaptive_muon(moment2_method={method!r}, ...)``: the orthogonalized branch's state
+    holds a :class:`ortho_optax.stages.second_moment.SecondMomentState`.
+
+  Raises:
+    ValueError: for invalid hyperparameters{raises_note}.
+
+  References:
+    {references}
+    NVIDIA-NeMo/Emerging-Optimizers ``adaptive_muon.py``; K. Jordan et al., "Muon",
+    2024, https://kellerjordan.github.io/posts/muon/.
+"""
+
+
+def _preset_doc(tx, references, l2_note="", raises_note=""):
+  tx.__doc__ += _PRESET_ARGS.format(method=tx.__name__, references=references,
+                                    l2_note=l2_note, raises_note=raises_note)
+
+
+_preset_doc(adamuon, """C. Si, D. Zhang, W. Shen, "AdaMuon: Adaptive Muon Optimizer",
+    arXiv 2507.11005, 2025;""")
+_preset_doc(normuon, """Z. Li et al., "NorMuon: Making Muon more efficient and scalable",
+    arXiv 2510.05491, 2025;""")
+_preset_doc(namo, """M. Zhang, Y. Liu, H. Schaeffer, "Adam Improves Muon: Adaptive Moment
+    Estimation with Orthogonalized Momentum", arXiv 2602.17080, 2026;""",
+            l2_note=" ``\"l2\"`` is rejected (NAMO tracks the raw gradient's norm).",
+            raises_note=", including ``weight_decay_method=\"l2\"``")

@@ -84,7 +84,9 @@ def auon(
     An ``optax.GradientTransformation`` (an ``optax.multi_transform``).
 
   References:
-    ryyzn9/AuON ``auon/optimizer.py::AuON`` (commit bba2e82).
+    D. Maity, "AuON: A Linear-time Alternative to Semi-Orthogonal Momentum Updates",
+    arXiv 2509.24320, 2025; ryyzn9/AuON ``auon/optimizer.py::AuON``
+    (commit bba2e82).
   """
   _check_auon(learning_rate, momentum, weight_decay, gamma)
   del dimension_numbers, backend
@@ -142,7 +144,10 @@ def hybrid_auon(
     An ``optax.GradientTransformation`` (an ``optax.multi_transform``).
 
   References:
-    ryyzn9/AuON ``auon/optimizer.py::HybridAuON`` (commit bba2e82).
+    D. Maity, "AuON: A Linear-time Alternative to Semi-Orthogonal Momentum Updates",
+    arXiv 2509.24320, 2025; ryyzn9/AuON
+    ``auon/optimizer.py::HybridAuON`` (commit bba2e82); K. Jordan et al., "Muon", 2024,
+    https://kellerjordan.github.io/posts/muon/.
   """
   _check_auon(learning_rate, momentum, weight_decay, gamma)
   _common.check_int("ns_steps", ns_steps, 1)

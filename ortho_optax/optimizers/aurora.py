@@ -64,6 +64,11 @@ def skip_nonfinite_updates(
     On a step where any element of the incoming updates, of ``inner``'s output or of
     its new state is not finite, every update is zero, ``inner``'s state is left as it
     was and both counters increase.
+
+  References:
+    "Aurora: A Leverage-Aware Spectral Optimizer", arXiv 2606.27715, 2026 (Tilde
+    Research); tilde-research/aurora-release (its non-finite step guard);
+    ``optax.apply_if_finite``.
   """
   inner = optax.with_extra_args_support(inner)
 
@@ -159,7 +164,8 @@ def aurora(
     orthogonalized updates are skipped and counted (see the module docstring).
 
   References:
-    tilde-research/aurora-release ``src/aurora.py::aurora`` (commit 3d79a5c).
+    "Aurora: A Leverage-Aware Spectral Optimizer", arXiv 2606.27715, 2026 (Tilde
+    Research); tilde-research/aurora-release ``src/aurora.py::aurora`` (commit 3d79a5c).
   """
   _check_aurora(learning_rate, weight_decay, momentum, eps)
   if learning_rate is not None and not callable(learning_rate):
@@ -223,7 +229,8 @@ def riemannian_aurora(
     An ``optax.GradientTransformation`` (an ``optax.multi_transform``).
 
   References:
-    tilde-research/aurora-release ``src/riemannian_aurora.py`` (commit 3d79a5c).
+    "Aurora: A Leverage-Aware Spectral Optimizer", arXiv 2606.27715, 2026 (Tilde
+    Research); tilde-research/aurora-release ``src/riemannian_aurora.py`` (commit 3d79a5c).
   """
   _check_aurora(learning_rate, weight_decay, momentum, eps)
   if learning_rate is not None and not callable(learning_rate):
@@ -255,6 +262,12 @@ def nonfinite_count(state) -> jnp.ndarray:
 
   Returns:
     The int32 ``total_notfinite`` of the Aurora branch's :class:`SkipNonFiniteState`.
+
+  Raises:
+    ValueError: when ``state`` holds no :class:`SkipNonFiniteState`.
+
+  References:
+    tilde-research/aurora-release (its non-finite step guard); SPEC / the seed repository.
   """
   branches = [s.inner_states["ortho"] for s in _find_branch_states(state)]
   for subtree in branches or [state]:

@@ -42,6 +42,17 @@ def inject_static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
   callable as a schedule. Step counts (``ns_steps``), dtypes (``compute_dtype`` is a
   callable class), ``label_fn`` and ``dimension_numbers`` must not be, so every
   argument whose default is not a ``float`` is returned.
+
+  Args:
+    factory: an optimizer factory such as :func:`muon` (anything ``inspect.signature``
+      accepts).
+
+  Returns:
+    A tuple of argument names, for ``optax.inject_hyperparams(factory,
+    static_args=...)``.
+
+  References:
+    ``optax.inject_hyperparams`` (its ``static_args``); SPEC / the seed repository.
   """
   sig = inspect.signature(factory)
   return tuple(name for name, p in sig.parameters.items()

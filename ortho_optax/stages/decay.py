@@ -79,6 +79,11 @@ def add_weight_decay(
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`WeightDecayState`.
+
+  References:
+    NVIDIA-NeMo/Emerging-Optimizers (``weight_decay_method`` of
+    ``OrthogonalizedOptimizer``); Liu et al., "Muon is Scalable for LLM Training",
+    arXiv 2502.16982, 2025.
   """
   check_range("weight_decay", weight_decay, 0.0, float("inf"))
 
@@ -122,6 +127,11 @@ def scale_by_learning_rate_and_decay(
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`WeightDecayState`.
+
+  References:
+    NVIDIA-NeMo/Emerging-Optimizers (``weight_decay_method`` of
+    ``OrthogonalizedOptimizer``); Liu et al., "Muon is Scalable for LLM Training",
+    arXiv 2502.16982, 2025.
   """
   check_range("learning_rate", learning_rate, 0.0, float("inf"))
   check_range("weight_decay", weight_decay, 0.0, float("inf"))
@@ -168,6 +178,24 @@ def weight_decay_stages(
   methods). ``chain(first, momentum, orthogonalize, ..., last)`` reproduces the
   order of NVIDIA's ``OrthogonalizedOptimizer`` and of the Keller-style
   references for every method.
+
+  Args:
+    learning_rate: a number or an ``optax`` schedule.
+    weight_decay: decay coefficient (>= 0), number or schedule.
+    method: ``"decoupled"``, ``"independent"``, ``"l2"`` or ``"palm"`` (see
+      :func:`scale_by_learning_rate_and_decay`).
+    mask: optional pytree or callable selecting the decayed leaves, as in optax.
+
+  Returns:
+    ``(first, last)``, two ``optax.GradientTransformation`` objects.
+
+  Raises:
+    ValueError: for an unknown ``method`` or a negative ``weight_decay``.
+
+  References:
+    NVIDIA-NeMo/Emerging-Optimizers (``weight_decay_method`` of
+    ``OrthogonalizedOptimizer``); Liu et al., "Muon is Scalable for LLM Training",
+    arXiv 2502.16982, 2025.
   """
   check_choice("weight_decay_method", method, WEIGHT_DECAY_METHODS)
   if method == "l2":

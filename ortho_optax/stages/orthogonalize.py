@@ -115,6 +115,12 @@ def orthogonalize(
   Raises:
     ValueError: at construction for an unknown method / preset / preconditioning / backend
       or out-of-range Python numbers, naming the value and the choices.
+
+  References:
+    K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+    https://kellerjordan.github.io/posts/muon/; NVIDIA-NeMo/Emerging-Optimizers;
+    Boissin et al., "Turbo-Muon", arXiv 2512.04632, 2025; "Aurora: A Leverage-Aware
+    Spectral Optimizer", arXiv 2606.27715, 2026 (tilde-research/aurora-release).
   """
   if method not in METHODS:
     raise ValueError(f"method={method!r} is not one of {METHODS}.")

@@ -116,9 +116,12 @@ def scale_by_second_moment(
       negative ``eps``, or NAMO without its inner transforms.
 
   References:
-    Si et al., "AdaMuon: Adaptive Muon Optimizer", 2025.
-    Li et al., "NorMuon: Making Muon more efficient and scalable", 2025.
-    Zhang et al., "NAMO" (norm-adaptive Muon), in NVIDIA Emerging-Optimizers.
+    C. Si, D. Zhang, W. Shen, "AdaMuon: Adaptive Muon Optimizer", arXiv 2507.11005, 2025.
+    Z. Li et al., "NorMuon: Making Muon more efficient and scalable", arXiv 2510.05491,
+    2025.
+    M. Zhang, Y. Liu, H. Schaeffer, "Adam Improves Muon: Adaptive Moment Estimation with
+    Orthogonalized Momentum" (NAMO), arXiv 2602.17080, 2026.
+    NVIDIA-NeMo/Emerging-Optimizers (adaptive Muon).
   """
   check_choice("moment2_method", method, SECOND_MOMENT_METHODS)
   check_range("beta2", beta2, 0.0, 1.0, high_open=True)
@@ -211,7 +214,30 @@ def scale_by_namo(
 
   Equivalent to ``scale_by_second_moment("namo", beta2, eps, dimension_numbers,
   momentum=momentum, orthogonalizer=orthogonalizer)``: the input is the raw
-  gradient, the output ``||U||_F / (sqrt(v) + eps) * O``.
+  gradient, the output ``||U||_F / (sqrt(v) + eps) * O`` where
+  ``v <- beta2 v + (1 - beta2) ||g||_F^2`` (no bias correction), per matrix.
+
+  Args:
+    momentum: transform mapping the raw gradient ``g`` to ``U`` (e.g.
+      :func:`ortho_optax.stages.momentum.ema_momentum`).
+    orthogonalizer: transform mapping ``U`` to ``O`` (e.g. ``orthogonalize(...)``).
+    beta2: EMA coefficient of ``||g||_F^2``, in ``[0, 1)`` (default 0.95).
+    eps: added to ``sqrt(v)`` (default 1e-8).
+    dimension_numbers: per-leaf matrix views, as accepted by
+      :func:`ortho_optax.matrix_view.resolve_dims` (``None``: the default views).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`SecondMomentState` whose
+    input is the raw gradient (``inner_state`` holds the momentum and orthogonalizer
+    states).
+
+  Raises:
+    ValueError: for ``beta2`` outside ``[0, 1)`` or a negative ``eps``.
+
+  References:
+    M. Zhang, Y. Liu, H. Schaeffer, "Adam Improves Muon: Adaptive Moment Estimation
+    with Orthogonalized Momentum", arXiv 2602.17080, 2026; NVIDIA-NeMo/Emerging-Optimizers
+    (adaptive Muon, ``moment2_method="namo"``).
   """
   return scale_by_second_moment("namo", beta2, eps, dimension_numbers,
                                 momentum=momentum, orthogonalizer=orthogonalizer)
