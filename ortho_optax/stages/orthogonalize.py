@@ -3,8 +3,9 @@ polar factor, and AuON's cosh normalisation stage.
 
 ``orthogonalize`` views every leaf as a stack of PyTorch-oriented ``(batch, out, in)``
 matrices (:mod:`ortho_optax.matrix_view`), concatenates the stacks of all leaves with the
-same ``(out, in, dtype)`` so each distinct shape costs one batched call (what the Pallas
-kernels want), runs the chosen method and restores every leaf's shape and dtype.
+same ``(out, in, dtype)`` (for Newton–Schulz, the same shape in either orientation) so each
+distinct shape costs one batched call (what the Pallas kernels want), runs the chosen
+method and restores every leaf's shape and dtype.
 
 References:
   Jordan et al., *Muon*, 2024; jeb1399/OAdamW (``MuonProjector``, ``update_proj_gap``);
@@ -170,24 +171,36 @@ def orthogonalize(
     leaves, treedef = jax.tree_util.tree_flatten(updates, is_leaf=is_none)
     dims_leaves = treedef.flatten_up_to(dims_tree)
     # Group the matrix stacks of all leaves by (out, in, dtype): one batched call each.
-    groups: dict[tuple, list[tuple[int, jax.Array]]] = {}
+    # Newton–Schulz works on the wide orientation anyway (it transposes tall matrices
+    # itself), so for it tall stacks are transposed here and grouped with the wide ones
+    # of the same shape: a GPT's (3072, 768) and (768, 3072) MLP matrices make one call
+    # (fewer launches and fuller waves for the GPU kernels), with identical results.
+    orient = method == "newton_schulz"
+    groups: dict[tuple, list[tuple[int, jax.Array, bool]]] = {}
     restores = {}
     for i, (leaf, dims) in enumerate(zip(leaves, dims_leaves)):
       if leaf is None:
         continue
       mats, restore = matrix_view.to_matrices(leaf, dims)
       restores[i] = restore
-      groups.setdefault((mats.shape[1], mats.shape[2], mats.dtype), []).append((i, mats))
+      tall = orient and mats.shape[1] > mats.shape[2]
+      if tall:
+        mats = jnp.swapaxes(mats, 1, 2)
+      groups.setdefault((mats.shape[1], mats.shape[2], mats.dtype), []).append(
+          (i, mats, tall))
     out_leaves = list(leaves)
     for members in groups.values():
-      sizes = [m.shape[0] for _, m in members]
+      sizes = [m.shape[0] for _, m, _ in members]
       stack = members[0][1] if len(members) == 1 else jnp.concatenate(
-          [m for _, m in members], axis=0)
+          [m for _, m, _ in members], axis=0)
       # Identity unless inside ortho_optax.distributed.distribute (multi-device layout).
       result = distributed.orthogonalize_stack(run_method, stack)
       offset = 0
-      for (i, _), size in zip(members, sizes):
-        out_leaves[i] = restores[i](result[offset:offset + size]).astype(leaves[i].dtype)
+      for (i, _, tall), size in zip(members, sizes):
+        part = result[offset:offset + size]
+        if tall:
+          part = jnp.swapaxes(part, 1, 2)
+        out_leaves[i] = restores[i](part).astype(leaves[i].dtype)
         offset += size
     return jax.tree_util.tree_unflatten(treedef, out_leaves)
 
