@@ -11,6 +11,8 @@ One kernel builder covers the three GEMMs of a quintic Newton–Schulz step
   shared memory, at ``(j, i)``. That halves the flops of the two symmetric products;
 * the epilogue forms ``beta·(lhs @ rhs) + alpha·add`` in float32 before the one bf16
   rounding (``add`` is read tile by tile with TMA), so ``b·A`` and ``a·X`` cost no pass;
+  Python-float ``alpha``/``beta`` are compiled in as constants, traced ones are read at
+  run time from a 2-element array;
 * ``split_k > 1`` splits the contraction over independent work items (for few output
   tiles and a long contraction, e.g. the Gram of a 1024×4096 matrix) and sums the
   partial products in float32 with XLA, where ``alpha``/``beta``/``add`` then go too.
@@ -51,6 +53,12 @@ class TuningConfig:
     split_k: number of independent contraction chunks (partials summed by XLA).
     grid_tile_width: (full grid only) width of the column bands of the snake order of
       output tiles, so that concurrently running CTAs share operand tiles in L2.
+    epilogue_rows: rows of the output staged in shared memory at a time (0: the whole
+      ``tile_m``). ``64`` halves the epilogue buffers (32 KB instead of 64 KB for 128×128
+      warpgroup tiles), which leaves room for a 4th pipeline stage; the tile is then
+      written (and mirrored) in row bands of 64, one TMA store after the other.
+    prefetch_add: (whole-tile epilogue only) issue the TMA load of the ``add`` tile before
+      the main loop instead of after it, so its latency hides behind the MMAs.
   """
   tile_m: int = 128
   tile_n: int = 128
@@ -58,6 +66,8 @@ class TuningConfig:
   max_concurrent_steps: int = 3
   split_k: int = 1
   grid_tile_width: int = 4
+  epilogue_rows: int = 0
+  prefetch_add: bool = False
 
   @property
   def cta_n(self) -> int:
@@ -102,10 +112,20 @@ def _check(batch, m, n, k, *, upper, config):
     raise ValueError(f"contraction {k} must be a multiple of split_k·tile_k of {cfg}.")
   if cfg.tile_k != 64:
     raise ValueError(f"tile_k must be 64 (one 128-byte swizzle row of bf16), got {cfg}.")
+  rows = cfg.epilogue_rows or cfg.tile_m
+  if rows % 64 or cfg.tile_m % rows:
+    raise ValueError(f"epilogue_rows must be 0 or a multiple of 64 dividing tile_m, got {cfg}.")
+  if cfg.prefetch_add and rows != cfg.tile_m:
+    raise ValueError(f"prefetch_add needs the whole-tile epilogue (epilogue_rows 0), got {cfg}.")
 
 
-def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, out_gmem, *, batch, m, n, k, upper,
-                 rhs_transposed, alpha, beta, config, mirror=True):
+def _is_one(v) -> bool:
+  """True for the Python number 1 (a traced or array scalar is not known to be 1)."""
+  return isinstance(v, (int, float)) and v == 1.0
+
+
+def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, *, batch, m, n, k,
+                 upper, rhs_transposed, alpha, beta, config, mirror=True):
   """Kernel body (Lane semantics); see the module docstring for the math."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -154,9 +174,11 @@ def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, out_gmem, *, batch, m, n, k, uppe
     return lhs, rhs
 
   ignore = lambda *_, **__: None
+  er = cfg.epilogue_rows or tm            # rows staged in shared memory per store
+  bands = tm // er
   scoped = dict(
       pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(*views(0, 0, 0, 0)),
-      out_smem=plgpu.SMEM((2, tm, tn), out_dtype, transforms=transforms),
+      out_smem=plgpu.SMEM((2, er, tn), out_dtype, transforms=transforms),
   )
   if add_gmem is not None:
     scoped["add_barrier"] = plgpu.Barrier(num_barriers=2)
@@ -201,48 +223,78 @@ def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, out_gmem, *, batch, m, n, k, uppe
         plgpu.wgmma_wait(0)
         return acc_ref
 
+      def combine(acc, addend):
+        if coef_gmem is not None:  # traced coefficients, read at run time
+          a_, b_ = coef_gmem[0], coef_gmem[1]
+        else:
+          a_, b_ = alpha, beta
+        scaled = acc if _is_one(b_) else acc * b_
+        if addend is None:
+          return scaled
+        return scaled + addend.astype(jnp.float32) * a_
+
       def compute_context(eval_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
         def _acc_scope(acc_ref):
+          o_smem = out_smem.at[wg]
+          col_blk = pl.ds(n_blk * tn, tn)
+          prefetch = add_gmem is not None and cfg.prefetch_add
+          if prefetch:
+            # The previous tile's stores must have read the buffer before the addend
+            # lands in it; issued now, the load overlaps this tile's main loop.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.copy_gmem_to_smem(add_gmem.at[b, pl.ds(row0, tm), col_blk], o_smem,
+                                    add_barrier.at[wg])
           eval_pipeline(acc_ref)
           acc = acc_ref[...]
-          o_smem = out_smem.at[wg]
-          # The previous tile's TMA stores must have read this buffer before reuse.
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          if add_gmem is not None:
-            plgpu.copy_gmem_to_smem(
-                add_gmem.at[b, pl.ds(row0, tm), pl.ds(n_blk * tn, tn)],
-                o_smem, add_barrier.at[wg])
-            plgpu.barrier_wait(add_barrier.at[wg])
-            addend = o_smem[...].astype(jnp.float32)
-            res = acc * beta + addend * alpha if beta != 1.0 else acc + addend * alpha
-          elif beta != 1.0:
-            res = acc * beta
-          else:
-            res = acc
-          res = res.astype(out_dtype)
 
-          def store():
-            o_smem[...] = res
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                o_smem, out_gmem.at[s, b, pl.ds(row0, tm), pl.ds(n_blk * tn, tn)])
+          # Row bands of `er` rows: f32 epilogue, one bf16 rounding, TMA store.
+          bands_out = []
+          for h in range(bands):
+            rows = pl.ds(row0 + h * er, er)
+            acc_h = acc if bands == 1 else acc[h * er:(h + 1) * er, :]
+            if not prefetch:
+              # The previous TMA store must have read this buffer before reuse.
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            addend = None
+            if add_gmem is not None:
+              if not prefetch:
+                plgpu.copy_gmem_to_smem(add_gmem.at[b, rows, col_blk], o_smem,
+                                        add_barrier.at[wg])
+              plgpu.barrier_wait(add_barrier.at[wg])
+              addend = o_smem[...]
+            res_h = combine(acc_h, addend).astype(out_dtype)
+            bands_out.append(res_h)
 
-          if not upper:
-            store()
-            return
-          pl.when(n_blk >= i_blk)(store)
-          if not mirror:
+            def store(res_h=res_h, rows=rows):
+              o_smem[...] = res_h
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[s, b, rows, col_blk])
+
+            if upper:
+              pl.when(n_blk >= i_blk)(store)
+            else:
+              store()
+          if not (upper and mirror):
             return
 
           @pl.when(n_blk > i_blk)
           def _mirror():
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            o_smem.transpose((1, 0))[...] = plgpu.layout_cast(
-                res, plgpu.Layout.WGMMA_TRANSPOSED)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                o_smem, out_gmem.at[s, b, pl.ds(n_blk * tn, tn), pl.ds(row0, tm)])
+            # Tile (i, j) transposed is tile (j, i): band h of the mirror is the
+            # transpose of columns [h·er, (h+1)·er) of this tile.
+            for h in range(bands):
+              cols = slice(h * er, (h + 1) * er)
+              if bands == 1:
+                part = bands_out[0]
+              else:
+                part = jnp.concatenate([r[:, cols] for r in bands_out], axis=0)
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+              o_smem.transpose((1, 0))[...] = plgpu.layout_cast(
+                  part, plgpu.Layout.WGMMA_TRANSPOSED)
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(
+                  o_smem, out_gmem.at[s, b, pl.ds(n_blk * tn + h * er, er),
+                                      pl.ds(row0, tm)])
 
       lhs_view, rhs_view = views(b, s, row0, col0)
       get_pipeline(mma_body, compute_context)(
@@ -266,7 +318,7 @@ def _plgpu_kernel(body, out_struct, grid):
   )
 
 
-def matmul(lhs, rhs, add=None, *, alpha: float = 1.0, beta: float = 1.0,
+def matmul(lhs, rhs, add=None, *, alpha=1.0, beta=1.0,
            rhs_transposed: bool = False, upper: bool = False,
            config: TuningConfig = TuningConfig(), grid: int | None = None,
            mirror: str = "kernel"):
@@ -276,7 +328,8 @@ def matmul(lhs, rhs, add=None, *, alpha: float = 1.0, beta: float = 1.0,
     lhs: ``(batch, m, k)`` bf16.
     rhs: ``(batch, k, n)`` bf16, or ``(batch, n, k)`` with ``rhs_transposed``.
     add: optional ``(batch, m, n)`` bf16 addend.
-    alpha, beta: static Python floats.
+    alpha, beta: Python floats (compiled into the kernel) or traced float32 scalars
+      (passed to the kernel as a 2-element array).
     rhs_transposed: multiply by ``rhs`` transposed (its last two axes).
     upper: the product is symmetric (``m == n``): compute the upper tiles, mirror them.
     config: tile sizes; shapes must be multiples of its tiles (see :func:`_check`).
@@ -291,27 +344,31 @@ def matmul(lhs, rhs, add=None, *, alpha: float = 1.0, beta: float = 1.0,
   batch, m, k = lhs.shape
   n = rhs.shape[1] if rhs_transposed else rhs.shape[2]
   _check(batch, m, n, k, upper=upper, config=config)
+  if mirror not in ("kernel", "xla"):
+    raise ValueError(f"mirror must be 'kernel' or 'xla', got {mirror!r}.")
   split = config.split_k
-  kernel_add, kernel_alpha, kernel_beta = add, alpha, beta
-  if split > 1:  # partial products only; the combination happens in the f32 reduction
-    kernel_add, kernel_alpha, kernel_beta = None, 0.0, 1.0
+  static = all(isinstance(v, (int, float)) for v in (alpha, beta))
+  # Split partial products are plain; the combination happens in the f32 reduction.
+  kernel_add = add if split == 1 else None
+  kernel_alpha, kernel_beta = (float(alpha), float(beta)) if static and split == 1 else (0.0, 1.0)
+  coef = None
+  if split == 1 and not static:
+    coef = jnp.stack([jnp.asarray(alpha, jnp.float32), jnp.asarray(beta, jnp.float32)])
   total = work_items(batch, m, n, upper=upper, config=config)
   grid = min(grid or num_sms(), total)
   out_struct = jax.ShapeDtypeStruct((split, batch, m, n), jnp.bfloat16)
-
-  if mirror not in ("kernel", "xla"):
-    raise ValueError(f"mirror must be 'kernel' or 'xla', got {mirror!r}.")
   opts = dict(batch=batch, m=m, n=n, k=k, upper=upper, rhs_transposed=rhs_transposed,
               alpha=kernel_alpha, beta=kernel_beta, config=config,
               mirror=mirror == "kernel")
-  if kernel_add is None:
-    def body(lhs_gmem, rhs_gmem, out_gmem):
-      _kernel_body(lhs_gmem, rhs_gmem, None, out_gmem, **opts)
-    out = _plgpu_kernel(body, out_struct, grid)(lhs, rhs)
-  else:
-    def body(lhs_gmem, rhs_gmem, add_gmem, out_gmem):
-      _kernel_body(lhs_gmem, rhs_gmem, add_gmem, out_gmem, **opts)
-    out = _plgpu_kernel(body, out_struct, grid)(lhs, rhs, kernel_add)
+  operands = [lhs, rhs] + [v for v in (kernel_add, coef) if v is not None]
+
+  def body(*refs):
+    lhs_gmem, rhs_gmem, *rest, out_gmem = refs
+    add_gmem = rest.pop(0) if kernel_add is not None else None
+    coef_gmem = rest.pop(0) if coef is not None else None
+    _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, **opts)
+
+  out = _plgpu_kernel(body, out_struct, grid)(*operands)
   if upper and mirror == "xla":
     blk = jnp.arange(m) // config.tile_m
     keep = blk[:, None] <= blk[None, :]
@@ -320,7 +377,7 @@ def matmul(lhs, rhs, add=None, *, alpha: float = 1.0, beta: float = 1.0,
   if split == 1:
     return out[0]
   acc = jnp.sum(out.astype(jnp.float32), axis=0)
-  if beta != 1.0:
+  if not _is_one(beta):
     acc = beta * acc
   if add is not None:
     acc = acc + alpha * add.astype(jnp.float32)

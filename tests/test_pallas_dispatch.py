@@ -124,6 +124,56 @@ def test_kernels_in_cpu_interpreter():
   assert _rel(app, -0.5 * af @ xf + 1.5 * xf) < 1e-2
 
 
+@pytest.mark.parametrize("variant", [
+    dict(epilogue_rows=64, max_concurrent_steps=4),   # banded epilogue, 4 stages
+    dict(prefetch_add=True),                          # addend loaded before the MMAs
+])
+def test_epilogue_variants_in_cpu_interpreter(variant):
+  # Every tile of the symmetric products (mirrored bands included) and of the apply GEMM
+  # must be written with the right value; a 3×3 grid of tiles with a persistent grid of
+  # 2 CTAs covers diagonal, upper and mirrored tiles and CTA reuse of the buffers.
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  k1, k2 = jax.random.split(jax.random.key(3))
+  x = jax.random.normal(k1, (2, 768, 256), jnp.bfloat16)
+  a = jax.random.normal(k2, (2, 768, 768), jnp.float32)
+  a = (a + jnp.swapaxes(a, 1, 2)).astype(jnp.bfloat16)
+  xf, af = x.astype(jnp.float32), a.astype(jnp.float32)
+  cfg = mm.TuningConfig(**variant)
+  with plgpu.force_gpu_interpret_mode():
+    gram = mm.matmul(x, x, rhs_transposed=True, upper=True, config=cfg, grid=2)
+    poly = mm.matmul(a, a, a, alpha=-0.7, beta=0.3, rhs_transposed=True, upper=True,
+                     config=cfg, grid=2)
+    app = mm.matmul(a, x, x, alpha=1.5, beta=-0.5, config=cfg, grid=3)
+  assert _rel(gram, xf @ jnp.swapaxes(xf, 1, 2)) < 1e-2
+  assert _rel(poly, 0.3 * af @ af - 0.7 * af) < 1e-2
+  assert _rel(app, -0.5 * af @ xf + 1.5 * xf) < 1e-2
+  for out, ref in ((gram, xf @ jnp.swapaxes(xf, 1, 2)), (poly, 0.3 * af @ af - 0.7 * af)):
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=0.05,
+                               atol=0.05 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_traced_coefficients_in_cpu_interpreter():
+  # alpha/beta as traced scalars reach the kernel as a 2-element array at run time.
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  k1, k2 = jax.random.split(jax.random.key(4))
+  bm = jax.random.normal(k1, (1, 256, 256), jnp.bfloat16)
+  x = jax.random.normal(k2, (1, 256, 512), jnp.bfloat16)
+  f = jax.jit(lambda a, b: mm.matmul(bm, x, x, alpha=a, beta=b,
+                                     config=mm.TuningConfig(max_concurrent_steps=2)))
+  with plgpu.force_gpu_interpret_mode():
+    out = f(jnp.float32(1.5), jnp.float32(-0.5))
+  xf, bf = x.astype(jnp.float32), bm.astype(jnp.float32)
+  assert _rel(out, -0.5 * bf @ xf + 1.5 * xf) < 1e-2
+
+
+def test_bad_epilogue_config_raises():
+  x = jnp.zeros((1, 256, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match="epilogue_rows"):
+    mm.matmul(x, x, config=mm.TuningConfig(epilogue_rows=96))
+  with pytest.raises(ValueError, match="prefetch_add"):
+    mm.matmul(x, x, x, config=mm.TuningConfig(epilogue_rows=64, prefetch_add=True))
+
+
 def test_newton_schulz_in_cpu_interpreter_padded_aol():
   import jax.experimental.pallas.mosaic_gpu as plgpu
   x = jax.random.normal(jax.random.key(2), (1, 130, 300), jnp.float32).astype(jnp.bfloat16)
