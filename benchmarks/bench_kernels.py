@@ -62,6 +62,50 @@ def time_call(fn, x, reps=REPS, trials=5):
   return statistics.median(ts), ts
 
 
+def build_loop(fn, reps=REPS):
+  """``fn`` repeated ``reps`` times in one jitted ``fori_loop`` (output fed back)."""
+  def body(_, y):
+    return jax.tree.map(lambda new, old: new.astype(old.dtype), fn(y), y)
+
+  @jax.jit
+  def loop(x):
+    return jax.lax.fori_loop(0, reps, body, x)
+  return loop
+
+
+def precompile(jobs, workers=None):
+  """Compiles and warms up ``(key, fn, x)`` loops on a thread pool.
+
+  Mosaic GPU compilation is CPU-bound and dominates a sweep's time; XLA compiles release
+  the GIL, so threads overlap it. Returns ``{key: (compiled, x)}`` or ``{key: exception}``.
+  Timing happens afterwards, one executable at a time (:func:`time_compiled`).
+  """
+  from concurrent.futures import ThreadPoolExecutor
+
+  def one(job):
+    key, fn, x = job
+    try:
+      compiled = build_loop(fn).lower(x).compile()
+      jax.block_until_ready(compiled(x))
+      return key, (compiled, x)
+    except Exception as ex:  # pylint: disable=broad-except
+      return key, ex
+  with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 4)) as pool:
+    return dict(pool.map(one, jobs))
+
+
+def time_compiled(entry, trials=5, reps=REPS):
+  """Median seconds per call of a :func:`precompile` entry (``reps`` calls per run)."""
+  compiled, x = entry
+  jax.block_until_ready(compiled(x))
+  ts = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(x))
+    ts.append((time.perf_counter() - t0) / reps)
+  return statistics.median(ts), ts
+
+
 def ceilings():
   n = 8192
   k1, k2 = jax.random.split(jax.random.key(0))
@@ -317,6 +361,143 @@ def run_sweep(results, shapes=SWEEP_SHAPES):
   results["sweep"] = rows
 
 
+TUNE_SHAPES = [(1, 1024, 4096), (1, 2048, 2048), (1, 4096, 4096), (1, 8192, 8192),
+               (48, 768, 768), (24, 768, 3072)]
+TUNE_BASES = {
+    "default": dict(),
+    "prefetch": dict(prefetch_add=True),
+    "banded4": dict(epilogue_rows=64, max_concurrent_steps=4),
+    "t64": dict(tile_m=64, tile_n=64, max_concurrent_steps=4),
+    "t64_prefetch": dict(tile_m=64, tile_n=64, max_concurrent_steps=4, prefetch_add=True),
+}
+
+
+def _gemm_fns(a, kind, cfg):
+  from ortho_optax.pallas import matmul as mm
+  if kind == "gram":  # keep the loop carry's shape: x -> x (A is consumed)
+    return lambda x: x + 0 * mm.matmul(x, x, rhs_transposed=True, upper=True,
+                                       config=cfg)[:, :1, :1]
+  if kind == "poly":
+    return lambda a_: mm.matmul(a_, a_, a_, alpha=0.5, beta=0.25, rhs_transposed=True,
+                                upper=True, config=cfg)
+  return lambda x: mm.matmul(a, x, x, alpha=0.5, config=cfg)
+
+
+def run_tune(results, shapes, peak, configs=(True, False)):
+  """Per-GEMM sweep (tile bases × split_k), the winners per shape into ``ns.TUNED``,
+  then the whole NS call (library entry, tuned) against the XLA path."""
+  import dataclasses
+  from ortho_optax.pallas import matmul as mm, ns
+  jobs, meta = [], {}
+  for (b, m, n) in shapes:
+    mp, np_ = mm.round_up(m, ns.PAD), mm.round_up(n, ns.PAD)
+    x = jax.random.normal(jax.random.key(5), (b, mp, np_), jnp.bfloat16) * 0.02
+    a = jax.random.normal(jax.random.key(6), (b, mp, mp), jnp.bfloat16) * 0.02
+    dims = dict(gram=(x, mp, mp, np_, True), poly=(a, mp, mp, mp, True),
+                apply=(x, mp, np_, mp, False))
+    for kind, (arg, mm_, nn, kk, upper) in dims.items():
+      for bname, over in TUNE_BASES.items():
+        base = dataclasses.replace(mm.TuningConfig(), **over)
+        if kind == "gram" and base.prefetch_add:
+          continue  # no addend
+        auto = mm.pick_split(b, mm_, nn, kk, upper=upper, base=base).split_k
+        items = mm.work_items(b, mm_, nn, upper=upper, config=base) if (
+            mm_ % (base.cta_n if upper else base.tile_m) == 0 and nn % base.cta_n == 0) else 0
+        # split_k only pays when the output tiles leave SMs idle: try it then only.
+        splits = {1, auto} | ({2 * auto} if items * auto < 2 * mm.num_sms() else set())
+        for split in sorted(splits):
+          if kk % (split * base.tile_k) or kk // split < 2 * base.tile_k or split > 16:
+            continue
+          if upper and mm_ % base.cta_n or (not upper and (mm_ % base.tile_m or nn % base.cta_n)):
+            continue
+          cfg = dataclasses.replace(base, split_k=split)
+          key = ((b, m, n), kind, bname, split)
+          meta[key] = (cfg, mm.flops(b, mm_, nn, kk, upper=upper), auto)
+          jobs.append((key, _gemm_fns(a, kind, cfg), arg))
+  t0 = time.time()
+  compiled = precompile(jobs)
+  log(f"tune: {len(jobs)} GEMM configs compiled in {time.time() - t0:.0f} s")
+  rows, best = [], {}
+  for key, entry in compiled.items():
+    shape, kind, bname, split = key
+    cfg, fl, auto = meta[key]
+    row = dict(shape=list(shape), kind=kind, base=bname, split=split, auto=split == auto,
+               config=str(cfg))
+    if isinstance(entry, Exception):
+      row["error"] = repr(entry)[:500]
+    else:
+      row["ms"] = time_compiled(entry, trials=3)[0] * 1e3
+      row["tflops"] = fl / row["ms"] / 1e9
+      if (shape, kind) not in best or row["ms"] < best[(shape, kind)][0]:
+        best[(shape, kind)] = (row["ms"], cfg, bname, split)
+    rows.append(row)
+    log(f"tune {shape} {kind:5} {bname:13} split {split}{'*' if row['auto'] else ' '}: "
+        f"{row.get('ms', float('nan')):.4f} ms {row.get('tflops', 0):.0f} TFLOP/s "
+        f"{row.get('error', '')[:300]}")
+  results["tune_sweep"] = rows
+  tuned = {}
+  for (b, m, n) in shapes:
+    mp, np_ = mm.round_up(m, ns.PAD), mm.round_up(n, ns.PAD)
+    picks = {k: best.get(((b, m, n), k)) for k in ("gram", "poly", "apply")}
+    if all(picks.values()):
+      cfg = ns.NSConfig(gram=picks["gram"][1], poly=picks["poly"][1], apply=picks["apply"][1])
+      ns.TUNED[(b, mp, np_)] = cfg
+      tuned[f"{b}x{mp}x{np_}"] = {k: dict(base=v[2], split=v[3], ms=v[0], config=str(v[1]))
+                                  for k, v in picks.items()}
+      default = {k: next((r["ms"] for r in rows if r["shape"] == [b, m, n] and r["kind"] == k
+                          and r["base"] == "default" and r["auto"] and "ms" in r), None)
+                 for k in picks}
+      tuned[f"{b}x{mp}x{np_}"]["default_ms"] = default
+      log(f"tuned {b}x{m}x{n}: " + ", ".join(
+          f"{k} {v[2]}/split{v[3]} {v[0]:.4f} ms (default {default[k]})"
+          for k, v in picks.items()))
+  results["tuned"] = tuned
+  # The whole call through the library entry (which now picks ns.TUNED) vs XLA.
+  jobs = []
+  for (b, m, n) in shapes:
+    x = jax.random.normal(jax.random.key(b * 7 + m + n), (b, m, n), jnp.float32)
+    x = x.astype(jnp.bfloat16)
+    for aol in configs:
+      for backend in ("pallas", "xla"):
+        jobs.append((((b, m, n), aol, backend), ns_fn(backend, aol), x))
+  t0 = time.time()
+  compiled = precompile(jobs)
+  log(f"tune: {len(jobs)} NS calls compiled in {time.time() - t0:.0f} s")
+  out = {}
+  for (shape, aol, backend), entry in compiled.items():
+    b, m, n = shape
+    row = out.setdefault((shape, aol), dict(
+        shape=list(shape), config="AOL+4" if aol else "Frob+5",
+        flops=ns_flops(b, m, n, 4 if aol else 5), plan="tuned"))
+    if isinstance(entry, Exception):
+      row[backend + "_error"] = repr(entry)[:1000]
+      continue
+    t, ts = time_compiled(entry)
+    row[backend + "_ms"], row[backend + "_trials_ms"] = t * 1e3, [v * 1e3 for v in ts]
+    row[backend + "_out"] = entry[0](entry[1])  # 20 calls fed back: near the polar factor
+  rows = []
+  for row in out.values():
+    # Correctness of the tuned kernels: after 20 chained calls both paths sit at the
+    # polar factor; an unwritten or wrong tile would show as a large difference.
+    if "pallas_out" in row and "xla_out" in row:
+      row["loop_rel_err"] = rel_err(row["pallas_out"], row["xla_out"])
+      row["ok"] = bool(np.isfinite(row["loop_rel_err"]) and row["loop_rel_err"] < 5e-2)
+    row.pop("pallas_out", None)
+    row.pop("xla_out", None)
+    if "pallas_ms" in row and "xla_ms" in row:
+      row["speedup"] = row["xla_ms"] / row["pallas_ms"]
+    if "pallas_ms" in row:
+      row["tflops"] = row["flops"] / (row["pallas_ms"] * 1e-3) / 1e12
+      row["floor_ms"] = row["flops"] / peak * 1e3
+      row["frac_floor"] = row["floor_ms"] / row["pallas_ms"]
+    rows.append(row)
+    log(f"tuned timing {row['shape']} {row['config']}: pallas {row.get('pallas_ms', float('nan')):.3f}"
+        f" ms, xla {row.get('xla_ms', float('nan')):.3f} ms, loop rel err "
+        f"{row.get('loop_rel_err', float('nan')):.2e} {'OK' if row.get('ok') else 'CHECK FAILED'}")
+  results["timings"] = rows
+  results["xla_backend"] = "xla"
+
+
 def gpt2_small_tree(key):
   shapes = {}
   for i in range(12):
@@ -332,51 +513,46 @@ def gpt2_small_tree(key):
 
 
 def run_optimizer(results):
-  import importlib
+  """One optimizer update on a GPT-2-small tree (device time per update), kernels vs XLA,
+  next to plain AdamW on the same tree (the part every optimizer pays)."""
+  import optax
   import ortho_optax
-  rows = []
   params = gpt2_small_tree(jax.random.key(0))
   grads = jax.tree.map(lambda p: p * 0.5 + 0.001, params)
   label_fn = lambda tree: {k: ("adam" if k in ("wte", "lm_head") else "ortho") for k in tree}
-  for opt_name in ("turbo_muon", "muon"):
-    make = getattr(ortho_optax, opt_name, None)
-    if make is None:
-      try:
-        make = getattr(importlib.import_module(f"ortho_optax.optimizers.{opt_name}"),
-                       opt_name)
-      except (ImportError, AttributeError):
-        make = None
-    if make is None:
-      continue
-    row = dict(optimizer=opt_name)
-    for backend in ("pallas", "xla"):
-      try:
-        tx = make(learning_rate=0.02, backend=backend, label_fn=label_fn)
-        state = tx.init(params)
 
-        @jax.jit
-        def many(grads, state):
-          def body(_, carry):
-            g, st = carry
-            upd, st = tx.update(g, st, params)
-            return jax.tree.map(lambda u, gg: (u + gg).astype(gg.dtype), upd, g), st
-          return jax.lax.fori_loop(0, REPS, body, (grads, state))
-        jax.block_until_ready(many(grads, state))
-        ts = []
-        for _ in range(5):
-          t0 = time.perf_counter()
-          jax.block_until_ready(many(grads, state))
-          ts.append((time.perf_counter() - t0) / REPS)
-        row[backend + "_ms"] = statistics.median(ts) * 1e3
-      except Exception as ex:  # pylint: disable=broad-except
-        row[backend + "_error"] = repr(ex)[:2000]
-        log(f"optimizer {opt_name} {backend}: ERROR {ex!r}"[:3000])
-        traceback.print_exc()
+  def update_loop(tx):
+    state = tx.init(params)
+
+    def step(g):  # g -> g: one update, fed back so the loop cannot be hoisted
+      upd, _ = tx.update(g, state, params)
+      return jax.tree.map(lambda u, gg: (u + gg).astype(gg.dtype), upd, g)
+    return step
+
+  jobs = []
+  for opt_name in ("turbo_muon", "muon"):
+    for backend in ("pallas", "xla"):
+      tx = getattr(ortho_optax, opt_name)(learning_rate=0.02, backend=backend,
+                                          label_fn=label_fn)
+      jobs.append(((opt_name, backend), update_loop(tx), grads))
+  jobs.append((("adamw", "-"), update_loop(optax.adamw(3e-4)), grads))
+  compiled = precompile(jobs)
+  for key, entry in compiled.items():
+    if isinstance(entry, Exception):
+      log(f"optimizer {key}: ERROR {entry!r}"[:3000])
+  rows = {}
+  for (name, backend), entry in compiled.items():
+    row = rows.setdefault(name, dict(optimizer=name))
+    if isinstance(entry, Exception):
+      row[backend + "_error"] = repr(entry)[:2000]
+      continue
+    t, _ = time_compiled(entry)
+    row["ms" if backend == "-" else backend + "_ms"] = t * 1e3
+  for row in rows.values():
     if "pallas_ms" in row and "xla_ms" in row:
       row["speedup"] = row["xla_ms"] / row["pallas_ms"]
-    rows.append(row)
     log("optimizer", row)
-  results["optimizer"] = rows
+  results["optimizer"] = list(rows.values())
 
 
 def print_table(results):
@@ -400,6 +576,9 @@ def print_table(results):
       p, x = a["pallas_ms"] + b["pallas_ms"], a["xla_ms"] + b["xla_ms"]
       log(f"GPT-2-small matrix set {cfg}: pallas {p:.3f} ms, xla {x:.3f} ms, {x / p:.2f}x")
   for r in results.get("optimizer", []):
+    if "ms" in r:
+      log(f"optimizer {r['optimizer']}: {r['ms']:.3f} ms")
+      continue
     log(f"optimizer {r['optimizer']}: pallas {r.get('pallas_ms', float('nan')):.3f} ms, "
         f"xla {r.get('xla_ms', float('nan')):.3f} ms, {r.get('speedup', float('nan')):.2f}x")
 
@@ -417,6 +596,9 @@ def main():
                   help="time ortho_optax.pallas.newton_schulz vs this script's jnp chain")
   ap.add_argument("--aol-only", action="store_true")
   ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,24x768x3072")
+  ap.add_argument("--tune", action="store_true",
+                  help="per-GEMM sweep on the --shapes (default TUNE_SHAPES), winners into "
+                       "ns.TUNED, then the whole call timed with them (replaces timings)")
   args = ap.parse_args()
   results = dict(device=str(jax.devices()[0]), jax=jax.__version__,
                  time=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -443,7 +625,11 @@ def main():
     for item in args.shapes.split(","):
       dims = tuple(int(v) for v in item.split("x"))
       shapes.append(dims if len(dims) == 3 else (1,) + dims)
-  if not args.skip_timings:
+  if args.tune:
+    run_tune(results, shapes if args.shapes else TUNE_SHAPES, peak,
+             configs=(True,) if args.aol_only else (True, False))
+    save()
+  elif not args.skip_timings:
     run_timings(results, peak, shapes, direct=args.direct,
                 configs=(True,) if args.aol_only else (True, False))
     save()

@@ -47,9 +47,22 @@ class NSConfig:
   symmetric: str = "kernel"
 
 
-def plan(batch: int, m: int, n: int, base: mm.TuningConfig = mm.TuningConfig(),
+#: Per-GEMM configs measured fastest for a padded ``(batch, m, n)`` stack on an H200
+#: (``benchmarks/bench_kernels.py --tune``); :func:`plan` falls back to its cost model
+#: for every other shape.
+TUNED: dict[tuple[int, int, int], NSConfig] = {}
+
+
+def plan(batch: int, m: int, n: int, base: mm.TuningConfig | None = None,
          symmetric: str = "kernel") -> NSConfig:
-  """Tile/split configs for a padded ``(batch, m, n)`` stack (m <= n, both % PAD == 0)."""
+  """Tile/split configs for a padded ``(batch, m, n)`` stack (m <= n, both % PAD == 0).
+
+  A measured entry of :data:`TUNED` wins when no ``base`` is given; otherwise each GEMM
+  gets ``base`` with the ``split_k`` of :func:`matmul.pick_split`'s cost model.
+  """
+  if base is None and symmetric == "kernel" and (batch, m, n) in TUNED:
+    return TUNED[(batch, m, n)]
+  base = base or mm.TuningConfig()
   upper = symmetric != "full"
   return NSConfig(
       gram=mm.pick_split(batch, m, m, n, upper=upper, base=base),

@@ -37,6 +37,17 @@ def _poison():
   del bufs
 
 
+#: Tile/epilogue variants the tuner may pick (benchmarks/bench_kernels.py --tune).
+VARIANTS = {
+    "default": mm.TuningConfig(),
+    "prefetch": mm.TuningConfig(prefetch_add=True),
+    "banded4": mm.TuningConfig(epilogue_rows=64, max_concurrent_steps=4),
+    "t64": mm.TuningConfig(tile_m=64, tile_n=64, max_concurrent_steps=4),
+    "t64_prefetch": mm.TuningConfig(tile_m=64, tile_n=64, max_concurrent_steps=4,
+                                    prefetch_add=True),
+}
+
+
 def _errors(out, ref, tile=128):
   out = np.asarray(out, np.float32)
   ref = np.asarray(ref, np.float32)
@@ -144,3 +155,38 @@ def test_auto_and_pallas_match_xla(shape, preconditioning):
   np.testing.assert_array_equal(auto, pallas if opl.prefers_kernels(batch, m, n) else xla)
   rel = np.linalg.norm(pallas - xla) / np.linalg.norm(xla)
   assert rel < 3e-2, rel
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_epilogue_and_tile_variants(variant):
+  # Gram (mirrored), polynomial (addend + mirror) and apply (addend) on a 3×3 tile grid
+  # with two matrices per stack and a persistent grid smaller than the work.
+  import dataclasses
+  cfg = VARIANTS[variant]
+  k1, k2 = jax.random.split(_key())
+  x = jax.random.normal(k1, (2, 768, 512), jnp.bfloat16)
+  a = jax.random.normal(k2, (2, 768, 768), jnp.float32)
+  a = ((a + jnp.swapaxes(a, 1, 2)) / np.sqrt(2 * 768)).astype(jnp.bfloat16)
+  xf, af = x.astype(jnp.float32), a.astype(jnp.float32)
+  hp = "highest"
+  _poison()
+  gram = mm.matmul(x, x, rhs_transposed=True, upper=True,
+                   config=dataclasses.replace(cfg, prefetch_add=False), grid=7)
+  poly = mm.matmul(a, a, a, alpha=-6.3029, beta=2.6377, rhs_transposed=True, upper=True,
+                   config=cfg, grid=7)
+  app = mm.matmul(a, x, x, alpha=3.7418, beta=1.0, config=cfg, grid=7)
+  for out, ref in ((gram, jnp.matmul(xf, jnp.swapaxes(xf, 1, 2), precision=hp)),
+                   (poly, -6.3029 * af + 2.6377 * jnp.matmul(af, af, precision=hp)),
+                   (app, 3.7418 * xf + jnp.matmul(af, xf, precision=hp))):
+    total, worst = _errors(out, ref)
+    assert total < 1e-2 and worst < 2e-2, (variant, total, worst)
+
+
+def test_traced_coefficients_match_static():
+  k1, k2 = jax.random.split(_key())
+  bm = (jax.random.normal(k1, (1, 512, 512), jnp.float32) / np.sqrt(512)).astype(jnp.bfloat16)
+  x = jax.random.normal(k2, (1, 512, 1024), jnp.bfloat16)
+  static = mm.matmul(bm, x, x, alpha=3.7418, beta=0.5)
+  traced = jax.jit(lambda a, b: mm.matmul(bm, x, x, alpha=a, beta=b))(
+      jnp.float32(3.7418), jnp.float32(0.5))
+  np.testing.assert_array_equal(np.asarray(static, np.float32), np.asarray(traced, np.float32))
