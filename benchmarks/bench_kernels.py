@@ -498,6 +498,121 @@ def run_tune(results, shapes, peak, configs=(True, False)):
   results["xla_backend"] = "xla"
 
 
+def _cupti_ms(compiled, args, iterations=7):
+  """Device time (ms) of one call as the sum of its kernels' CUPTI durations (no launch
+  gaps), median over ``iterations``; plus that median run's kernels, aggregated by name."""
+  from jax.experimental.mosaic.gpu import profiler
+  _, runs = profiler.measure(compiled, aggregate=False, iterations=iterations)(*args)
+  totals = [sum(t for _, t in run) for run in runs]
+  order = sorted(range(len(runs)), key=lambda i: totals[i])
+  mid = runs[order[len(order) // 2]]
+  by_name = {}
+  for name, t in mid:
+    n, tt = by_name.get(name, (0, 0.0))
+    by_name[name] = (n + 1, tt + t)
+  kernels = sorted(([k, n, tt] for k, (n, tt) in by_name.items()), key=lambda r: -r[2])
+  return statistics.median(totals), kernels
+
+
+def _lower_then_compile(jobs):
+  """``(key, fn, args, tuned)`` jobs: lowered one by one (``tuned=False`` with
+  ``ns.TUNED`` emptied, i.e. the cost-model plan), compiled on a thread pool."""
+  from concurrent.futures import ThreadPoolExecutor
+  from ortho_optax.pallas import ns
+  saved = dict(ns.TUNED)
+  lowered = {}
+  for key, fn, args, tuned in jobs:
+    ns.TUNED.clear()
+    if tuned:
+      ns.TUNED.update(saved)
+    try:
+      lowered[key] = (jax.jit(fn).lower(*args), args)
+    except Exception as ex:  # pylint: disable=broad-except
+      lowered[key] = ex
+  ns.TUNED.clear()
+  ns.TUNED.update(saved)
+
+  def one(item):
+    key, low = item
+    if isinstance(low, Exception):
+      return key, low
+    try:
+      c = low[0].compile()
+      jax.block_until_ready(c(*low[1]))
+      return key, (c, low[1])
+    except Exception as ex:  # pylint: disable=broad-except
+      return key, ex
+  with ThreadPoolExecutor(min(16, os.cpu_count() or 4)) as pool:
+    return dict(pool.map(one, lowered.items()))
+
+
+def run_profile(results, shapes, peak):
+  """Per-kernel device time (CUPTI) of one NS call, kernels (tuned and cost-model plans)
+  vs XLA, and of one optimizer update on a GPT-2-small tree."""
+  import optax
+  import ortho_optax
+  from ortho_optax.pallas import matmul as mm, ns
+  jobs = []
+  for (b, m, n) in shapes:
+    x = jax.random.normal(jax.random.key(b * 7 + m + n), (b, m, n), jnp.float32)
+    x = x.astype(jnp.bfloat16)
+    padded = (b, mm.round_up(m, ns.PAD), mm.round_up(n, ns.PAD))
+    for aol in (True, False):
+      jobs.append((((b, m, n), aol, "pallas"), ns_fn("pallas", aol), (x,), True))
+      jobs.append((((b, m, n), aol, "xla"), ns_fn("xla", aol), (x,), True))
+      if padded in ns.TUNED:
+        jobs.append((((b, m, n), aol, "pallas_costmodel"), ns_fn("pallas", aol), (x,), False))
+  params = gpt2_small_tree(jax.random.key(0))
+  grads = jax.tree.map(lambda p: p * 0.5 + 0.001, params)
+  label_fn = lambda tree: {k: ("adam" if k in ("wte", "lm_head") else "ortho") for k in tree}
+  for opt_name in ("turbo_muon", "muon", "adamw"):
+    for backend in (("pallas", "xla") if opt_name != "adamw" else ("-",)):
+      tx = (optax.adamw(3e-4) if opt_name == "adamw" else getattr(ortho_optax, opt_name)(
+          learning_rate=0.02, backend=backend, label_fn=label_fn))
+      state = tx.init(params)
+      fn = lambda g, s, tx=tx: tx.update(g, s, params)
+      jobs.append(((opt_name, None, backend), fn, (grads, state), True))
+  t0 = time.time()
+  compiled = _lower_then_compile(jobs)
+  log(f"profile: {len(jobs)} programs compiled in {time.time() - t0:.0f} s")
+  ns_rows, opt_rows = {}, {}
+  for (what, aol, backend), entry in compiled.items():
+    if isinstance(what, str):
+      row = opt_rows.setdefault(what, dict(optimizer=what))
+    else:
+      b, m, n = what
+      row = ns_rows.setdefault((what, aol), dict(
+          shape=list(what), config="AOL+4" if aol else "Frob+5",
+          flops=ns_flops(b, m, n, 4 if aol else 5)))
+    name = "ms" if backend == "-" else backend + "_ms"
+    if isinstance(entry, Exception):
+      row[name.replace("_ms", "_error") if name != "ms" else "error"] = repr(entry)[:1000]
+      log(f"profile {what} {aol} {backend}: ERROR {entry!r}"[:2000])
+      continue
+    try:
+      t, kernels = _cupti_ms(entry[0], entry[1])
+    except Exception as ex:  # pylint: disable=broad-except
+      row[name.replace("_ms", "_error") if name != "ms" else "error"] = repr(ex)[:1000]
+      log(f"profile {what} {backend}: CUPTI ERROR {ex!r}"[:2000])
+      continue
+    row[name] = t
+    row[(backend if backend != "-" else "") + "_kernels"] = kernels[:25]
+  for row in ns_rows.values():
+    if "pallas_ms" in row and "xla_ms" in row:
+      row["speedup"] = row["xla_ms"] / row["pallas_ms"]
+      row["tflops"] = row["flops"] / (row["pallas_ms"] * 1e-3) / 1e12
+      row["floor_ms"] = row["flops"] / peak * 1e3
+      row["frac_floor"] = row["floor_ms"] / row["pallas_ms"]
+    log(f"profile {row['shape']} {row['config']}: kernels {row.get('pallas_ms', float('nan')):.3f}"
+        f" ms (cost-model plan {row.get('pallas_costmodel_ms', float('nan')):.3f}), xla "
+        f"{row.get('xla_ms', float('nan')):.3f} ms, {row.get('speedup', float('nan')):.2f}x")
+  for row in opt_rows.values():
+    log(f"profile optimizer {row['optimizer']}: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in row.items() if k.endswith("ms")))
+  results["profile"] = list(ns_rows.values())
+  results["profile_optimizer"] = list(opt_rows.values())
+
+
 def gpt2_small_tree(key):
   shapes = {}
   for i in range(12):
@@ -575,6 +690,27 @@ def print_table(results):
     if a and b and "pallas_ms" in a and "pallas_ms" in b and "xla_ms" in a and "xla_ms" in b:
       p, x = a["pallas_ms"] + b["pallas_ms"], a["xla_ms"] + b["xla_ms"]
       log(f"GPT-2-small matrix set {cfg}: pallas {p:.3f} ms, xla {x:.3f} ms, {x / p:.2f}x")
+  if results.get("profile"):
+    log(f"\nper-call device time (CUPTI kernel sum, median of 7), peak {peak:.0f} TFLOP/s")
+    log(f"{'shape':<16} {'cfg':>6} {'kernels':>8} {'costmodel':>9} {'xla':>8} {'speedup':>7} "
+        f"{'%floor':>6}")
+    for r in results["profile"]:
+      b, m, n = r["shape"]
+      sh = f"{m}x{n}" if b == 1 else f"{b}x{m}x{n}"
+      g = lambda k: format(r[k], "8.3f") if k in r else "     ERR"
+      log(f"{sh:<16} {r['config']:>6} {g('pallas_ms')} {g('pallas_costmodel_ms'):>9} "
+          f"{g('xla_ms')} {format(r['speedup'], '7.2f') if 'speedup' in r else '    ERR'} "
+          f"{format(100 * r['frac_floor'], '6.0f') if 'frac_floor' in r else '   ERR'}")
+    p = {(tuple(r["shape"]), r["config"]): r for r in results["profile"]}
+    for cfg in ("AOL+4", "Frob+5"):
+      a, b_ = p.get(((48, 768, 768), cfg)), p.get(((24, 768, 3072), cfg))
+      if a and b_ and all(k in a and k in b_ for k in ("pallas_ms", "xla_ms")):
+        k_, x_ = a["pallas_ms"] + b_["pallas_ms"], a["xla_ms"] + b_["xla_ms"]
+        log(f"GPT-2-small matrix set {cfg} (device time): kernels {k_:.3f} ms, xla {x_:.3f} ms,"
+            f" {x_ / k_:.2f}x")
+    for r in results.get("profile_optimizer", []):
+      log(f"optimizer update {r['optimizer']} (device time): " + ", ".join(
+          f"{k[:-3] or 'total'} {v:.3f} ms" for k, v in r.items() if k.endswith("ms")))
   for r in results.get("optimizer", []):
     if "ms" in r:
       log(f"optimizer {r['optimizer']}: {r['ms']:.3f} ms")
@@ -596,6 +732,9 @@ def main():
                   help="time ortho_optax.pallas.newton_schulz vs this script's jnp chain")
   ap.add_argument("--aol-only", action="store_true")
   ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,24x768x3072")
+  ap.add_argument("--profile", action="store_true",
+                  help="per-kernel CUPTI device time of one call per --shapes (default "
+                       "TUNE_SHAPES) and of one optimizer update (replaces timings)")
   ap.add_argument("--tune", action="store_true",
                   help="per-GEMM sweep on the --shapes (default TUNE_SHAPES), winners into "
                        "ns.TUNED, then the whole call timed with them (replaces timings)")
@@ -625,11 +764,14 @@ def main():
     for item in args.shapes.split(","):
       dims = tuple(int(v) for v in item.split("x"))
       shapes.append(dims if len(dims) == 3 else (1,) + dims)
+  if args.profile:
+    run_profile(results, shapes if args.shapes else TUNE_SHAPES, peak)
+    save()
   if args.tune:
     run_tune(results, shapes if args.shapes else TUNE_SHAPES, peak,
              configs=(True,) if args.aol_only else (True, False))
     save()
-  elif not args.skip_timings:
+  elif not (args.skip_timings or args.profile):
     run_timings(results, peak, shapes, direct=args.direct,
                 configs=(True,) if args.aol_only else (True, False))
     save()
