@@ -181,7 +181,15 @@ def orthogonalize(
     for i, (leaf, dims) in enumerate(zip(leaves, dims_leaves)):
       if leaf is None:
         continue
-      mats, restore = matrix_view.to_matrices(leaf, dims)
+      stored = _stored_view(leaf, dims) if orient else None
+      # NS is transpose-equivariant (NS(Xᵀ) = NS(X)ᵀ), so a Flax kernel can be
+      # orthogonalized as stored, saving two transposes per leaf. Not for AOL on a square
+      # matrix: its row scaling follows the output axis (the view's rows).
+      if stored is not None and (preconditioning != "aol"
+                                 or stored[0].shape[1] != stored[0].shape[2]):
+        mats, restore = stored
+      else:
+        mats, restore = matrix_view.to_matrices(leaf, dims)
       restores[i] = restore
       tall = orient and mats.shape[1] > mats.shape[2]
       if tall:
@@ -235,6 +243,19 @@ def orthogonalize(
 
 class ScaleByCoshNormState(NamedTuple):
   """:func:`scale_by_cosh_norm` is stateless."""
+
+
+def _stored_view(leaf, dims):
+  """``(leaf as (batch, in, out) matrices, restore)`` without a copy when the matrix view
+  is the transpose of the leaf's two trailing axes (a Flax kernel ``(..., in, out)``);
+  ``None`` for any other view."""
+  dims = matrix_view.validate_dims(dims, leaf.shape)
+  nd = leaf.ndim
+  if (nd < 2 or dims.num_splits != 1 or dims.reduction_axes != (nd - 2,)
+      or dims.output_axes != (nd - 1,)):
+    return None
+  shape = leaf.shape
+  return leaf.reshape((-1,) + shape[-2:]), lambda m: m.reshape(shape)
 
 
 def scale_by_cosh_norm(gamma: float = 1.5) -> optax.GradientTransformation:
