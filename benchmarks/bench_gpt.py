@@ -45,8 +45,21 @@ def make_tx(name: str) -> optax.GradientTransformation:
   return opt_lib.build(name, 0.02 if name != "adamw" else 3e-4, adam_learning_rate=3e-4)
 
 
+def profile_step(fn, *args, top: int = 30):
+  """One call of ``fn`` under CUPTI: ``(outputs, kernels)`` with the kernels' device time
+  aggregated by name (``[name, count, ms]``, largest first, ``top`` of them)."""
+  from jax.experimental.mosaic.gpu import profiler  # pylint: disable=import-outside-toplevel
+  out, runs = profiler.measure(fn, aggregate=False)(*args)
+  by_name = {}
+  for name, t in runs:
+    n, tt = by_name.get(name, (0, 0.0))
+    by_name[name] = (n + 1, tt + t)
+  kernels = sorted(([k, n, tt] for k, (n, tt) in by_name.items()), key=lambda r: -r[2])
+  return out, kernels[:top], sum(t for _, t in runs)
+
+
 def time_steps(cfg: gpt.GPTConfig, opt_name: str, batch: int, steps: int, warmup: int,
-               driver: str) -> dict:
+               driver: str, profile: bool = False) -> dict:
   model = gpt.GPT(cfg, rngs=nnx.Rngs(0))
   n_params = gpt.count_params(model)
   n_no_embed = gpt.count_params(model, exclude_embedding=True)
@@ -94,6 +107,13 @@ def time_steps(cfg: gpt.GPTConfig, opt_name: str, batch: int, steps: int, warmup
     t_prev, pending = t, nxt
   loss = pending
   loss.block_until_ready()
+  prof = {}
+  if profile and driver == "split":
+    try:
+      (box[0], _), kernels, total = profile_step(pure_step, box[0], inputs, targets)
+      prof = {"profile_device_ms": total, "profile_kernels": kernels}
+    except Exception as e:  # pylint: disable=broad-except
+      prof = {"profile_error": f"{type(e).__name__}: {str(e)[:300]}"}
   med = float(np.median(times))
   tokens = batch * cfg.seq_len
   flops = gpt.flops_per_token(cfg, n_no_embed) * tokens
@@ -102,7 +122,7 @@ def time_steps(cfg: gpt.GPTConfig, opt_name: str, batch: int, steps: int, warmup
           "min_ms": float(np.min(times)) * 1e3, "tokens_per_s": tokens / med,
           "mfu": flops / med / PEAK_FLOPS, "compile_s": compile_s,
           "first_loss": loss0, "last_loss": float(loss), "params": n_params,
-          "params_no_embedding": n_no_embed}
+          "params_no_embedding": n_no_embed, **prof}
 
 
 def main(argv=None) -> int:
@@ -117,6 +137,8 @@ def main(argv=None) -> int:
   p.add_argument("--opts", nargs="+",
                  default=["adamw", "muon", "turbo_muon", "optax_contrib_muon"])
   p.add_argument("--fp8-head", action="store_true", help="also time AdamW with the FP8 head")
+  p.add_argument("--profile", action="store_true",
+                 help="per-kernel CUPTI device time of one step of each split-driver run")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   args = p.parse_args(argv)
 
@@ -152,7 +174,7 @@ def main(argv=None) -> int:
   for name, batch, driver, variant in jobs:
     c = gpt.get_config(args.preset, fp8_head=variant == "fp8")
     try:
-      r = time_steps(c, name, batch, args.steps, args.warmup, driver)
+      r = time_steps(c, name, batch, args.steps, args.warmup, driver, args.profile)
       r["variant"] = variant
       record(r)
     except Exception as e:  # pylint: disable=broad-except
@@ -161,6 +183,12 @@ def main(argv=None) -> int:
 
   print()
   print(table(results))
+  for r in results:
+    if "profile_kernels" in r:
+      print(f"\n{r['optimizer']} {r['tokens_per_step']} tok: one step {r['profile_device_ms']:.2f}"
+            f" ms device time; top kernels:")
+      for name, n, t in r["profile_kernels"][:12]:
+        print(f"  {t:8.3f} ms {n:4d}x {name[:70]}")
   return 0
 
 
