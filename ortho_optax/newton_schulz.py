@@ -93,6 +93,25 @@ def _scale_by_pow2(v, k):
   return (v * jnp.ldexp(one, half)) * jnp.ldexp(one, k - half)
 
 
+def _matrix_sum(v):
+  """``sum(v)`` over the last two axes (keepdims), in two stages.
+
+  A one-pass reduction of a whole matrix per output is a few very long rows, which XLA
+  on GPUs runs on a few thread blocks (0.5 ms for a 48×768×768 float32 stack, measured
+  on an H200); rows first, then the per-row results, keeps the GPU busy. The barrier
+  stops XLA from folding the two reductions back into one.
+  """
+  rows = lax.optimization_barrier(jnp.sum(v, axis=-1, keepdims=True))
+  return jnp.sum(rows, axis=-2, keepdims=True)
+
+
+def _matrix_max_abs(v):
+  """``max|v|`` over the last two axes (keepdims, 0 for empty matrices), in two stages
+  like :func:`_matrix_sum`."""
+  rows = lax.optimization_barrier(jnp.max(jnp.abs(v), axis=-1, keepdims=True, initial=0.0))
+  return jnp.max(rows, axis=-2, keepdims=True, initial=0.0)
+
+
 def _frobenius_normalize(x, eps, compute_dtype):
   """``X / (‖X‖_F + eps)`` per matrix, the norm accumulated in >= float32.
 
@@ -105,16 +124,16 @@ def _frobenius_normalize(x, eps, compute_dtype):
   """
   acc = _accum_dtype(x.dtype, compute_dtype)
   xa = x.astype(acc)
-  norm = jnp.sqrt(jnp.sum(jnp.square(xa), axis=(-2, -1), keepdims=True))
+  norm = jnp.sqrt(_matrix_sum(jnp.square(xa)))
   plain = xa / (norm + eps)
   info = jnp.finfo(acc)
   safe_range = jnp.logical_and(norm >= 16 * jnp.sqrt(info.tiny), norm <= info.max)
-  big = jnp.max(jnp.abs(xa), axis=(-2, -1), keepdims=True, initial=0.0)  # 0 for empty
+  big = _matrix_max_abs(xa)  # 0 for empty
   # max|X| = m·2^e with m in [0.5, 1): X·2^(1-e) has max in [1, 2).
   _, e = jnp.frexp(jnp.where(jnp.logical_and(big > 0, jnp.isfinite(big)), big, 1.0))
   xs = _scale_by_pow2(xa, 1 - e)
   eps_s = _scale_by_pow2(jnp.full_like(big, eps), 1 - e)
-  denom = jnp.sqrt(jnp.sum(jnp.square(xs), axis=(-2, -1), keepdims=True)) + eps_s
+  denom = jnp.sqrt(_matrix_sum(jnp.square(xs))) + eps_s
   # An all-zero matrix with eps = 0 maps to 0; NaN (denom NaN) must stay NaN.
   scaled = jnp.where(denom == 0, 0, xs / jnp.where(denom == 0, 1, denom))
   return _round_to(jnp.where(safe_range, plain, scaled), compute_dtype)
@@ -133,7 +152,7 @@ def _aol_prescale(x, compute_dtype):
   xa = x.astype(acc)
   m, n = x.shape[-2:]
   limit = math.sqrt(float(jnp.finfo(compute_dtype).max) / (4.0 * max(m * n, 1)))
-  big = jnp.max(jnp.abs(xa), axis=(-2, -1), keepdims=True, initial=0.0)  # 0 for empty
+  big = _matrix_max_abs(xa)  # 0 for empty
   over = jnp.logical_and(big > limit, jnp.isfinite(big))
   # 2^k <= limit / big (k <= 0), computed on logs so nothing overflows.
   k = jnp.floor(jnp.log2(limit) - jnp.log2(jnp.where(over, big, limit)))

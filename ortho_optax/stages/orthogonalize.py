@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -255,7 +256,8 @@ def _stored_view(leaf, dims):
       or dims.output_axes != (nd - 1,)):
     return None
   shape = leaf.shape
-  return leaf.reshape((-1,) + shape[-2:]), lambda m: m.reshape(shape)
+  batch = math.prod(shape[:-2])  # explicit: reshape(-1, ...) fails on empty leaves
+  return leaf.reshape((batch,) + shape[-2:]), lambda m: m.reshape(shape)
 
 
 def scale_by_cosh_norm(gamma: float = 1.5) -> optax.GradientTransformation:
