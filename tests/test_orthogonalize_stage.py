@@ -210,3 +210,18 @@ def test_scale_by_cosh_norm():
   assert out["c"] is None and np.all(np.asarray(out["z"]) == 0)
   with pytest.raises(ValueError, match="gamma"):
     scale_by_cosh_norm(gamma=-1.0)
+
+
+def test_aol_on_square_flax_kernels_follows_the_output_axis():
+  # Stored Flax kernels (in, out) are stacked as stored; AOL on a square one must still
+  # scale the rows of the (out, in) view, exactly as the per-leaf torch view does.
+  kw = dict(preconditioning="aol", coefficients="turbo_aol", steps=4, eps=1e-6,
+            compute_dtype=jnp.float32, backend="xla")
+  updates = {"q": _rand((8, 8), 11), "k": _rand((8, 8), 12), "fc": _rand((8, 12), 13)}
+  tx = orthogonalize(**kw)
+  out, _ = tx.update(updates, tx.init(updates))
+  for name, x in updates.items():
+    want = newton_schulz(x.T, **kw).T  # the (out, in) view, orthogonalized, back to (in, out)
+    np.testing.assert_allclose(out[name], want, atol=1e-6, err_msg=name)
+  # and not the stored orientation's AOL (the rows of (in, out)), which differs
+  assert not np.allclose(out["q"], newton_schulz(updates["q"], **kw), atol=1e-4)

@@ -176,34 +176,45 @@ def orthogonalize(
     # itself), so for it tall stacks are transposed here and grouped with the wide ones
     # of the same shape: a GPT's (3072, 768) and (768, 3072) MLP matrices make one call
     # (fewer launches and fuller waves for the GPU kernels), with identical results.
-    orient = method == "newton_schulz"
+    # Orientation tricks (below) only without the gather_whole layout: XLA's CPU
+    # all-to-all rejects transposed operands there (an HLO verifier error).
+    sharding = distributed.current_sharding()
+    orient = method == "newton_schulz" and (
+        sharding is None or sharding.strategy == "auto" or sharding.num_workers == 1)
     groups: dict[tuple, list[tuple[int, jax.Array, bool]]] = {}
     restores = {}
     for i, (leaf, dims) in enumerate(zip(leaves, dims_leaves)):
       if leaf is None:
         continue
       stored = _stored_view(leaf, dims) if orient else None
-      # NS is transpose-equivariant (NS(Xᵀ) = NS(X)ᵀ), so a Flax kernel can be
-      # orthogonalized as stored, saving two transposes per leaf. Not for AOL on a square
-      # matrix: its row scaling follows the output axis (the view's rows).
-      if stored is not None and (preconditioning != "aol"
-                                 or stored[0].shape[1] != stored[0].shape[2]):
+      # A Flax kernel is the transpose of its (out, in) view. NS works on the wide
+      # orientation of a non-square matrix, so such a kernel is taken as stored (no
+      # transposes, same result bit for bit). Square kernels are stacked as stored and the
+      # whole stack is transposed once into the (out, in) view (one batched transpose
+      # instead of one per leaf; AOL scales the rows of that view).
+      flip = False
+      if stored is not None:
         mats, restore = stored
+        flip = mats.shape[1] == mats.shape[2]
       else:
         mats, restore = matrix_view.to_matrices(leaf, dims)
       restores[i] = restore
       tall = orient and mats.shape[1] > mats.shape[2]
       if tall:
         mats = jnp.swapaxes(mats, 1, 2)
-      groups.setdefault((mats.shape[1], mats.shape[2], mats.dtype), []).append(
+      groups.setdefault((mats.shape[1], mats.shape[2], mats.dtype, flip), []).append(
           (i, mats, tall))
     out_leaves = list(leaves)
-    for members in groups.values():
+    for (_, _, _, flip), members in groups.items():
       sizes = [m.shape[0] for _, m, _ in members]
       stack = members[0][1] if len(members) == 1 else jnp.concatenate(
           [m for _, m, _ in members], axis=0)
+      if flip:
+        stack = jnp.swapaxes(stack, 1, 2)
       # Identity unless inside ortho_optax.distributed.distribute (multi-device layout).
       result = distributed.orthogonalize_stack(run_method, stack)
+      if flip:
+        result = jnp.swapaxes(result, 1, 2)
       offset = 0
       for (i, _, tall), size in zip(members, sizes):
         part = result[offset:offset + size]
