@@ -81,6 +81,7 @@ def time_steps(cfg: gpt.GPTConfig, opt_name: str, batch: int, steps: int, warmup
       o.update(m, grads)
       return nnx.state((m, o)), loss
 
+    pure_fn = pure_step
     pure_step = jax.jit(pure_step, donate_argnums=0)
     box = [state]
 
@@ -110,7 +111,8 @@ def time_steps(cfg: gpt.GPTConfig, opt_name: str, batch: int, steps: int, warmup
   prof = {}
   if profile and driver == "split":
     try:
-      (box[0], _), kernels, total = profile_step(pure_step, box[0], inputs, targets)
+      # CUPTI's measure may call the function more than once: no donation here.
+      _, kernels, total = profile_step(jax.jit(pure_fn), box[0], inputs, targets)
       prof = {"profile_device_ms": total, "profile_kernels": kernels}
     except Exception as e:  # pylint: disable=broad-except
       prof = {"profile_error": f"{type(e).__name__}: {str(e)[:300]}"}
