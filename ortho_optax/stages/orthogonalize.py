@@ -209,12 +209,12 @@ def orthogonalize(
       sizes = [m.shape[0] for _, m, _ in members]
       stack = members[0][1] if len(members) == 1 else jnp.concatenate(
           [m for _, m, _ in members], axis=0)
-      if flip:
-        stack = jnp.swapaxes(stack, 1, 2)
+      if flip:  # the barriers keep XLA from sinking the transpose into every leaf
+        stack = jnp.swapaxes(lax.optimization_barrier(stack), 1, 2)
       # Identity unless inside ortho_optax.distributed.distribute (multi-device layout).
       result = distributed.orthogonalize_stack(run_method, stack)
       if flip:
-        result = jnp.swapaxes(result, 1, 2)
+        result = lax.optimization_barrier(jnp.swapaxes(result, 1, 2))
       offset = 0
       for (i, _, tall), size in zip(members, sizes):
         part = result[offset:offset + size]
