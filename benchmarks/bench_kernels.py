@@ -1,6 +1,8 @@
 """Newton–Schulz kernels vs the XLA path, on one Hopper GPU (one run, one table).
 
 Usage: python benchmarks/bench_kernels.py [--out DIR] [--quick] [--skip-check]
+       python benchmarks/bench_kernels.py --profile --skip-check    # the README's table
+       python benchmarks/bench_kernels.py --tune --skip-check       # re-tune ns.TUNED
 
 What it does, in order (each stage guarded, so a failure is reported and the rest runs):
 1. ceilings: a plain bf16 8192³ ``jnp.matmul`` (TFLOP/s) and a device copy (TB/s);
@@ -13,6 +15,11 @@ What it does, in order (each stage guarded, so a failure is reported and the res
    wall time / 20 after ``block_until_ready``, warm-up first, median of 5;
 4. per-GEMM breakdown (gram / poly / apply) on a few shapes;
 5. optimizer level: one ``turbo_muon`` / ``muon`` update on a GPT-2-small tree.
+``--profile`` replaces 3: the device time of one call as the sum of its kernels' CUPTI
+durations (no host round trips between loop iterations, which inflate small calls), the
+kernels' plan (``ns.TUNED``) next to the cost-model plan and XLA, every kernel listed;
+it also profiles one optimizer update. ``--tune`` replaces 3 with a per-GEMM sweep of tile
+/ epilogue / split-K configs whose winners time the whole call (checked against XLA).
 Writes ``bench_kernels.json`` under ``--out`` (default ``$OUT`` or ``.``).
 """
 
