@@ -29,6 +29,19 @@ def _rel(out, ref):
 
 
 @on_cpu
+def _has_gpu_interpreter() -> bool:
+  try:
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    return hasattr(plgpu, "force_gpu_interpret_mode")
+  except ImportError:
+    return False
+
+
+#: Mosaic GPU's CPU interpreter (``plgpu.force_gpu_interpret_mode``) arrived after JAX 0.10.
+needs_interpreter = pytest.mark.skipif(
+    not _has_gpu_interpreter(), reason="needs Mosaic GPU's CPU interpreter (JAX >= 0.11)")
+
+
 def test_is_available_false_on_cpu():
   assert opl.is_available() is False
 
@@ -103,6 +116,7 @@ def test_upper_tile_schedule_covers_the_triangle_once():
     assert sorted(seen) == [(i, j) for i in range(c) for j in range(i, c)]
 
 
+@needs_interpreter
 def test_kernels_in_cpu_interpreter():
   # Gram with split-K (partials + f32 XLA sum); polynomial and apply with the fused
   # in-kernel epilogue (split_k=1); grids smaller than the work (persistent loop).
@@ -124,6 +138,7 @@ def test_kernels_in_cpu_interpreter():
   assert _rel(app, -0.5 * af @ xf + 1.5 * xf) < 1e-2
 
 
+@needs_interpreter
 @pytest.mark.parametrize("variant", [
     dict(epilogue_rows=64, max_concurrent_steps=4),   # banded epilogue, 4 stages
     dict(prefetch_add=True),                          # addend loaded before the MMAs
@@ -152,6 +167,7 @@ def test_epilogue_variants_in_cpu_interpreter(variant):
                                atol=0.05 * float(jnp.max(jnp.abs(ref))))
 
 
+@needs_interpreter
 def test_traced_coefficients_in_cpu_interpreter():
   # alpha/beta as traced scalars reach the kernel as a 2-element array at run time.
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -174,6 +190,7 @@ def test_bad_epilogue_config_raises():
     mm.matmul(x, x, x, config=mm.TuningConfig(epilogue_rows=64, prefetch_add=True))
 
 
+@needs_interpreter
 def test_newton_schulz_in_cpu_interpreter_padded_aol():
   import jax.experimental.pallas.mosaic_gpu as plgpu
   x = jax.random.normal(jax.random.key(2), (1, 130, 300), jnp.float32).astype(jnp.bfloat16)
