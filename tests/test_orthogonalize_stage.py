@@ -225,3 +225,15 @@ def test_aol_on_square_flax_kernels_follows_the_output_axis():
     np.testing.assert_allclose(out[name], want, atol=1e-6, err_msg=name)
   # and not the stored orientation's AOL (the rows of (in, out)), which differs
   assert not np.allclose(out["q"], newton_schulz(updates["q"], **kw), atol=1e-4)
+
+
+def test_square_flax_kernels_cost_one_batched_transpose_each_way():
+  # 8 square (in, out) kernels reach NS in their (out, in) view through one transpose of
+  # the whole stack and come back through one: not 2 per leaf (XLA would sink a plain
+  # transpose of the concatenation into every operand; the stage pins it).
+  import ortho_optax as oo
+  tree = {f"h{i}/q": _rand((64, 64), 20 + i) for i in range(8)}
+  tx = oo.muon(learning_rate=0.02, backend="xla", label_fn=lambda t: {k: "ortho" for k in t})
+  state = tx.init(tree)
+  hlo = jax.jit(lambda g, s: tx.update(g, s, tree)).lower(tree, state).compile().as_text()
+  assert hlo.count(" transpose(") <= 2, hlo.count(" transpose(")
