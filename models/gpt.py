@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -264,7 +265,8 @@ class GPT(nnx.Module):
     self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
     self.lm_head = _linear(config.model_dim, config.vocab_size, config, rngs, zero=True)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def head_logits(self, tokens: jax.Array) -> jax.Array:
+    """The head's raw logits in the compute dtype (no float32 cast, no soft-cap)."""
     cfg = self.config
     if tokens.shape[-1] > cfg.seq_len:
       raise ValueError(f"sequence length {tokens.shape[-1]} exceeds seq_len={cfg.seq_len}.")
@@ -275,13 +277,15 @@ class GPT(nnx.Module):
     x = rms_norm(x)
     if cfg.fp8_head:
       w = self.lm_head.kernel[...]
-      logits = _fp8_matmul(x, w.astype(x.dtype), jnp.float32(math.sqrt(cfg.model_dim) / 448),
-                           jnp.float32(24.0 / 448))
-    else:
-      logits = self.lm_head(x)
-    logits = logits.astype(jnp.float32)
-    if cfg.logit_softcap is not None:
-      logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+      return _fp8_matmul(x, w.astype(x.dtype), jnp.float32(math.sqrt(cfg.model_dim) / 448),
+                         jnp.float32(24.0 / 448))
+    return self.lm_head(x)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    logits = self.head_logits(tokens).astype(jnp.float32)
+    cap = self.config.logit_softcap
+    if cap is not None:
+      logits = cap * jnp.tanh(logits / cap)
     return logits
 
 
@@ -292,7 +296,59 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.mean(logz - picked)
 
 
+def _softcap(z, cap):
+  return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def fused_cross_entropy(logits: jax.Array, targets: jax.Array, cap: float | None) -> jax.Array:
+  """Mean cross-entropy of soft-capped 16-bit logits, float32 math, no float32 copy.
+
+  Same value as ``cross_entropy(softcap(logits.astype(f32)), targets)``, but written so
+  that XLA reads the (tokens × vocab) logits in their 16-bit dtype: the forward is one
+  reduction pass, the backward one elementwise pass that writes the 16-bit gradient
+  (``softmax − onehot``, times the soft-cap's derivative) instead of autodiff's float32
+  intermediates. For a GPT-2 head at 64k tokens (65536 × 50304) that is ~20 GB less
+  memory traffic per step.
+
+  Args:
+    logits: ``(..., vocab)`` raw head outputs (bf16/f16; float32 works too).
+    targets: ``(...)`` int token ids.
+    cap: the logit soft-cap ``c`` (``c·tanh(z/c)``) or ``None``.
+
+  Returns:
+    The mean loss, float32.
+  """
+  return _fused_ce_fwd(logits, targets, cap)[0]
+
+
+def _fused_ce_fwd(logits, targets, cap):
+  z = _softcap(logits.astype(jnp.float32), cap)
+  lse = jax.nn.logsumexp(z, axis=-1)
+  picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+  return jnp.mean(lse - picked), (logits, targets, lse)
+
+
+def _fused_ce_bwd(cap, res, g):
+  logits, targets, lse = res
+  z = _softcap(logits.astype(jnp.float32), cap)
+  p = jnp.exp(z - lse[..., None])
+  onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+  dz = (p - onehot) * (g / lse.size)
+  if cap is not None:  # d/dx c·tanh(x/c) = 1 - tanh² = 1 - (z/c)²
+    dz = dz * (1.0 - jnp.square(z / cap))
+  return dz.astype(logits.dtype), None
+
+
+fused_cross_entropy.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
 def loss_fn(model: GPT, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy; with 16-bit compute through :func:`fused_cross_entropy`
+  (float32 compute keeps the plain autodiff path, bit for bit as before)."""
+  cfg = model.config
+  if cfg.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return fused_cross_entropy(model.head_logits(inputs), targets, cfg.logit_softcap)
   return cross_entropy(model(inputs), targets)
 
 

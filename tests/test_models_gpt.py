@@ -109,3 +109,48 @@ def test_routing_sends_embed_and_head_to_adam_and_kernels_to_ortho():
   assert flat["lm_head/kernel"] == "adam"
   hidden = [k for k in flat if k.startswith("blocks/")]
   assert len(hidden) == 6 and all(flat[k] == "ortho" for k in hidden)
+
+
+@pytest.mark.parametrize("cap", [30.0, None])
+def test_fused_cross_entropy_matches_autodiff(cap):
+  # Random 16-bit logits: value and gradient of the fused loss equal the plain float32
+  # path (softcap, logsumexp, gather) differentiated by JAX.
+  logits = (jax.random.normal(jax.random.key(0), (3, 7, 301)) * 20).astype(jnp.bfloat16)
+  targets = jax.random.randint(jax.random.key(1), (3, 7), 0, 301)
+
+  def plain(l):
+    z = l.astype(jnp.float32)
+    if cap is not None:
+      z = cap * jnp.tanh(z / cap)
+    return gpt.cross_entropy(z, targets)
+
+  v1, g1 = jax.value_and_grad(lambda l: gpt.fused_cross_entropy(l, targets, cap))(logits)
+  v2, g2 = jax.value_and_grad(plain)(logits)
+  assert g1.dtype == jnp.bfloat16
+  np.testing.assert_allclose(float(v1), float(v2), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(g1, np.float32), np.asarray(g2, np.float32),
+                             rtol=1e-2, atol=1e-6)
+
+
+def test_bf16_loss_fn_uses_the_fused_path_with_the_same_gradients(monkeypatch):
+  calls = []
+  real = gpt.fused_cross_entropy
+  monkeypatch.setattr(gpt, "fused_cross_entropy",
+                      lambda *a: calls.append(a[0].dtype) or real(*a))
+  cfg = gpt.get_config("tiny", compute_dtype="bfloat16")
+  model = gpt.GPT(cfg, rngs=nnx.Rngs(0))
+  model.lm_head.kernel[...] = jax.random.normal(
+      jax.random.key(1), model.lm_head.kernel[...].shape) * 0.5
+  x = jax.random.randint(jax.random.key(2), (2, 32), 0, 256)
+  y = jax.random.randint(jax.random.key(3), (2, 32), 0, 256)
+
+  def plain(m, x, y):
+    return gpt.cross_entropy(m(x), y)
+
+  l1, g1 = nnx.value_and_grad(gpt.loss_fn)(model, x, y)
+  assert calls == [jnp.bfloat16]  # 16-bit logits went through the fused loss
+  l2, g2 = nnx.value_and_grad(plain)(model, x, y)
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-2,
+                               atol=2e-2 * float(np.max(np.abs(np.asarray(b)))) + 1e-8)
