@@ -45,19 +45,6 @@ def make_tx(name: str) -> optax.GradientTransformation:
   return opt_lib.build(name, 0.02 if name != "adamw" else 3e-4, adam_learning_rate=3e-4)
 
 
-def profile_step(fn, *args, top: int = 30):
-  """One call of ``fn`` under CUPTI: ``(outputs, kernels)`` with the kernels' device time
-  aggregated by name (``[name, count, ms]``, largest first, ``top`` of them)."""
-  from jax.experimental.mosaic.gpu import profiler  # pylint: disable=import-outside-toplevel
-  out, runs = profiler.measure(fn, aggregate=False)(*args)
-  by_name = {}
-  for name, t in runs:
-    n, tt = by_name.get(name, (0, 0.0))
-    by_name[name] = (n + 1, tt + t)
-  kernels = sorted(([k, n, tt] for k, (n, tt) in by_name.items()), key=lambda r: -r[2])
-  return out, kernels[:top], sum(t for _, t in runs)
-
-
 def time_steps(cfg: gpt.GPTConfig, opt_name: str, batch: int, steps: int, warmup: int,
                driver: str, profile: bool = False) -> dict:
   model = gpt.GPT(cfg, rngs=nnx.Rngs(0))
@@ -112,8 +99,9 @@ def time_steps(cfg: gpt.GPTConfig, opt_name: str, batch: int, steps: int, warmup
   if profile and driver == "split":
     try:
       # CUPTI's measure may call the function more than once: no donation here.
-      _, kernels, total = profile_step(jax.jit(pure_fn), box[0], inputs, targets)
-      prof = {"profile_device_ms": total, "profile_kernels": kernels}
+      from kernel_profile import profile_kernels  # pylint: disable=import-outside-toplevel
+      _, total, kernels = profile_kernels(jax.jit(pure_fn), box[0], inputs, targets)
+      prof = {"profile_device_ms": total, "profile_kernels": kernels[:30]}
     except Exception as e:  # pylint: disable=broad-except
       prof = {"profile_error": f"{type(e).__name__}: {str(e)[:300]}"}
   med = float(np.median(times))

@@ -54,21 +54,6 @@ def log(*a):
   print(*a, flush=True)
 
 
-def time_call(fn, x, reps=REPS, trials=5):
-  """Median seconds per call of ``fn`` (x -> same-shape array), reps inside one jit."""
-  @jax.jit
-  def loop(x):
-    return jax.lax.fori_loop(0, reps, lambda i, y: fn(y).astype(y.dtype), x)
-  jax.block_until_ready(loop(x))  # compile + warm-up
-  jax.block_until_ready(loop(x))
-  ts = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    jax.block_until_ready(loop(x))
-    ts.append((time.perf_counter() - t0) / reps)
-  return statistics.median(ts), ts
-
-
 def build_loop(fn, reps=REPS):
   """``fn`` repeated ``reps`` times in one jitted ``fori_loop`` (output fed back)."""
   def body(_, y):
@@ -80,37 +65,73 @@ def build_loop(fn, reps=REPS):
   return loop
 
 
-def precompile(jobs, workers=None):
-  """Compiles and warms up ``(key, fn, x)`` loops on a thread pool.
+def _median_time(call, trials, reps):
+  """Median seconds per repetition of ``call()`` (which runs ``reps`` repetitions)."""
+  jax.block_until_ready(call())  # warm-up
+  ts = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    ts.append((time.perf_counter() - t0) / reps)
+  return statistics.median(ts), ts
 
-  Mosaic GPU compilation is CPU-bound and dominates a sweep's time; XLA compiles release
-  the GIL, so threads overlap it. Returns ``{key: (compiled, x)}`` or ``{key: exception}``.
-  Timing happens afterwards, one executable at a time (:func:`time_compiled`).
-  """
+
+def time_call(fn, x, reps=REPS, trials=5):
+  """Median seconds per call of ``fn`` (x -> same-shape array), reps inside one jit."""
+  loop = build_loop(fn, reps)
+  jax.block_until_ready(loop(x))  # compile
+  return _median_time(lambda: loop(x), trials, reps)
+
+
+def _compile_pool(jobs, workers=None):
+  """``(key, lower, args)`` jobs (``lower()`` gives a ``jax.stages.Lowered``): compiled
+  and run once on a thread pool. Returns ``{key: (compiled, args)}`` or
+  ``{key: exception}``."""
   from concurrent.futures import ThreadPoolExecutor
 
   def one(job):
-    key, fn, x = job
+    key, lower, args = job
     try:
-      compiled = build_loop(fn).lower(x).compile()
-      jax.block_until_ready(compiled(x))
-      return key, (compiled, x)
+      compiled = lower().compile()
+      jax.block_until_ready(compiled(*args))
+      return key, (compiled, args)
     except Exception as ex:  # pylint: disable=broad-except
       return key, ex
   with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 4)) as pool:
     return dict(pool.map(one, jobs))
 
 
+def precompile(jobs, workers=None):
+  """Compiles and warms up the :func:`build_loop` of ``(key, fn, x)`` jobs on a pool.
+
+  Mosaic GPU compilation is CPU-bound and dominates a sweep's time; XLA compiles release
+  the GIL, so threads overlap it. Timing happens afterwards, one executable at a time
+  (:func:`time_compiled`).
+  """
+  return _compile_pool([(key, lambda fn=fn, x=x: build_loop(fn).lower(x), (x,))
+                        for key, fn, x in jobs], workers)
+
+
 def time_compiled(entry, trials=5, reps=REPS):
   """Median seconds per call of a :func:`precompile` entry (``reps`` calls per run)."""
-  compiled, x = entry
-  jax.block_until_ready(compiled(x))
-  ts = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(x))
-    ts.append((time.perf_counter() - t0) / reps)
-  return statistics.median(ts), ts
+  compiled, args = entry
+  return _median_time(lambda: compiled(*args), trials, reps)
+
+
+def _ns_input(b, m, n):
+  """The benchmark's bf16 input of one shape (the same for every path and run)."""
+  x = jax.random.normal(jax.random.key(b * 7 + m + n), (b, m, n), jnp.float32)
+  return x.astype(jnp.bfloat16)
+
+
+def _derive_speed(row, peak):
+  """Speed-up, TFLOP/s and fraction of the floor from a row's ``pallas_ms``/``xla_ms``."""
+  if "pallas_ms" in row and "xla_ms" in row:
+    row["speedup"] = row["xla_ms"] / row["pallas_ms"]
+  if "pallas_ms" in row:
+    row["tflops"] = row["flops"] / (row["pallas_ms"] * 1e-3) / 1e12
+    row["floor_ms"] = row["flops"] / peak * 1e3
+    row["frac_floor"] = row["floor_ms"] / row["pallas_ms"]
 
 
 def ceilings():
@@ -214,31 +235,24 @@ def _entry():
     return None
 
 
+def _bf16_preconditioned(x, aol):
+  """bf16 input of the kernels / jnp chain: Frobenius-normalised unless AOL."""
+  xb = x.astype(jnp.bfloat16)
+  if aol:
+    return xb
+  xf = xb.astype(jnp.float32)
+  return (xf / (jnp.linalg.norm(xf, axis=(1, 2), keepdims=True) + 1e-7)).astype(jnp.bfloat16)
+
+
 def ns_fn(backend, aol, direct=False):
+  co = TURBO_AOL if aol else QUINTIC
   if direct and backend == "pallas":  # the kernels alone, without the dispatching entry
     import ortho_optax.pallas as opl
-    co = TURBO_AOL if aol else QUINTIC
-
-    def f(x):
-      xb = x.astype(jnp.bfloat16)
-      if not aol:
-        xf = xb.astype(jnp.float32)
-        xb = (xf / (jnp.linalg.norm(xf, axis=(1, 2), keepdims=True) + 1e-7)).astype(
-            jnp.bfloat16)
-      return opl.newton_schulz(xb, co, aol=aol, eps=1e-6)
-    return f
+    return lambda x: opl.newton_schulz(_bf16_preconditioned(x, aol), co, aol=aol, eps=1e-6)
   if backend == "own_xla":
     from ortho_optax.pallas import ns as pns
-    co = TURBO_AOL if aol else QUINTIC
-
-    def f(x):
-      xb = x.astype(jnp.bfloat16)
-      if not aol:
-        xf = xb.astype(jnp.float32)
-        xb = (xf / (jnp.linalg.norm(xf, axis=(1, 2), keepdims=True) + 1e-7)).astype(
-            jnp.bfloat16)
-      return pns.reference(xb, co, aol=aol, dtype=jnp.bfloat16)
-    return f
+    return lambda x: pns.reference(_bf16_preconditioned(x, aol), co, aol=aol,
+                                   dtype=jnp.bfloat16)
   kw = (dict(steps=4, coefficients="turbo_aol", preconditioning="aol", eps=1e-6) if aol
         else dict(steps=5, coefficients="quintic", preconditioning="frobenius", eps=1e-7))
   entry = _entry()
@@ -250,8 +264,7 @@ def run_timings(results, peak, shapes, direct=False, configs=(True, False)):
   xla_backend = "xla" if has_xla else "own_xla"
   rows = []
   for (b, m, n) in shapes:
-    x = jax.random.normal(jax.random.key(b * 7 + m + n), (b, m, n), jnp.float32)
-    x = x.astype(jnp.bfloat16)
+    x = _ns_input(b, m, n)
     for aol in configs:
       steps = 4 if aol else 5
       row = dict(shape=[b, m, n], config="AOL+4" if aol else "Frob+5",
@@ -273,12 +286,7 @@ def run_timings(results, peak, shapes, direct=False, configs=(True, False)):
             traceback.print_exc()
             if (be, dr) == fallback:
               break
-      if "pallas_ms" in row and "xla_ms" in row:
-        row["speedup"] = row["xla_ms"] / row["pallas_ms"]
-      if "pallas_ms" in row:
-        row["tflops"] = row["flops"] / (row["pallas_ms"] * 1e-3) / 1e12
-        row["floor_ms"] = row["flops"] / peak * 1e3
-        row["frac_floor"] = row["floor_ms"] / row["pallas_ms"]
+      _derive_speed(row, peak)
       rows.append(row)
       log(f"timing {b}x{m}x{n} {row['config']}: pallas {row.get('pallas_ms', float('nan')):.3f} "
           f"ms, xla {row.get('xla_ms', float('nan')):.3f} ms")
@@ -298,14 +306,8 @@ def run_breakdown(results, shapes):
     a = jax.random.normal(jax.random.key(4), (b, mp, mp), jnp.bfloat16) * 0.01
     row = dict(shape=[b, m, n], plan=str(cfg))
     try:
-      row["gram_ms"] = time_call(
-          lambda x: mm.matmul(x, x, rhs_transposed=True, upper=True, config=cfg.gram)[
-              :, :, :1].sum() * 0 + x, x)[0] * 1e3
-      row["poly_ms"] = time_call(
-          lambda a: mm.matmul(a, a, a, alpha=0.5, beta=0.25, rhs_transposed=True,
-                              upper=True, config=cfg.poly), a)[0] * 1e3
-      row["apply_ms"] = time_call(
-          lambda x: mm.matmul(a, x, x, alpha=0.5, beta=1.0, config=cfg.apply), x)[0] * 1e3
+      for kind, arg in (("gram", x), ("poly", a), ("apply", x)):
+        row[kind + "_ms"] = time_call(_gemm_fns(a, kind, getattr(cfg, kind)), arg)[0] * 1e3
       row["xla_gram_ms"] = time_call(
           lambda x: jnp.matmul(x, jnp.swapaxes(x, 1, 2))[:, :, :1].sum() * 0 + x, x)[0] * 1e3
       row["xla_apply_ms"] = time_call(lambda x: 0.5 * x + jnp.matmul(a, x), x)[0] * 1e3
@@ -316,56 +318,6 @@ def run_breakdown(results, shapes):
     rows.append(row)
     log("breakdown", row)
   results["breakdown"] = rows
-
-
-SWEEP_SHAPES = [(1, 768, 768), (1, 768, 3072), (1, 1024, 4096), (48, 768, 768),
-                (24, 768, 3072), (1, 4096, 4096)]
-
-
-def run_sweep(results, shapes=SWEEP_SHAPES):
-  """Per-GEMM times over tile configs and split_k, to tune :func:`ns.plan` (next run)."""
-  import dataclasses
-  from ortho_optax.pallas import matmul as mm, ns
-  bases = [mm.TuningConfig(), mm.TuningConfig(max_concurrent_steps=2),
-           mm.TuningConfig(tile_m=64, tile_n=64, max_concurrent_steps=4)]
-  rows = []
-  for (b, m, n) in shapes:
-    mp, np_ = mm.round_up(m, ns.PAD), mm.round_up(n, ns.PAD)
-    x = jax.random.normal(jax.random.key(5), (b, mp, np_), jnp.bfloat16) * 0.02
-    a = jax.random.normal(jax.random.key(6), (b, mp, mp), jnp.bfloat16) * 0.02
-    kinds = dict(
-        gram=(lambda cfg: (lambda x: mm.matmul(x, x, rhs_transposed=True, upper=True,
-                                               config=cfg)), x, mp, mp, np_, True),
-        poly=(lambda cfg: (lambda a: mm.matmul(a, a, a, alpha=0.5, beta=0.25,
-                                               rhs_transposed=True, upper=True,
-                                               config=cfg)), a, mp, mp, mp, True),
-        apply=(lambda cfg: (lambda x: mm.matmul(a, x, x, alpha=0.5, config=cfg)),
-               x, mp, np_, mp, False),
-    )
-    for kind, (make, arg, mm_, nn, kk, upper) in kinds.items():
-      for base in bases:
-        auto = mm.pick_split(b, mm_, nn, kk, upper=upper, base=base).split_k
-        for split in sorted({1, 2, 4, 8, auto}):
-          if kk % (split * base.tile_k) or kk // split < 2 * base.tile_k:
-            continue
-          cfg = dataclasses.replace(base, split_k=split)
-          row = dict(shape=[b, m, n], kind=kind, config=str(cfg), auto=split == auto)
-          try:
-            fn = make(cfg)
-            if kind == "gram":  # keep the loop carry's shape: x -> x (A is consumed)
-              f = lambda x, fn=fn: x + 0 * fn(x)[:, :1, :1]
-            else:
-              f = fn
-            row["ms"] = time_call(f, arg, trials=3)[0] * 1e3
-            row["tflops"] = mm.flops(b, mm_, nn, kk, upper=upper) / row["ms"] / 1e9
-          except Exception as ex:  # pylint: disable=broad-except
-            row["error"] = repr(ex)[:500]
-          rows.append(row)
-          log(f"sweep {b}x{m}x{n} {kind:5} tile {cfg.tile_m}x{cfg.tile_n} "
-              f"steps {cfg.max_concurrent_steps} split {split}{'*' if row['auto'] else ' '}: "
-              f"{row.get('ms', float('nan')):.4f} ms {row.get('tflops', 0):.0f} TFLOP/s "
-              f"{row.get('error', '')[:200]}")
-  results["sweep"] = rows
 
 
 TUNE_SHAPES = [(1, 1024, 4096), (1, 2048, 2048), (1, 4096, 4096), (1, 8192, 8192),
@@ -462,8 +414,7 @@ def run_tune(results, shapes, peak, configs=(True, False)):
   # The whole call through the library entry (which now picks ns.TUNED) vs XLA.
   jobs = []
   for (b, m, n) in shapes:
-    x = jax.random.normal(jax.random.key(b * 7 + m + n), (b, m, n), jnp.float32)
-    x = x.astype(jnp.bfloat16)
+    x = _ns_input(b, m, n)
     for aol in configs:
       for backend in ("pallas", "xla"):
         jobs.append((((b, m, n), aol, backend), ns_fn(backend, aol), x))
@@ -481,7 +432,7 @@ def run_tune(results, shapes, peak, configs=(True, False)):
       continue
     t, ts = time_compiled(entry)
     row[backend + "_ms"], row[backend + "_trials_ms"] = t * 1e3, [v * 1e3 for v in ts]
-    row[backend + "_out"] = entry[0](entry[1])  # 20 calls fed back: near the polar factor
+    row[backend + "_out"] = entry[0](*entry[1])  # 20 calls fed back: near the polar factor
   rows = []
   for row in out.values():
     # Correctness of the tuned kernels: after 20 chained calls both paths sit at the
@@ -491,12 +442,7 @@ def run_tune(results, shapes, peak, configs=(True, False)):
       row["ok"] = bool(np.isfinite(row["loop_rel_err"]) and row["loop_rel_err"] < 5e-2)
     row.pop("pallas_out", None)
     row.pop("xla_out", None)
-    if "pallas_ms" in row and "xla_ms" in row:
-      row["speedup"] = row["xla_ms"] / row["pallas_ms"]
-    if "pallas_ms" in row:
-      row["tflops"] = row["flops"] / (row["pallas_ms"] * 1e-3) / 1e12
-      row["floor_ms"] = row["flops"] / peak * 1e3
-      row["frac_floor"] = row["floor_ms"] / row["pallas_ms"]
+    _derive_speed(row, peak)
     rows.append(row)
     log(f"tuned timing {row['shape']} {row['config']}: pallas {row.get('pallas_ms', float('nan')):.3f}"
         f" ms, xla {row.get('xla_ms', float('nan')):.3f} ms, loop rel err "
@@ -505,52 +451,29 @@ def run_tune(results, shapes, peak, configs=(True, False)):
   results["xla_backend"] = "xla"
 
 
-def _cupti_ms(compiled, args, iterations=7):
-  """Device time (ms) of one call as the sum of its kernels' CUPTI durations (no launch
-  gaps), median over ``iterations``; plus that median run's kernels, aggregated by name."""
-  from jax.experimental.mosaic.gpu import profiler
-  _, runs = profiler.measure(compiled, aggregate=False, iterations=iterations)(*args)
-  totals = [sum(t for _, t in run) for run in runs]
-  order = sorted(range(len(runs)), key=lambda i: totals[i])
-  mid = runs[order[len(order) // 2]]
-  by_name = {}
-  for name, t in mid:
-    n, tt = by_name.get(name, (0, 0.0))
-    by_name[name] = (n + 1, tt + t)
-  kernels = sorted(([k, n, tt] for k, (n, tt) in by_name.items()), key=lambda r: -r[2])
-  return statistics.median(totals), kernels
+def _raise(ex):
+  raise ex
 
 
 def _lower_then_compile(jobs):
   """``(key, fn, args, tuned)`` jobs: lowered one by one (``tuned=False`` with
-  ``ns.TUNED`` emptied, i.e. the cost-model plan), compiled on a thread pool."""
-  from concurrent.futures import ThreadPoolExecutor
+  ``ns.TUNED`` emptied, i.e. the cost-model plan: a global, so not on the pool), then
+  compiled on the pool of :func:`_compile_pool`."""
   from ortho_optax.pallas import ns
   saved = dict(ns.TUNED)
-  lowered = {}
+  lowered = []
   for key, fn, args, tuned in jobs:
     ns.TUNED.clear()
     if tuned:
       ns.TUNED.update(saved)
     try:
-      lowered[key] = (jax.jit(fn).lower(*args), args)
+      low = jax.jit(fn).lower(*args)
+      lowered.append((key, lambda low=low: low, args))
     except Exception as ex:  # pylint: disable=broad-except
-      lowered[key] = ex
+      lowered.append((key, lambda ex=ex: _raise(ex), args))
   ns.TUNED.clear()
   ns.TUNED.update(saved)
-
-  def one(item):
-    key, low = item
-    if isinstance(low, Exception):
-      return key, low
-    try:
-      c = low[0].compile()
-      jax.block_until_ready(c(*low[1]))
-      return key, (c, low[1])
-    except Exception as ex:  # pylint: disable=broad-except
-      return key, ex
-  with ThreadPoolExecutor(min(16, os.cpu_count() or 4)) as pool:
-    return dict(pool.map(one, lowered.items()))
+  return _compile_pool(lowered)
 
 
 def run_profile(results, shapes, peak):
@@ -558,11 +481,11 @@ def run_profile(results, shapes, peak):
   vs XLA, and of one optimizer update on a GPT-2-small tree."""
   import optax
   import ortho_optax
+  from kernel_profile import profile_kernels
   from ortho_optax.pallas import matmul as mm, ns
   jobs = []
   for (b, m, n) in shapes:
-    x = jax.random.normal(jax.random.key(b * 7 + m + n), (b, m, n), jnp.float32)
-    x = x.astype(jnp.bfloat16)
+    x = _ns_input(b, m, n)
     padded = (b, mm.round_up(m, ns.PAD), mm.round_up(n, ns.PAD))
     for aol in (True, False):
       jobs.append((((b, m, n), aol, "pallas"), ns_fn("pallas", aol), (x,), True))
@@ -597,7 +520,7 @@ def run_profile(results, shapes, peak):
       log(f"profile {what} {aol} {backend}: ERROR {entry!r}"[:2000])
       continue
     try:
-      t, kernels = _cupti_ms(entry[0], entry[1])
+      _, t, kernels = profile_kernels(entry[0], *entry[1], iterations=7)
     except Exception as ex:  # pylint: disable=broad-except
       row[name.replace("_ms", "_error") if name != "ms" else "error"] = repr(ex)[:1000]
       log(f"profile {what} {backend}: CUPTI ERROR {ex!r}"[:2000])
@@ -605,11 +528,7 @@ def run_profile(results, shapes, peak):
     row[name] = t
     row[(backend if backend != "-" else "") + "_kernels"] = kernels[:25]
   for row in ns_rows.values():
-    if "pallas_ms" in row and "xla_ms" in row:
-      row["speedup"] = row["xla_ms"] / row["pallas_ms"]
-      row["tflops"] = row["flops"] / (row["pallas_ms"] * 1e-3) / 1e12
-      row["floor_ms"] = row["flops"] / peak * 1e3
-      row["frac_floor"] = row["floor_ms"] / row["pallas_ms"]
+    _derive_speed(row, peak)
     log(f"profile {row['shape']} {row['config']}: kernels {row.get('pallas_ms', float('nan')):.3f}"
         f" ms (cost-model plan {row.get('pallas_costmodel_ms', float('nan')):.3f}), xla "
         f"{row.get('xla_ms', float('nan')):.3f} ms, {row.get('speedup', float('nan')):.2f}x")
@@ -733,7 +652,6 @@ def main():
   ap.add_argument("--skip-check", action="store_true")
   ap.add_argument("--skip-optimizer", action="store_true")
   ap.add_argument("--breakdown", action="store_true")
-  ap.add_argument("--sweep", action="store_true", help="per-GEMM tile/split sweep")
   ap.add_argument("--skip-timings", action="store_true")
   ap.add_argument("--direct", action="store_true",
                   help="time ortho_optax.pallas.newton_schulz vs this script's jnp chain")
@@ -781,9 +699,6 @@ def main():
   elif not (args.skip_timings or args.profile):
     run_timings(results, peak, shapes, direct=args.direct,
                 configs=(True,) if args.aol_only else (True, False))
-    save()
-  if args.sweep:
-    run_sweep(results)
     save()
   if args.breakdown:
     run_breakdown(results, [(1, 4096, 4096), (1, 1024, 4096), (48, 768, 768)])
