@@ -282,17 +282,19 @@ class GPT(nnx.Module):
     return self.lm_head(x)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    logits = self.head_logits(tokens).astype(jnp.float32)
-    cap = self.config.logit_softcap
-    if cap is not None:
-      logits = cap * jnp.tanh(logits / cap)
-    return logits
+    return _softcap(self.head_logits(tokens).astype(jnp.float32), self.config.logit_softcap)
+
+
+def _logz_and_picked(logits, targets):
+  """``logsumexp`` of each row and the target's logit."""
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return logz, picked
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Mean next-token cross-entropy in nats, in float32."""
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  logz, picked = _logz_and_picked(logits, targets)
   return jnp.mean(logz - picked)
 
 
@@ -323,9 +325,7 @@ def fused_cross_entropy(logits: jax.Array, targets: jax.Array, cap: float | None
 
 
 def _fused_ce_fwd(logits, targets, cap):
-  z = _softcap(logits.astype(jnp.float32), cap)
-  lse = jax.nn.logsumexp(z, axis=-1)
-  picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+  lse, picked = _logz_and_picked(_softcap(logits.astype(jnp.float32), cap), targets)
   return jnp.mean(lse - picked), (logits, targets, lse)
 
 
