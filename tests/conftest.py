@@ -48,6 +48,15 @@ def golden_tolerance(meta, key):
   return tol["rtol"], tol["atol"]
 
 
+def assert_trees_equal(a, b):
+  """Same tree structure and bit-identical leaves."""
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @pytest.fixture
 def highest_precision():
   """fp32 goldens need true fp32 matmuls."""

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import golden_tolerance, load_golden
 from ortho_optax.matrix_view import TORCH_LAYOUT, MatrixDims
+from ortho_optax.optimizers._common import find_states
 from ortho_optax.optimizers import auon as auon_lib
 from ortho_optax.optimizers import aurora as aurora_lib
 from ortho_optax.optimizers import oadamw as oadamw_lib
@@ -42,21 +43,7 @@ def _torch_dims(shape):
 
 def _find_states(tree, cls):
   """Every ``cls`` instance inside a (nested) optax state, depth-first."""
-  found = []
-
-  def walk(x):
-    if isinstance(x, cls):
-      found.append(x)
-      return
-    if isinstance(x, dict):
-      for v in x.values():
-        walk(v)
-    elif isinstance(x, (tuple, list)):
-      for v in x:
-        walk(v)
-
-  walk(tree)
-  return found
+  return find_states(tree, lambda x: isinstance(x, cls))
 
 
 def _leaf(states, field, name):

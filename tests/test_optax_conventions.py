@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import assert_trees_equal
 from ortho_optax.optimizers import adaptive_muon as adaptive_lib
 from ortho_optax.optimizers import auon as auon_lib
 from ortho_optax.optimizers import aurora as aurora_lib
@@ -71,14 +72,6 @@ def _grads(seed=0, scale=1.0):
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
   return jax.tree.unflatten(treedef, [
       scale * jax.random.normal(k, jnp.shape(x)) for k, x in zip(keys, leaves)])
-
-
-def _assert_trees_equal(a, b):
-  la, ta = jax.tree.flatten(a)
-  lb, tb = jax.tree.flatten(b)
-  assert ta == tb
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _all_finite(tree):
@@ -153,8 +146,8 @@ def test_jit_no_retrace_extra_args_zero_grads_and_save_restore(name):
     u1, s1 = _step(name, _grads(seed), s1, p1)
     u2, s2 = _step(name, _grads(seed), s2, p2)
     p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
-  _assert_trees_equal(p1, p2)
-  _assert_trees_equal(s1, s2)
+  assert_trees_equal(p1, p2)
+  assert_trees_equal(s1, s2)
   assert len(traces) - n_traces <= 1
 
 
@@ -232,7 +225,7 @@ def test_chain_clip_schedule_and_apply_if_finite(name):
   u, new_state = step(nan_grads, state, params)
   for x in jax.tree.leaves(u):
     np.testing.assert_array_equal(np.asarray(x), 0.0)
-  _assert_trees_equal(new_state.inner_state, state.inner_state)
+  assert_trees_equal(new_state.inner_state, state.inner_state)
   assert int(new_state.notfinite_count) == 1 and not bool(new_state.last_finite)
   u, state = step(_grads(6), new_state, params)  # and training continues
   assert _all_finite(u) and bool(state.last_finite)
@@ -249,7 +242,7 @@ def test_multi_steps_updates_only_on_real_steps(name):
   u, state = step(g0, state, params)
   for x in jax.tree.leaves(u):
     np.testing.assert_array_equal(np.asarray(x), 0.0)
-  _assert_trees_equal(state.inner_opt_state, inner.init(params))  # nothing orthogonalized
+  assert_trees_equal(state.inner_opt_state, inner.init(params))  # nothing orthogonalized
   u, state = step(g1, state, params)
   mean = jax.tree.map(lambda a, b: (a + b) / 2, g0, g1)
   u_ref, inner_state = _step(name, mean, inner.init(params), params)

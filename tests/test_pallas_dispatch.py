@@ -116,26 +116,34 @@ def test_upper_tile_schedule_covers_the_triangle_once():
     assert sorted(seen) == [(i, j) for i in range(c) for j in range(i, c)]
 
 
+def _three_products_in_interpreter(seed, batch, m, k, config, gram_config):
+  """Gram (mirrored), polynomial (addend + mirror) and apply (addend) GEMMs in Mosaic
+  GPU's CPU interpreter with persistent grids smaller than the work, each paired with
+  its float32 reference."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(k1, (batch, m, k), jnp.bfloat16)
+  a = jax.random.normal(k2, (batch, m, m), jnp.float32)
+  a = (a + jnp.swapaxes(a, 1, 2)).astype(jnp.bfloat16)
+  xf, af = x.astype(jnp.float32), a.astype(jnp.float32)
+  with plgpu.force_gpu_interpret_mode():
+    gram = mm.matmul(x, x, rhs_transposed=True, upper=True, config=gram_config, grid=2)
+    poly = mm.matmul(a, a, a, alpha=-0.7, beta=0.3, rhs_transposed=True, upper=True,
+                     config=config, grid=2)
+    app = mm.matmul(a, x, x, alpha=1.5, beta=-0.5, config=config, grid=3)
+  return [(gram, xf @ jnp.swapaxes(xf, 1, 2)), (poly, 0.3 * af @ af - 0.7 * af),
+          (app, -0.5 * af @ xf + 1.5 * xf)]
+
+
 @needs_interpreter
 def test_kernels_in_cpu_interpreter():
   # Gram with split-K (partials + f32 XLA sum); polynomial and apply with the fused
   # in-kernel epilogue (split_k=1); grids smaller than the work (persistent loop).
-  import jax.experimental.pallas.mosaic_gpu as plgpu
-  k1, k2 = jax.random.split(jax.random.key(1))
-  x = jax.random.normal(k1, (1, 512, 256), jnp.bfloat16)
-  a = jax.random.normal(k2, (1, 512, 512), jnp.float32)
-  a = (a + jnp.swapaxes(a, 1, 2)).astype(jnp.bfloat16)
-  xf, af = x.astype(jnp.float32), a.astype(jnp.float32)
-  cfg = mm.TuningConfig(max_concurrent_steps=2)
-  with plgpu.force_gpu_interpret_mode():
-    gram = mm.matmul(x, x, rhs_transposed=True, upper=True,
-                     config=mm.TuningConfig(max_concurrent_steps=2, split_k=2), grid=2)
-    poly = mm.matmul(a, a, a, alpha=-0.7, beta=0.3, rhs_transposed=True, upper=True,
-                     config=cfg, grid=2)
-    app = mm.matmul(a, x, x, alpha=1.5, beta=-0.5, config=cfg, grid=3)
-  assert _rel(gram, xf @ jnp.swapaxes(xf, 1, 2)) < 1e-2
-  assert _rel(poly, 0.3 * af @ af - 0.7 * af) < 1e-2
-  assert _rel(app, -0.5 * af @ xf + 1.5 * xf) < 1e-2
+  pairs = _three_products_in_interpreter(
+      1, 1, 512, 256, mm.TuningConfig(max_concurrent_steps=2),
+      mm.TuningConfig(max_concurrent_steps=2, split_k=2))
+  for out, ref in pairs:
+    assert _rel(out, ref) < 1e-2
 
 
 @needs_interpreter
@@ -147,22 +155,11 @@ def test_epilogue_variants_in_cpu_interpreter(variant):
   # Every tile of the symmetric products (mirrored bands included) and of the apply GEMM
   # must be written with the right value; a 3×3 grid of tiles with a persistent grid of
   # 2 CTAs covers diagonal, upper and mirrored tiles and CTA reuse of the buffers.
-  import jax.experimental.pallas.mosaic_gpu as plgpu
-  k1, k2 = jax.random.split(jax.random.key(3))
-  x = jax.random.normal(k1, (2, 768, 256), jnp.bfloat16)
-  a = jax.random.normal(k2, (2, 768, 768), jnp.float32)
-  a = (a + jnp.swapaxes(a, 1, 2)).astype(jnp.bfloat16)
-  xf, af = x.astype(jnp.float32), a.astype(jnp.float32)
   cfg = mm.TuningConfig(**variant)
-  with plgpu.force_gpu_interpret_mode():
-    gram = mm.matmul(x, x, rhs_transposed=True, upper=True, config=cfg, grid=2)
-    poly = mm.matmul(a, a, a, alpha=-0.7, beta=0.3, rhs_transposed=True, upper=True,
-                     config=cfg, grid=2)
-    app = mm.matmul(a, x, x, alpha=1.5, beta=-0.5, config=cfg, grid=3)
-  assert _rel(gram, xf @ jnp.swapaxes(xf, 1, 2)) < 1e-2
-  assert _rel(poly, 0.3 * af @ af - 0.7 * af) < 1e-2
-  assert _rel(app, -0.5 * af @ xf + 1.5 * xf) < 1e-2
-  for out, ref in ((gram, xf @ jnp.swapaxes(xf, 1, 2)), (poly, 0.3 * af @ af - 0.7 * af)):
+  pairs = _three_products_in_interpreter(3, 2, 768, 256, cfg, cfg)
+  for out, ref in pairs:
+    assert _rel(out, ref) < 1e-2
+  for out, ref in pairs[:2]:
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=0.05,
                                atol=0.05 * float(jnp.max(jnp.abs(ref))))
 

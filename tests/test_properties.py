@@ -267,6 +267,14 @@ def _well_conditioned(shape, scale, seed, cond=2.0):
   return x * scale
 
 
+def _well_case_input(case):
+  """``(shape, scale, dtype, x)`` of a ``well_case`` draw, x in its dtype."""
+  shape, scale, dtype_name, seed = case
+  dtype = DTYPES[dtype_name]
+  return shape, scale, dtype, jnp.asarray(
+      _well_conditioned(shape, scale, seed).astype(np.float32), dtype)
+
+
 def _svals(x):
   return np.linalg.svd(_np(x), compute_uv=False)
 
@@ -350,9 +358,7 @@ def test_cubic5_collapses_singular_values_near_0_58():
 @given(well_case)
 def test_aol_turbo_band(case):
   """Turbo-Muon's AOL + 4 ``turbo_aol`` steps: σ of a well-conditioned input near 1."""
-  shape, scale, dtype_name, seed = case
-  dtype = DTYPES[dtype_name]
-  x = jnp.asarray(_well_conditioned(shape, scale, seed).astype(np.float32), dtype)
+  shape, scale, dtype, x = _well_case_input(case)
   y = _ns("turbo_aol", "aol", dtype, 1e-6)(x)
   s = _svals(y)
   if scale < 1e-10:
@@ -442,9 +448,7 @@ def test_aurora_polars_finite_transpose_and_scale(case, kind, dtype_name):
 @PROPS
 @given(well_case)
 def test_leverage_uniform_polar_balances_rows(case):
-  shape, scale, dtype_name, seed = case
-  dtype = DTYPES[dtype_name]
-  x = jnp.asarray(_well_conditioned(shape, scale, seed).astype(np.float32), dtype)
+  shape, scale, dtype, x = _well_case_input(case)
   y = _np(_aurora("leverage_uniform_polar", dtype)(x))
   m, n = shape[-2:]
   if scale < 1e-10:

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import assert_trees_equal
 import ortho_optax
 from ortho_optax.optimizers import aurora as aurora_lib
 
@@ -193,14 +194,6 @@ def _bad_grads(params, where, value, seed=1):
   return g
 
 
-def _assert_trees_equal(a, b):
-  la, ta = jax.tree.flatten(a)
-  lb, tb = jax.tree.flatten(b)
-  assert ta == tb
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 @pytest.mark.parametrize("value", list(BAD_VALUES))
 @pytest.mark.parametrize("where", list(BAD_LEAVES))
 @pytest.mark.parametrize("name", NAMES)
@@ -213,7 +206,7 @@ def test_non_finite_gradient_with_apply_if_finite(name, where, value):
   u, new_state = update(_bad_grads(params, where, value), state, params)
   for x in jax.tree.leaves(u):
     np.testing.assert_array_equal(np.asarray(x), 0.0)
-  _assert_trees_equal(new_state.inner_state, state.inner_state)
+  assert_trees_equal(new_state.inner_state, state.inner_state)
   assert int(new_state.notfinite_count) == 1 and int(new_state.total_notfinite) == 1
   # The next finite step proceeds normally.
   u, state = update(_grads(params, 2, 1e-2), new_state, params)
@@ -245,7 +238,7 @@ def test_non_finite_gradient_without_guard(name, where, value):
     assert all(fin.values()), fin
     for layer in ("dense", "out_proj"):
       np.testing.assert_array_equal(np.asarray(u[layer]["kernel"]), 0.0)
-    _assert_trees_equal(state.inner_states["ortho"].inner_state.inner_state,
+    assert_trees_equal(state.inner_states["ortho"].inner_state.inner_state,
                         state0.inner_states["ortho"].inner_state.inner_state)
     assert int(aurora_lib.nonfinite_count(state)) == 1
     assert all(state_fin.values())

@@ -167,10 +167,32 @@ def masked_dimension_numbers(dimension_numbers):
   return dims_for
 
 
+def find_states(tree: Any, match) -> list[Any]:
+  """Nodes of a (nested) optax state for which ``match(node)`` holds, depth-first.
+
+  Walks dicts, tuples and lists (optax chain / partition states); a matching node is
+  returned whole and not searched further.
+  """
+  found = []
+
+  def walk(x):
+    if match(x):
+      found.append(x)
+      return
+    if isinstance(x, dict):
+      for v in x.values():
+        walk(v)
+    elif isinstance(x, (tuple, list)):
+      for v in x:
+        walk(v)
+
+  walk(tree)
+  return found
+
+
 __all__ = [
     "check_adam", "check_choice", "check_in_range", "check_int", "check_learning_rate",
     "check_momentum", "check_non_negative", "check_positive", "float16_in_float32",
-    "masked_dimension_numbers",
+    "find_states", "masked_dimension_numbers",
     "with_adamw_fallback",
 ]
-

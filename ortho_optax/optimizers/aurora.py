@@ -279,22 +279,10 @@ def nonfinite_count(state) -> jnp.ndarray:
 
 def _find_branch_states(tree):
   """``multi_transform`` states (anything with ``inner_states["ortho"]``), depth-first."""
-  found = []
-
-  def walk(x):
+  def is_branch(x):
     inner = getattr(x, "inner_states", None)
-    if isinstance(inner, dict) and "ortho" in inner:
-      found.append(x)
-      return
-    if isinstance(x, dict):
-      for v in x.values():
-        walk(v)
-    elif isinstance(x, (tuple, list)):
-      for v in x:
-        walk(v)
-
-  walk(tree)
-  return found
+    return isinstance(inner, dict) and "ortho" in inner
+  return _common.find_states(tree, is_branch)
 
 
 __all__ = ["SkipNonFiniteState", "aurora", "nonfinite_count", "riemannian_aurora",
