@@ -47,10 +47,6 @@ class NSConfig:
   symmetric: str = "kernel"
 
 
-def _cfg(**kw) -> mm.TuningConfig:
-  return mm.TuningConfig(**kw)
-
-
 #: Per-GEMM configs measured fastest for a padded ``(batch, m, n)`` stack on an H200
 #: (``python benchmarks/bench_kernels.py --tune``, 2026-11-28, raw sweep in
 #: ``benchmarks/results/bench_kernels_h200_tune_run6.json``). Only wins of more than 3%
@@ -60,15 +56,18 @@ def _cfg(**kw) -> mm.TuningConfig:
 #: 4096² polynomial 0.182 → 0.170, 8192² polynomial 0.871 → 0.815 and apply 1.84 → 1.75.
 TUNED: dict[tuple[int, int, int], NSConfig] = {
     (1, 1024, 4096): NSConfig(
-        gram=_cfg(epilogue_rows=64, max_concurrent_steps=4, split_k=4),
-        poly=_cfg(split_k=4), apply=_cfg()),
+        gram=mm.TuningConfig(epilogue_rows=64, max_concurrent_steps=4, split_k=4),
+        poly=mm.TuningConfig(split_k=4), apply=mm.TuningConfig()),
     (1, 2048, 2048): NSConfig(
-        gram=_cfg(epilogue_rows=64, max_concurrent_steps=4), poly=_cfg(),
-        apply=_cfg(prefetch_add=True)),
+        gram=mm.TuningConfig(epilogue_rows=64, max_concurrent_steps=4),
+        poly=mm.TuningConfig(), apply=mm.TuningConfig(prefetch_add=True)),
     (1, 4096, 4096): NSConfig(
-        gram=_cfg(), poly=_cfg(epilogue_rows=64, max_concurrent_steps=4), apply=_cfg()),
+        gram=mm.TuningConfig(),
+        poly=mm.TuningConfig(epilogue_rows=64, max_concurrent_steps=4),
+        apply=mm.TuningConfig()),
     (1, 8192, 8192): NSConfig(
-        gram=_cfg(), poly=_cfg(prefetch_add=True), apply=_cfg(prefetch_add=True)),
+        gram=mm.TuningConfig(), poly=mm.TuningConfig(prefetch_add=True),
+        apply=mm.TuningConfig(prefetch_add=True)),
 }
 
 
