@@ -355,10 +355,93 @@ def _orient_and_precondition(x, eps, preconditioning, compute_dtype):
   return _frobenius_normalize(x, eps, compute_dtype), transposed
 
 
+def uses_kernels(shape, dtype, *, preconditioning: str = "frobenius",
+                 compute_dtype=jnp.bfloat16, backend: str = "auto") -> bool:
+  """Whether :func:`newton_schulz` with these arguments runs a stack of ``shape`` and
+  ``dtype`` on the Pallas kernels (``True``) or on XLA (``False``).
+
+  Args:
+    shape: the stack's shape ``(..., rows, cols)``, either orientation.
+    dtype: the stack's dtype.
+    preconditioning, compute_dtype, backend: as for :func:`newton_schulz`.
+
+  Returns:
+    ``True`` for the kernel path.
+
+  Raises:
+    RuntimeError, ValueError: those of ``backend="pallas"`` where the kernels cannot run.
+  """
+  cdt = _check_compute_dtype(compute_dtype, dtype)
+  shape = tuple(shape[:-2]) + (min(shape[-2:]), max(shape[-2:]))
+  return _use_pallas(backend, cdt, preconditioning, shape)
+
+
+def newton_schulz_of_transpose(
+    y: jax.Array,
+    *,
+    steps: int = 5,
+    coefficients: Coefficients = "muon",
+    order: str | None = None,
+    preconditioning: str = "frobenius",
+    eps: float = 1e-7,
+    compute_dtype=jnp.bfloat16,
+    backend: str = "auto",
+) -> jax.Array:
+  """``newton_schulz(yᵀ)ᵀ`` (same arguments), without transposing ``y`` on the kernels.
+
+  Orthogonalizes the matrices whose transposes are stored, e.g. square Flax kernels
+  ``(in, out)`` in their ``(out, in)`` view. NS commutes with transposition
+  (``Y·p(YᵀY) = p(YYᵀ)·Y``) and the Frobenius norm is transpose-invariant, so with
+  Frobenius preconditioning the result is ``newton_schulz(y)``. AOL scales the rows of
+  ``X = yᵀ``, the columns of ``y``, by ``s = rsqrt(rowsum|XXᵀ|)`` with ``XXᵀ = yᵀy``;
+  after that rescale Turbo-Muon's first step is a plain NS step on ``diag(s)·X``, so the
+  kernels continue on ``y·diag(s)`` (one extra Gram matrix, from cuBLAS, instead of two
+  transposes of the stack). The XLA path transposes (it reproduces the goldens bit for
+  bit that way).
+
+  Args:
+    y: array of rank >= 2 holding the transposes of the matrices to orthogonalize.
+    steps, coefficients, order, preconditioning, eps, compute_dtype, backend: as for
+      :func:`newton_schulz`.
+
+  Returns:
+    An array of ``y``'s shape and dtype.
+
+  References:
+    Boissin et al., "Turbo-Muon", arXiv 2512.04632, 2025 (AOL preconditioning).
+  """
+  validate_args(preconditioning, backend, eps)
+  y = jnp.asarray(y)
+  kwargs = dict(steps=steps, coefficients=coefficients, order=order,
+                preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype,
+                backend=backend)
+  if y.ndim < 2 or not uses_kernels(y.shape, y.dtype, preconditioning=preconditioning,
+                                    compute_dtype=compute_dtype, backend=backend):
+    return _swap(newton_schulz(_swap(y), **kwargs))
+  if preconditioning != "aol":
+    return newton_schulz(y, **kwargs)
+  triples = resolve_coefficients(coefficients, steps, order)
+  cdt = _check_compute_dtype(compute_dtype, y.dtype)
+  acc = _accum_dtype(y.dtype, cdt)
+  # The barrier keeps XLA from fusing y's producer (the stack's concatenation) into both
+  # the Gram and the rescale below, building the stack twice.
+  scaled = lax.optimization_barrier(_aol_prescale(y, cdt))
+  gram = _round_to(jnp.einsum("...ki,...kj->...ij", scaled, scaled,
+                              preferred_element_type=acc), cdt)
+  s = lax.rsqrt(jnp.maximum(jnp.sum(jnp.abs(gram.astype(acc)), axis=-1), eps))
+  scaled = _round_to(scaled.astype(acc) * s[..., None, :], cdt)
+  return _pallas_newton_schulz(scaled, triples, None, eps, cdt).astype(y.dtype)
+
+
 def _pallas_newton_schulz(x, triples, preconditioning, eps, compute_dtype):
+  """The kernel path; ``preconditioning=None``: ``x`` is already preconditioned."""
   from ortho_optax import pallas
   out_dtype = x.dtype
-  X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
+  if preconditioning is None:
+    transposed = x.shape[-2] > x.shape[-1]
+    X = _swap(x) if transposed else x
+  else:
+    X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
   lead = X.shape[:-2]
   stack = X.astype(jnp.bfloat16).reshape((-1,) + X.shape[-2:])
   out = pallas.newton_schulz(stack, tuple(triples), aol=preconditioning == "aol", eps=eps)

@@ -197,3 +197,27 @@ def test_newton_schulz_in_cpu_interpreter_padded_aol():
   ref = ns.reference(x, TURBO_AOL[:1], aol=True, eps=1e-7)
   ref_bf16 = ns.reference(x, TURBO_AOL[:1], aol=True, eps=1e-7, dtype=jnp.bfloat16)
   assert _rel(out, ref) < max(3 * _rel(ref_bf16, ref), 1e-2)
+
+
+@needs_interpreter
+def test_orthogonalize_on_kernels_keeps_the_output_axis_aol(monkeypatch):
+  # On the kernel path square Flax kernels are not transposed: AOL scales the columns of
+  # the stored (in, out) matrix (the rows of the (out, in) view) from a column Gram.
+  # Each leaf must match the per-leaf (out, in) reference to bf16 accuracy; AOL on the
+  # wrong side would be ~5% off (the stored orientation's own AOL).
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from ortho_optax.newton_schulz import newton_schulz
+  from ortho_optax.stages.orthogonalize import orthogonalize
+  monkeypatch.setattr(opl, "is_available", lambda: True)
+  rand = lambda shape, seed: jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+  upd = {"q": rand((40, 40), 1), "k": rand((40, 40), 2), "fc": rand((40, 72), 3),
+         "proj": rand((72, 40), 4)}
+  kw = dict(preconditioning="aol", coefficients="turbo_aol", steps=4, eps=1e-6)
+  with plgpu.force_gpu_interpret_mode():
+    tx = orthogonalize(backend="pallas", **kw)
+    out, _ = tx.update(upd, tx.init(upd))
+  for name, x in upd.items():
+    want = newton_schulz(x.T, backend="xla", compute_dtype=jnp.float32, **kw).T
+    bf16 = newton_schulz(x.T, backend="xla", **kw).T
+    assert out[name].dtype == jnp.float32
+    assert _rel(out[name], want) < 1.5 * _rel(bf16, want) + 2e-3, name

@@ -25,7 +25,9 @@ from jax import lax
 
 from ortho_optax import distributed, matrix_view
 from ortho_optax.coefficients import resolve_coefficients
-from ortho_optax.newton_schulz import _check_compute_dtype, newton_schulz, validate_args
+from ortho_optax.newton_schulz import (_check_compute_dtype, newton_schulz,
+                                       newton_schulz_of_transpose, uses_kernels,
+                                       validate_args)
 from ortho_optax.polar import (cosh_normalize, leverage_uniform_polar, polar,
                                riemannian_balanced_polar)
 
@@ -150,11 +152,13 @@ def orthogonalize(
     _check_real(eps, "eps")
   use_cache = update_proj_gap > 1
 
+  ns_kwargs = dict(steps=steps, coefficients=coefficients, order=order,
+                   preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype,
+                   backend=backend)
+
   def run_method(stack):
     if method == "newton_schulz":
-      return newton_schulz(stack, steps=steps, coefficients=coefficients, order=order,
-                           preconditioning=preconditioning, eps=eps,
-                           compute_dtype=compute_dtype, backend=backend)
+      return newton_schulz(stack, **ns_kwargs)
     if method == "polar":
       return polar(stack)
     if method == "aurora":
@@ -189,9 +193,10 @@ def orthogonalize(
       stored = _stored_view(leaf, dims) if orient else None
       # A Flax kernel is the transpose of its (out, in) view. NS works on the wide
       # orientation of a non-square matrix, so such a kernel is taken as stored (no
-      # transposes, same result bit for bit). Square kernels are stacked as stored and the
-      # whole stack is transposed once into the (out, in) view (one batched transpose
-      # instead of one per leaf; AOL scales the rows of that view).
+      # transposes, same result bit for bit). Square kernels are stacked as stored; on
+      # the kernels NS of their (out, in) view needs no transpose at all
+      # (newton_schulz_of_transpose), on XLA the whole stack is transposed once (one
+      # batched transpose instead of one per leaf; AOL scales the rows of that view).
       flip = False
       if stored is not None:
         mats, restore = stored
@@ -200,21 +205,35 @@ def orthogonalize(
         mats, restore = matrix_view.to_matrices(leaf, dims)
       restores[i] = restore
       tall = orient and mats.shape[1] > mats.shape[2]
-      if tall:
-        mats = jnp.swapaxes(mats, 1, 2)
-      groups.setdefault((mats.shape[1], mats.shape[2], mats.dtype, flip), []).append(
-          (i, mats, tall))
+      rows, cols = sorted(mats.shape[1:]) if tall else mats.shape[1:]
+      groups.setdefault((rows, cols, mats.dtype, flip), []).append((i, mats, tall))
     out_leaves = list(leaves)
-    for (_, _, _, flip), members in groups.items():
+    for (rows, cols, dtype, flip), members in groups.items():
       sizes = [m.shape[0] for _, m, _ in members]
-      stack = members[0][1] if len(members) == 1 else jnp.concatenate(
-          [m for _, m, _ in members], axis=0)
-      if flip:  # the barriers keep XLA from sinking the transpose into every leaf
+      on_kernels = orient and uses_kernels(
+          (sum(sizes), rows, cols), dtype, preconditioning=preconditioning,
+          compute_dtype=compute_dtype, backend=backend)
+      pieces = []
+      for _, mats, tall in members:
+        if on_kernels:
+          # The kernels take bf16: each piece is rounded to bf16 where it is produced
+          # (with the momentum, say) and the stack is concatenated in bf16 (half the
+          # bytes of a float32 one; the normalisation then reads bf16, as Keller Jordan's
+          # G.bfloat16() / ‖G‖ does). The barrier keeps XLA from moving the rounding
+          # (and the normalisation's reductions) back onto the float32 pieces.
+          mats = mats.astype(jnp.bfloat16)
+        if tall:
+          mats = jnp.swapaxes(mats, 1, 2)
+        pieces.append(lax.optimization_barrier(mats) if on_kernels else mats)
+      stack = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
+      if flip and on_kernels:  # NS of the (out, in) view without transposing the stack
+        result = newton_schulz_of_transpose(stack, **ns_kwargs)
+      elif flip:  # the barriers keep XLA from sinking the transpose into every leaf
         stack = jnp.swapaxes(lax.optimization_barrier(stack), 1, 2)
-      # Identity unless inside ortho_optax.distributed.distribute (multi-device layout).
-      result = distributed.orthogonalize_stack(run_method, stack)
-      if flip:
-        result = lax.optimization_barrier(jnp.swapaxes(result, 1, 2))
+        result = lax.optimization_barrier(jnp.swapaxes(run_method(stack), 1, 2))
+      else:
+        # Identity unless inside ortho_optax.distributed.distribute (multi-device layout).
+        result = distributed.orthogonalize_stack(run_method, stack)
       offset = 0
       for (i, _, tall), size in zip(members, sizes):
         part = result[offset:offset + size]
