@@ -63,6 +63,21 @@ def test_auto_backend_falls_back_to_xla_on_cpu():
       np.asarray(ns_entry(x, backend="xla")))
 
 
+@on_cpu
+def test_uses_kernels_and_newton_schulz_of_transpose_off_gpu():
+  from ortho_optax.newton_schulz import newton_schulz_of_transpose, uses_kernels
+  assert uses_kernels((48, 768, 768), jnp.float32) is False  # auto: XLA without a GPU
+  with pytest.raises(RuntimeError, match="pallas"):
+    uses_kernels((48, 768, 768), jnp.float32, backend="pallas")
+  y = jax.random.normal(jax.random.key(3), (2, 16, 16), jnp.float32)
+  kw = dict(preconditioning="aol", coefficients="turbo_aol", steps=4, eps=1e-6)
+  np.testing.assert_array_equal(  # the XLA path: the transposes, nothing else
+      np.asarray(newton_schulz_of_transpose(y, **kw)),
+      np.asarray(jnp.swapaxes(ns_entry(jnp.swapaxes(y, 1, 2), **kw), 1, 2)))
+  with pytest.raises(ValueError, match="preconditioning"):
+    newton_schulz_of_transpose(y, preconditioning="svd")
+
+
 @pytest.mark.parametrize("x,coefficients,match", [
     (jnp.ones((8, 16), jnp.bfloat16), TURBO_AOL, "stack"),
     (jnp.ones((1, 8, 16), jnp.float32), TURBO_AOL, "bfloat16"),
