@@ -251,6 +251,13 @@ def current_sharding() -> OrthogonalizationSharding | None:
   return getattr(_ACTIVE, "config", None)
 
 
+def gathers_whole() -> bool:
+  """Whether the active config spreads stacks over devices (``gather_whole`` on more than
+  one worker); otherwise :func:`orthogonalize_stack` is a plain call."""
+  config = current_sharding()
+  return not (config is None or config.strategy == "auto" or config.num_workers == 1)
+
+
 @contextlib.contextmanager
 def orthogonalization_sharding(mesh: Mesh, strategy: str = "gather_whole",
                                axis_names: Sequence[str] | None = None,
@@ -340,10 +347,9 @@ def orthogonalize_stack(run_method: Callable[[jax.Array], jax.Array],
   The hook the orthogonalize stage calls for each ``(B, out, in)`` stack. With no
   active config, or ``strategy="auto"``, it is ``run_method(stack)``.
   """
-  config = current_sharding()
-  if config is None or config.strategy == "auto" or config.num_workers == 1:
+  if not gathers_whole():
     return run_method(stack)
-  return _gather_whole(run_method, stack, config)
+  return _gather_whole(run_method, stack, current_sharding())
 
 
 def _gather_whole(run_method, stack, config: OrthogonalizationSharding):

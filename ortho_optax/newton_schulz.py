@@ -221,6 +221,13 @@ def _power_sigma_max(gram):
   return jnp.sqrt(lam)[..., None, None]
 
 
+def _aol_scales(gram, eps, acc):
+  """Turbo-Muon's AOL factors ``s_r = 1/sqrt(max(Σ_j |A_rj|, eps))`` of a Gram matrix,
+  in ``acc``."""
+  rowsum = jnp.sum(jnp.abs(gram.astype(acc)), axis=-1)
+  return lax.rsqrt(jnp.maximum(rowsum, eps))
+
+
 def _precondition_first_step(x, preconditioning, eps):
   """Returns ``(X, A)``: the preconditioned X and its Gram matrix, reusing one GEMM."""
   dt = x.dtype
@@ -230,8 +237,7 @@ def _precondition_first_step(x, preconditioning, eps):
     # Turbo-Muon's AOL rescaling: s_r = 1/sqrt(max(Σ_j |A_rj|, eps)), X ← diag(s) X and
     # A ← diag(s) A diag(s) (the Gram of the rescaled X, without a second GEMM).
     # ‖diag(s) X‖₂ <= 1 by the AOL bound, so no Frobenius normalisation is needed.
-    rowsum = jnp.sum(jnp.abs(gram.astype(acc)), axis=-1)
-    s = lax.rsqrt(jnp.maximum(rowsum, eps))
+    s = _aol_scales(gram, eps, acc)
     x = _round_to(s[..., :, None] * x.astype(acc), dt)
     gram = _round_to(s[..., :, None] * gram.astype(acc) * s[..., None, :], dt)
     return x, gram
@@ -346,10 +352,13 @@ def newton_schulz(
 
 
 def _orient_and_precondition(x, eps, preconditioning, compute_dtype):
-  """Wide orientation + the elementwise part of the preconditioning."""
+  """Wide orientation + the elementwise part of the preconditioning (``None``: none,
+  ``x`` is already preconditioned)."""
   transposed = x.shape[-2] > x.shape[-1]
   if transposed:
     x = _swap(x)
+  if preconditioning is None:
+    return x, transposed
   if preconditioning == "aol":
     return _aol_prescale(x, compute_dtype), transposed
   return _frobenius_normalize(x, eps, compute_dtype), transposed
@@ -426,9 +435,7 @@ def newton_schulz_of_transpose(
   # The barrier keeps XLA from fusing y's producer (the stack's concatenation) into both
   # the Gram and the rescale below, building the stack twice.
   scaled = lax.optimization_barrier(_aol_prescale(y, cdt))
-  gram = _round_to(jnp.einsum("...ki,...kj->...ij", scaled, scaled,
-                              preferred_element_type=acc), cdt)
-  s = lax.rsqrt(jnp.maximum(jnp.sum(jnp.abs(gram.astype(acc)), axis=-1), eps))
+  s = _aol_scales(_gram(_swap(scaled), acc), eps, acc)  # XXᵀ of X = yᵀ is yᵀy
   scaled = _round_to(scaled.astype(acc) * s[..., None, :], cdt)
   return _pallas_newton_schulz(scaled, triples, None, eps, cdt).astype(y.dtype)
 
@@ -437,11 +444,7 @@ def _pallas_newton_schulz(x, triples, preconditioning, eps, compute_dtype):
   """The kernel path; ``preconditioning=None``: ``x`` is already preconditioned."""
   from ortho_optax import pallas
   out_dtype = x.dtype
-  if preconditioning is None:
-    transposed = x.shape[-2] > x.shape[-1]
-    X = _swap(x) if transposed else x
-  else:
-    X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
+  X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
   lead = X.shape[:-2]
   stack = X.astype(jnp.bfloat16).reshape((-1,) + X.shape[-2:])
   out = pallas.newton_schulz(stack, tuple(triples), aol=preconditioning == "aol", eps=eps)

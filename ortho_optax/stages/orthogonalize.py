@@ -182,9 +182,7 @@ def orthogonalize(
     # (fewer launches and fuller waves for the GPU kernels), with identical results.
     # Orientation tricks (below) only without the gather_whole layout: XLA's CPU
     # all-to-all rejects transposed operands there (an HLO verifier error).
-    sharding = distributed.current_sharding()
-    orient = method == "newton_schulz" and (
-        sharding is None or sharding.strategy == "auto" or sharding.num_workers == 1)
+    orient = method == "newton_schulz" and not distributed.gathers_whole()
     groups: dict[tuple, list[tuple[int, jax.Array, bool]]] = {}
     restores = {}
     for i, (leaf, dims) in enumerate(zip(leaves, dims_leaves)):
