@@ -101,7 +101,8 @@ def time_steps(cfg: gpt.GPTConfig, opt_name: str, batch: int, steps: int, warmup
       # CUPTI's measure may call the function more than once: no donation here.
       from kernel_profile import profile_kernels  # pylint: disable=import-outside-toplevel
       _, total, kernels = profile_kernels(jax.jit(pure_fn), box[0], inputs, targets)
-      prof = {"profile_device_ms": total, "profile_kernels": kernels[:30]}
+      prof = {"profile_device_ms": total, "profile_kernels": kernels[:30],
+              "profile_launches": sum(n for _, n, _ in kernels), "all_kernels": kernels}
     except Exception as e:  # pylint: disable=broad-except
       prof = {"profile_error": f"{type(e).__name__}: {str(e)[:300]}"}
   med = float(np.median(times))
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
   p.add_argument("--fp8-head", action="store_true", help="also time AdamW with the FP8 head")
   p.add_argument("--profile", action="store_true",
                  help="per-kernel CUPTI device time of one step of each split-driver run")
+  p.add_argument("--all-kernels", action="store_true",
+                 help="with --profile: every kernel of each step into bench_gpt_kernels.json")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   args = p.parse_args(argv)
 
@@ -140,7 +143,18 @@ def main(argv=None) -> int:
         f"{env['pallas_available']}", flush=True)
   results = []
 
+  all_kernels = {}
+
   def record(r):
+    kernels = r.pop("all_kernels", None)
+    if args.all_kernels and kernels is not None:
+      key = f"{r['optimizer']}_{r['tokens_per_step']}"
+      while key in all_kernels:  # e.g. AdamW twice at 32k with --batch64 32
+        key += "+"
+      all_kernels[key] = kernels
+      os.makedirs(args.out, exist_ok=True)
+      with open(os.path.join(args.out, "bench_gpt_kernels.json"), "w") as f:
+        json.dump(all_kernels, f)
     results.append(r)
     print(f"{r['optimizer']:>20s} {r['driver']:>5s} {r['tokens_per_step']:>7d} tok "
           f"{r['median_ms']:8.2f} ms  {r['tokens_per_s']:>11,.0f} tok/s  MFU "
@@ -176,7 +190,7 @@ def main(argv=None) -> int:
   for r in results:
     if "profile_kernels" in r:
       print(f"\n{r['optimizer']} {r['tokens_per_step']} tok: one step {r['profile_device_ms']:.2f}"
-            f" ms device time; top kernels:")
+            f" ms device time, {r.get('profile_launches', '?')} launches; top kernels:")
       for name, n, t in r["profile_kernels"][:12]:
         print(f"  {t:8.3f} ms {n:4d}x {name[:70]}")
   return 0

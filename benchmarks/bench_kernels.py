@@ -26,6 +26,7 @@ Writes ``bench_kernels.json`` under ``--out`` (default ``$OUT`` or ``.``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -36,6 +37,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 TURBO_AOL = ((3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
              (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
@@ -637,12 +639,63 @@ def print_table(results):
     for r in results.get("profile_optimizer", []):
       log(f"optimizer update {r['optimizer']} (device time): " + ", ".join(
           f"{k[:-3] or 'total'} {v:.3f} ms" for k, v in r.items() if k.endswith("ms")))
+  if results.get("stack"):
+    log("\nNS stack building (CUPTI device ms, TB/s of read + write; * = not bit-exact)")
+    for r in results["stack"]:
+      cells = []
+      for k in sorted(k[:-3] for k in r if k.endswith("_ms")):
+        mark = "" if r.get(k + "_exact", True) else "*"
+        cells.append(f"{k} {r[k + '_ms']:.3f} ({r[k + '_tbps']:.2f}){mark}")
+      log(f"{r['pieces']}x{r['shape'][0]}x{r['shape'][1]}: " + ", ".join(cells))
   for r in results.get("optimizer", []):
     if "ms" in r:
       log(f"optimizer {r['optimizer']}: {r['ms']:.3f} ms")
       continue
     log(f"optimizer {r['optimizer']}: pallas {r.get('pallas_ms', float('nan')):.3f} ms, "
         f"xla {r.get('xla_ms', float('nan')):.3f} ms, {r.get('speedup', float('nan')):.2f}x")
+
+
+def run_stack(results):
+  """Device time (CUPTI) of building the optimizer's NS stacks of a GPT-2-small tree:
+  XLA's concatenate (bf16, and bf16 pairs bitcast to uint32) against
+  ``ortho_optax.pallas.stack.concatenate`` (TMA copies) at a few block sizes."""
+  from kernel_profile import profile_kernels
+  from ortho_optax.pallas import stack
+
+  def u32_concat(pieces):
+    as_u32 = [lax.bitcast_convert_type(p.reshape(p.shape[:-1] + (p.shape[-1] // 2, 2)),
+                                       jnp.uint32) for p in pieces]
+    out = jnp.concatenate(as_u32, axis=0)
+    return lax.bitcast_convert_type(out, jnp.bfloat16).reshape(
+        (out.shape[0],) + pieces[0].shape[1:])
+
+  variants = {"xla": lambda ps: jnp.concatenate(ps, axis=0), "xla_u32": u32_concat}
+  for br in (32, 64, 128):
+    variants[f"tma_rows{br}"] = functools.partial(
+        stack.concatenate, config=stack.StackConfig(block_rows=br))
+  rows = []
+  for count, shape in ((48, (768, 768)), (24, (768, 3072))):
+    keys = jax.random.split(jax.random.key(1), count)
+    pieces = [jax.random.normal(k, (1,) + shape, jnp.float32).astype(jnp.bfloat16)
+              for k in keys]
+    nbytes = 2 * 2 * count * shape[0] * shape[1]  # read + write
+    ref = jnp.concatenate(pieces, axis=0)
+    row = dict(pieces=count, shape=list(shape), bytes_moved=nbytes)
+    for name, fn in variants.items():
+      try:
+        f = jax.jit(fn)
+        out = f(pieces)
+        row[name + "_exact"] = bool(jnp.array_equal(out, ref))
+        _, t, kernels = profile_kernels(f, pieces, iterations=7)
+        row[name + "_ms"] = t
+        row[name + "_tbps"] = nbytes / (t * 1e-3) / 1e12
+        row[name + "_kernels"] = kernels[:4]
+      except Exception as ex:  # pylint: disable=broad-except
+        row[name + "_error"] = repr(ex)[:1000]
+        log(f"stack {count}x{shape} {name}: ERROR {ex!r}"[:2000])
+    log("stack", {k: v for k, v in row.items() if not k.endswith("kernels")})
+    rows.append(row)
+  results["stack"] = rows
 
 
 def main():
@@ -660,6 +713,8 @@ def main():
   ap.add_argument("--profile", action="store_true",
                   help="per-kernel CUPTI device time of one call per --shapes (default "
                        "TUNE_SHAPES) and of one optimizer update (replaces timings)")
+  ap.add_argument("--stack", action="store_true",
+                  help="time the NS stack concatenation variants (replaces timings)")
   ap.add_argument("--tune", action="store_true",
                   help="per-GEMM sweep on the --shapes (default TUNE_SHAPES), winners into "
                        "ns.TUNED, then the whole call timed with them (replaces timings)")
@@ -692,11 +747,14 @@ def main():
   if args.profile:
     run_profile(results, shapes if args.shapes else TUNE_SHAPES, peak)
     save()
+  if args.stack:
+    run_stack(results)
+    save()
   if args.tune:
     run_tune(results, shapes if args.shapes else TUNE_SHAPES, peak,
              configs=(True,) if args.aol_only else (True, False))
     save()
-  elif not (args.skip_timings or args.profile):
+  elif not (args.skip_timings or args.profile or args.stack):
     run_timings(results, peak, shapes, direct=args.direct,
                 configs=(True,) if args.aol_only else (True, False))
     save()

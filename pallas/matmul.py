@@ -303,18 +303,24 @@ def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, *, batch, m,
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _plgpu_kernel(body, out_struct, grid):
+def _plgpu_kernel_args(out_struct):
+  """``plgpu.kernel``'s output keyword (``out_shape`` was renamed ``out_type`` after JAX
+  0.10) with the default compiler parameters."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
   params = inspect.signature(plgpu.kernel).parameters
-  out_kw = "out_type" if "out_type" in params else "out_shape"  # renamed after jax 0.10
+  out_kw = "out_type" if "out_type" in params else "out_shape"
+  return {out_kw: out_struct, "compiler_params": plgpu.CompilerParams()}
+
+
+def _plgpu_kernel(body, out_struct, grid):
+  import jax.experimental.pallas.mosaic_gpu as plgpu
   return plgpu.kernel(
       body,
-      **{out_kw: out_struct},
+      **_plgpu_kernel_args(out_struct),
       grid=(grid,),
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(),
   )
 
 

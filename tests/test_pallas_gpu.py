@@ -194,3 +194,19 @@ def test_traced_coefficients_match_static():
   s32, t32 = np.asarray(static, np.float32), np.asarray(traced, np.float32)
   np.testing.assert_allclose(t32, s32, rtol=2 ** -7, atol=1e-6)
   assert np.mean(t32 != s32) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("block_rows", [32, 64, 128])
+def test_stack_concatenate_is_exact(dtype, block_rows):
+  # The TMA stack of a GPT-2-like set (48 square pieces of mixed batch sizes, then 3
+  # wide ones): bit-exact against jnp.concatenate, into a NaN-poisoned allocator.
+  from ortho_optax.pallas import stack
+  _poison()
+  cfg = stack.StackConfig(block_rows=block_rows)
+  for count, shape in ((48, (768, 768)), (3, (768, 3072))):
+    keys = jax.random.split(_key(), count)
+    pieces = [jax.random.normal(k, (1 + i % 2,) + shape, jnp.float32).astype(dtype)
+              for i, k in enumerate(keys)]
+    out = jax.jit(lambda ps: stack.concatenate(ps, config=cfg))(pieces)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.concatenate(pieces)))

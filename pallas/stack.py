@@ -1,0 +1,116 @@
+"""Concatenation of many arrays along their first axis with TMA copies (Mosaic GPU).
+
+``concatenate(pieces)`` builds the stack that a batched Newton–Schulz call runs on (say,
+48 768×768 bf16 momenta of a GPT-2's attention) as a pure copy engine job: every piece
+and the output are viewed as ``(rows, LANES)`` row-major matrices, and each CTA moves
+one block of ``block_rows`` rows, global → shared → global memory, with two TMA copies.
+No element passes through registers, so the copy runs near the memory bandwidth, where
+XLA's concatenate of 2-byte elements measured ~0.84 TB/s on an H200 (one element per
+thread and per operand).
+
+References:
+  JAX, ``jax.experimental.pallas.mosaic_gpu`` (``copy_gmem_to_smem``,
+  ``copy_smem_to_gmem``); NVIDIA, *CUDA C++ Programming Guide*, Tensor Memory Accelerator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+#: Row length of the 2-D view of every piece (elements; the largest TMA box side).
+LANES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+  """Block size of :func:`concatenate`.
+
+  Attributes:
+    block_rows: rows of ``LANES`` elements one CTA copies (a 64×256 bf16 block is 32 KB
+      of shared memory, so several CTAs share an SM and overlap their copies).
+  """
+  block_rows: int = 64
+
+
+def supports(pieces: Sequence[jax.Array], config: StackConfig = StackConfig()) -> bool:
+  """Whether :func:`concatenate` takes these pieces: one dtype, equal trailing shapes and
+  every piece a whole number of ``block_rows × LANES`` blocks."""
+  if not pieces:
+    return False
+  first = pieces[0]
+  block = config.block_rows * LANES
+  return all(p.dtype == first.dtype and p.shape[1:] == first.shape[1:] and p.ndim >= 1
+             and p.size > 0 and p.size % block == 0 for p in pieces)
+
+
+def concatenate(pieces: Sequence[jax.Array], config: StackConfig = StackConfig()
+                ) -> jax.Array:
+  """``jnp.concatenate(pieces, axis=0)`` by TMA copies on a Hopper GPU.
+
+  Args:
+    pieces: arrays of one dtype and equal trailing shapes, each a whole number of
+      ``config.block_rows × LANES`` elements (:func:`supports`).
+    config: block size.
+
+  Returns:
+    The concatenation along axis 0.
+
+  Raises:
+    ValueError: for pieces :func:`supports` rejects, naming the shapes and dtypes.
+  """
+  pieces = list(pieces)
+  if not supports(pieces, config):
+    raise ValueError(
+        "concatenate needs pieces of one dtype and equal trailing shapes, each a whole "
+        f"number of {config.block_rows}×{LANES} elements; got "
+        f"{[(tuple(p.shape), str(p.dtype)) for p in pieces]}.")
+  out_shape = (sum(p.shape[0] for p in pieces),) + pieces[0].shape[1:]
+  flat = [p.reshape(p.size // LANES, LANES) for p in pieces]
+  out = _build(tuple(f.shape[0] for f in flat), jnp.dtype(pieces[0].dtype),
+               config)(*flat)
+  return out.reshape(out_shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _build(rows: tuple[int, ...], dtype, config: StackConfig):
+  """The kernel for pieces of ``rows[i] × LANES`` elements (one CTA per block)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from ortho_optax.pallas.matmul import _plgpu_kernel_args
+
+  br = config.block_rows
+  blocks = [r // br for r in rows]
+  starts = [sum(blocks[:i]) for i in range(len(blocks))]
+  row_offsets = [sum(rows[:i]) for i in range(len(rows))]
+  total = sum(blocks)
+
+  def body(*refs):
+    *ins, out = refs
+    idx = lax.axis_index("block")
+
+    @functools.partial(pl.run_scoped, smem=plgpu.SMEM((br, LANES), dtype),
+                       barrier=plgpu.Barrier(num_barriers=1))
+    def _scope(smem, barrier):
+      # One branch per piece (static refs); exactly one is taken by each CTA.
+      for src, start, n, off in zip(ins, starts, blocks, row_offsets):
+        @pl.when(jnp.logical_and(idx >= start, idx < start + n))
+        def _copy(src=src, start=start, off=off):
+          t = idx - start
+          plgpu.copy_gmem_to_smem(src.at[pl.ds(t * br, br)], smem, barrier.at[0])
+          plgpu.barrier_wait(barrier.at[0])
+          plgpu.copy_smem_to_gmem(smem, out.at[pl.ds(off + t * br, br)])
+          plgpu.wait_smem_to_gmem(0)
+
+  out_struct = jax.ShapeDtypeStruct((sum(rows), LANES), dtype)
+  return plgpu.kernel(body, grid=(total,), grid_names=("block",),
+                      **_plgpu_kernel_args(out_struct))
+
+
+__all__ = ["LANES", "StackConfig", "concatenate", "supports"]
