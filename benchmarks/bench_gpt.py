@@ -1,6 +1,7 @@
 """Whole-step speed of the ortho-optax GPT on a GPU: tokens/s, MFU, optimizer overhead.
 
-Measures (median of ``--steps`` steps after ``--warmup`` warm-up steps) the training step of :mod:`ortho_optax.models.gpt` (``small`` preset = GPT-2
+Measures (median over ``--rounds`` interleaved rounds of ``--steps`` steps each, after
+``--warmup`` warm-up steps) the training step of :mod:`ortho_optax.models.gpt` (``small`` preset = GPT-2
 small with an untied 50304-token head, bf16 compute, cuDNN attention):
 
 * AdamW at 64 × 1024 tokens/step: tokens/s and MFU, flops ``6·N + 12·L·d·T`` per token
@@ -45,75 +46,96 @@ def make_tx(name: str) -> optax.GradientTransformation:
   return opt_lib.build(name, 0.02 if name != "adamw" else 3e-4, adam_learning_rate=3e-4)
 
 
-def time_steps(cfg: gpt.GPTConfig, opt_name: str, batch: int, steps: int, warmup: int,
-               driver: str, profile: bool = False) -> dict:
-  model = gpt.GPT(cfg, rngs=nnx.Rngs(0))
-  n_params = gpt.count_params(model)
-  n_no_embed = gpt.count_params(model, exclude_embedding=True)
-  optimizer = nnx.Optimizer(model, make_tx(opt_name), wrt=nnx.Param)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.integers(0, 50257 if cfg.vocab_size > 50257 else cfg.vocab_size,
-                               (batch, cfg.seq_len + 1)), jnp.int32)
-  inputs, targets = x[:, :-1], x[:, 1:]
+class StepRunner:
+  """One compiled training step (model, optimizer, batch, driver), ready to be timed.
 
-  if driver == "nnx":
-    step = train_lib.make_train_step()
-    run = lambda: step(model, optimizer, inputs, targets)
-  else:
-    graphdef, state = nnx.split((model, optimizer))
+  Building it compiles the step and runs the warm-up steps; :meth:`time` then times
+  consecutive steps, so that several runners can be timed in interleaved rounds (every
+  optimizer sees the same GPU clocks and temperature, instead of the first one timed
+  running on a cooler GPU).
+  """
 
-    def pure_step(state, inputs, targets):
-      m, o = nnx.merge(graphdef, state)
-      loss, grads = nnx.value_and_grad(gpt.loss_fn)(m, inputs, targets)
-      o.update(m, grads)
-      return nnx.state((m, o)), loss
+  def __init__(self, cfg: gpt.GPTConfig, opt_name: str, batch: int, warmup: int,
+               driver: str):
+    self.cfg, self.opt_name, self.batch, self.driver = cfg, opt_name, batch, driver
+    model = gpt.GPT(cfg, rngs=nnx.Rngs(0))
+    self.n_params = gpt.count_params(model)
+    self.n_no_embed = gpt.count_params(model, exclude_embedding=True)
+    optimizer = nnx.Optimizer(model, make_tx(opt_name), wrt=nnx.Param)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(0, 50257 if cfg.vocab_size > 50257 else cfg.vocab_size,
+                                 (batch, cfg.seq_len + 1)), jnp.int32)
+    self.inputs, self.targets = inputs, targets = x[:, :-1], x[:, 1:]
+    self.pure_fn = None
+    if driver == "nnx":
+      step = train_lib.make_train_step()
+      self.run = lambda: step(model, optimizer, inputs, targets)
+    else:
+      graphdef, state = nnx.split((model, optimizer))
 
-    pure_fn = pure_step
-    pure_step = jax.jit(pure_step, donate_argnums=0)
-    box = [state]
+      def pure_step(state, inputs, targets):
+        m, o = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(gpt.loss_fn)(m, inputs, targets)
+        o.update(m, grads)
+        return nnx.state((m, o)), loss
 
-    def run():
-      box[0], loss = pure_step(box[0], inputs, targets)
-      return loss
+      self.pure_fn = pure_step
+      jitted = jax.jit(pure_step, donate_argnums=0)
+      self.box = [state]
 
-  t0 = time.perf_counter()
-  loss0 = float(run())
-  compile_s = time.perf_counter() - t0
-  for _ in range(warmup):
-    run().block_until_ready()
-  # Steps are dispatched asynchronously, as in training; a step's time is the interval
-  # between consecutive completions (host work of step i+1 overlaps device work of i).
-  times = []
-  pending = run()
-  pending.block_until_ready()
-  t_prev = time.perf_counter()
-  for _ in range(steps):
-    nxt = run()  # dispatched before the previous step is waited for
+      def run():
+        self.box[0], loss = jitted(self.box[0], inputs, targets)
+        return loss
+      self.run = run
+    t0 = time.perf_counter()
+    self.first_loss = float(self.run())
+    self.compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+      self.run().block_until_ready()
+    self.last_loss = self.first_loss
+
+  def time(self, steps: int) -> list[float]:
+    """Seconds per step of ``steps`` consecutive steps, dispatched asynchronously as in
+    training: a step's time is the interval between consecutive completions (host work
+    of step i+1 overlaps device work of step i)."""
+    times = []
+    pending = self.run()
     pending.block_until_ready()
-    t = time.perf_counter()
-    times.append(t - t_prev)
-    t_prev, pending = t, nxt
-  loss = pending
-  loss.block_until_ready()
-  prof = {}
-  if profile and driver == "split":
+    t_prev = time.perf_counter()
+    for _ in range(steps):
+      nxt = self.run()  # dispatched before the previous step is waited for
+      pending.block_until_ready()
+      t = time.perf_counter()
+      times.append(t - t_prev)
+      t_prev, pending = t, nxt
+    self.last_loss = float(pending)
+    return times
+
+  def profile(self) -> dict:
+    """CUPTI kernel list of one step (split driver only)."""
+    if self.pure_fn is None:
+      return {}
     try:
       # CUPTI's measure may call the function more than once: no donation here.
       from kernel_profile import profile_kernels  # pylint: disable=import-outside-toplevel
-      _, total, kernels = profile_kernels(jax.jit(pure_fn), box[0], inputs, targets)
-      prof = {"profile_device_ms": total, "profile_kernels": kernels[:30],
+      _, total, kernels = profile_kernels(jax.jit(self.pure_fn), self.box[0], self.inputs,
+                                          self.targets)
+      return {"profile_device_ms": total, "profile_kernels": kernels[:30],
               "profile_launches": sum(n for _, n, _ in kernels), "all_kernels": kernels}
     except Exception as e:  # pylint: disable=broad-except
-      prof = {"profile_error": f"{type(e).__name__}: {str(e)[:300]}"}
-  med = float(np.median(times))
-  tokens = batch * cfg.seq_len
-  flops = gpt.flops_per_token(cfg, n_no_embed) * tokens
-  return {"optimizer": opt_name, "driver": driver, "batch": batch, "seq_len": cfg.seq_len,
-          "tokens_per_step": tokens, "median_ms": med * 1e3,
-          "min_ms": float(np.min(times)) * 1e3, "tokens_per_s": tokens / med,
-          "mfu": flops / med / PEAK_FLOPS, "compile_s": compile_s,
-          "first_loss": loss0, "last_loss": float(loss), "params": n_params,
-          "params_no_embedding": n_no_embed, **prof}
+      return {"profile_error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+  def result(self, times: list[float]) -> dict:
+    med = float(np.median(times))
+    tokens = self.batch * self.cfg.seq_len
+    flops = gpt.flops_per_token(self.cfg, self.n_no_embed) * tokens
+    return {"optimizer": self.opt_name, "driver": self.driver, "batch": self.batch,
+            "seq_len": self.cfg.seq_len, "tokens_per_step": tokens, "median_ms": med * 1e3,
+            "min_ms": float(np.min(times)) * 1e3, "steps_timed": len(times),
+            "tokens_per_s": tokens / med, "mfu": flops / med / PEAK_FLOPS,
+            "compile_s": self.compile_s, "first_loss": self.first_loss,
+            "last_loss": self.last_loss, "params": self.n_params,
+            "params_no_embedding": self.n_no_embed}
 
 
 def main(argv=None) -> int:
@@ -121,7 +143,9 @@ def main(argv=None) -> int:
   p.add_argument("--preset", default="small")
   p.add_argument("--batch64", type=int, default=64, help="sequences/step for the MFU run")
   p.add_argument("--batch32", type=int, default=32, help="sequences/step for the overhead runs")
-  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+  p.add_argument("--rounds", type=int, default=3,
+                 help="interleaved rounds (every run timed once per round)")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--drivers", nargs="+", default=["split", "nnx"], choices=["split", "nnx"],
                  help="'split' times everything; 'nnx' adds AdamW/Muon through nnx.jit")
@@ -175,15 +199,28 @@ def main(argv=None) -> int:
              if name in args.opts]
   if "optax_contrib_muon" in args.opts:
     jobs.append(("optax_contrib_muon", args.batch32, "split", "bf16"))
+  runners = []
   for name, batch, driver, variant in jobs:
     c = gpt.get_config(args.preset, fp8_head=variant == "fp8")
     try:
-      r = time_steps(c, name, batch, args.steps, args.warmup, driver, args.profile)
-      r["variant"] = variant
-      record(r)
+      runners.append((variant, StepRunner(c, name, batch, args.warmup, driver)))
     except Exception as e:  # pylint: disable=broad-except
       print(f"{name} {driver} {variant} failed: {type(e).__name__}: {str(e)[:600]}",
             flush=True)
+  # Interleaved rounds: each round times every runner once, in job order.
+  times = [[] for _ in runners]
+  for rnd in range(args.rounds):
+    for i, (_, runner) in enumerate(runners):
+      times[i] += runner.time(args.steps)
+    print(f"# round {rnd + 1}/{args.rounds}: " + ", ".join(
+        f"{r.opt_name}/{r.batch} {1e3 * np.median(t):.2f}" for (_, r), t in zip(runners, times)),
+        flush=True)
+  for (variant, runner), t in zip(runners, times):
+    r = runner.result(t)
+    r["variant"] = variant
+    if args.profile:
+      r.update(runner.profile())
+    record(r)
 
   print()
   print(table(results))
