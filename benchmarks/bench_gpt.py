@@ -207,11 +207,13 @@ def main(argv=None) -> int:
     except Exception as e:  # pylint: disable=broad-except
       print(f"{name} {driver} {variant} failed: {type(e).__name__}: {str(e)[:600]}",
             flush=True)
-  # Interleaved rounds: each round times every runner once, in job order.
+  # Interleaved rounds: each round times every runner once, in job order and reversed
+  # on odd rounds (the GPU heats up and clocks down as the run goes on).
   times = [[] for _ in runners]
   for rnd in range(args.rounds):
-    for i, (_, runner) in enumerate(runners):
-      times[i] += runner.time(args.steps)
+    order = range(len(runners)) if rnd % 2 == 0 else reversed(range(len(runners)))
+    for i in order:
+      times[i] += runners[i][1].time(args.steps)
     print(f"# round {rnd + 1}/{args.rounds}: " + ", ".join(
         f"{r.opt_name}/{r.batch} {1e3 * np.median(t):.2f}" for (_, r), t in zip(runners, times)),
         flush=True)

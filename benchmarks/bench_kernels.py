@@ -647,6 +647,10 @@ def print_table(results):
         mark = "" if r.get(k + "_exact", True) else "*"
         cells.append(f"{k} {r[k + '_ms']:.3f} ({r[k + '_tbps']:.2f}){mark}")
       log(f"{r['pieces']}x{r['shape'][0]}x{r['shape'][1]}: " + ", ".join(cells))
+  for r in results.get("grouped", []):
+    log(f"GPT-2-small set {r['config']} (device ms): one call per stack "
+        f"{r.get('separate_ms', float('nan')):.3f} ({r.get('separate_launches')} launches), "
+        f"grouped {r.get('grouped_ms', float('nan')):.3f} ({r.get('grouped_launches')} launches)")
   for r in results.get("optimizer", []):
     if "ms" in r:
       log(f"optimizer {r['optimizer']}: {r['ms']:.3f} ms")
@@ -698,6 +702,33 @@ def run_stack(results):
   results["stack"] = rows
 
 
+def run_grouped(results):
+  """Device time (CUPTI) of Newton–Schulz on the GPT-2-small set (48×768² and
+  24×768×3072): one call per stack against ``ns.newton_schulz_many`` (each GEMM of a
+  step one launch for both stacks)."""
+  from kernel_profile import profile_kernels
+  from ortho_optax.pallas import ns
+  xs = [_ns_input(48, 768, 768), _ns_input(24, 768, 3072)]
+  rows = []
+  for aol, co in ((True, TURBO_AOL), (False, QUINTIC)):
+    row = dict(config="AOL+4" if aol else "Frob+5")
+    variants = {
+        "separate": lambda v, co=co, aol=aol: [ns.newton_schulz(x, co, aol=aol) for x in v],
+        "grouped": lambda v, co=co, aol=aol: ns.newton_schulz_many(v, co, aol=aol),
+    }
+    for name, fn in variants.items():
+      try:
+        _, t, kernels = profile_kernels(jax.jit(fn), xs, iterations=7)
+        row[name + "_ms"] = t
+        row[name + "_launches"] = sum(n for _, n, _ in kernels)
+      except Exception as ex:  # pylint: disable=broad-except
+        row[name + "_error"] = repr(ex)[:1000]
+        log(f"grouped {row['config']} {name}: ERROR {ex!r}"[:2000])
+    log("grouped", row)
+    rows.append(row)
+  results["grouped"] = rows
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -713,6 +744,8 @@ def main():
   ap.add_argument("--profile", action="store_true",
                   help="per-kernel CUPTI device time of one call per --shapes (default "
                        "TUNE_SHAPES) and of one optimizer update (replaces timings)")
+  ap.add_argument("--grouped", action="store_true",
+                  help="time NS of the GPT-2-small set, grouped vs one call per stack")
   ap.add_argument("--stack", action="store_true",
                   help="time the NS stack concatenation variants (replaces timings)")
   ap.add_argument("--tune", action="store_true",
@@ -750,11 +783,14 @@ def main():
   if args.stack:
     run_stack(results)
     save()
+  if args.grouped:
+    run_grouped(results)
+    save()
   if args.tune:
     run_tune(results, shapes if args.shapes else TUNE_SHAPES, peak,
              configs=(True,) if args.aol_only else (True, False))
     save()
-  elif not (args.skip_timings or args.profile or args.stack):
+  elif not (args.skip_timings or args.profile or args.stack or args.grouped):
     run_timings(results, peak, shapes, direct=args.direct,
                 configs=(True,) if args.aol_only else (True, False))
     save()

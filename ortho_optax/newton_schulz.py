@@ -344,7 +344,7 @@ def newton_schulz(
 
   shape = x.shape[:-2] + (min(x.shape[-2:]), max(x.shape[-2:]))
   if _use_pallas(backend, cdt, preconditioning, shape):
-    return _pallas_newton_schulz(x, triples, preconditioning, eps, cdt)
+    return _kernel_run([x], [False], triples, preconditioning, eps, cdt)[0]
   cubic = all(t[2] == 0.0 for t in triples)
   table = jnp.asarray(triples, dtype=_accum_dtype(cdt))
   return _xla_newton_schulz(x, table, jnp.asarray(eps, _accum_dtype(x.dtype)),
@@ -427,31 +427,113 @@ def newton_schulz_of_transpose(
   if y.ndim < 2 or not uses_kernels(y.shape, y.dtype, preconditioning=preconditioning,
                                     compute_dtype=compute_dtype, backend=backend):
     return _swap(newton_schulz(_swap(y), **kwargs))
-  if preconditioning != "aol":
-    return newton_schulz(y, **kwargs)
   triples = resolve_coefficients(coefficients, steps, order)
   cdt = _check_compute_dtype(compute_dtype, y.dtype)
-  acc = _accum_dtype(y.dtype, cdt)
-  # The barrier keeps XLA from fusing y's producer (the stack's concatenation) into both
-  # the Gram and the rescale below, building the stack twice.
-  scaled = lax.optimization_barrier(_aol_prescale(y, cdt))
-  s = _aol_scales(_gram(_swap(scaled), acc), eps, acc)  # XXᵀ of X = yᵀ is yᵀy
-  scaled = _round_to(scaled.astype(acc) * s[..., None, :], cdt)
-  return _pallas_newton_schulz(scaled, triples, None, eps, cdt).astype(y.dtype)
+  return _kernel_run([y], [True], triples, preconditioning, eps, cdt)[0]
 
 
-def _pallas_newton_schulz(x, triples, preconditioning, eps, compute_dtype):
-  """The kernel path; ``preconditioning=None``: ``x`` is already preconditioned."""
-  from ortho_optax import pallas
+def newton_schulz_many(
+    xs,
+    *,
+    of_transpose=None,
+    steps: int = 5,
+    coefficients: Coefficients = "muon",
+    order: str | None = None,
+    preconditioning: str = "frobenius",
+    eps: float = 1e-7,
+    compute_dtype=jnp.bfloat16,
+    backend: str = "auto",
+) -> list:
+  """:func:`newton_schulz` (or :func:`newton_schulz_of_transpose`) of several arrays.
+
+  The results are those of the one-array calls. On the Pallas kernels the arrays that
+  take them share every GEMM launch (:func:`ortho_optax.pallas.newton_schulz_many`):
+  a model's few stacks of matrices (a GPT-2's 48 768² and 24 768×3072) then run each
+  step's three GEMMs as three launches whose tiles fill the GPU's waves together.
+
+  Args:
+    xs: arrays of rank >= 2 (any shapes and dtypes).
+    of_transpose: per array, whether it holds the transposes of the matrices to
+      orthogonalize (:func:`newton_schulz_of_transpose`); ``None``: none does.
+    steps, coefficients, order, preconditioning, eps, compute_dtype, backend: as for
+      :func:`newton_schulz`, shared by all arrays.
+
+  Returns:
+    A list of arrays of the inputs' shapes and dtypes.
+
+  Raises:
+    ValueError: those of :func:`newton_schulz`, or ``of_transpose`` of the wrong length.
+
+  References:
+    K. Jordan et al., "Muon", 2024; Boissin et al., "Turbo-Muon", arXiv 2512.04632, 2025.
+  """
+  validate_args(preconditioning, backend, eps)
+  xs = [jnp.asarray(x) for x in xs]
+  flips = [False] * len(xs) if of_transpose is None else [bool(f) for f in of_transpose]
+  if len(flips) != len(xs):
+    raise ValueError(f"of_transpose needs one flag per array: {len(flips)} flags, "
+                     f"{len(xs)} arrays.")
+  kwargs = dict(steps=steps, coefficients=coefficients, order=order,
+                preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype,
+                backend=backend)
+  outs = [None] * len(xs)
+  on_kernels = []
+  for i, (x, flip) in enumerate(zip(xs, flips)):
+    if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and uses_kernels(
+        x.shape, x.dtype, preconditioning=preconditioning, compute_dtype=compute_dtype,
+        backend=backend):
+      on_kernels.append(i)
+    else:
+      outs[i] = (newton_schulz_of_transpose if flip else newton_schulz)(x, **kwargs)
+  if on_kernels:
+    triples = resolve_coefficients(coefficients, steps, order)
+    cdt = _check_compute_dtype(compute_dtype, xs[on_kernels[0]].dtype)
+    results = _kernel_run([xs[i] for i in on_kernels], [flips[i] for i in on_kernels],
+                          triples, preconditioning, eps, cdt)
+    for i, r in zip(on_kernels, results):
+      outs[i] = r
+  return outs
+
+
+def _kernel_input(x, of_transpose, preconditioning, eps, compute_dtype):
+  """``(bf16 (batch, m, n) stack with m <= n, AOL in the kernels?, restore)`` of one
+  array for the kernels; ``restore`` maps the kernels' result back to ``x``'s layout."""
   out_dtype = x.dtype
+  if of_transpose and preconditioning == "aol":
+    # AOL scales the rows of X = yᵀ, i.e. the columns of y, by s = rsqrt(rowsum|yᵀy|);
+    # after that the first step is a plain NS step on y·diag(s), so the kernels continue
+    # on y·diag(s) (one cuBLAS Gram instead of two transposes of the stack). The barrier
+    # keeps XLA from fusing y's producer (the stack's concatenation) into both the Gram
+    # and the rescale below, building the stack twice.
+    acc = _accum_dtype(x.dtype, compute_dtype)
+    scaled = lax.optimization_barrier(_aol_prescale(x, compute_dtype))
+    s = _aol_scales(_gram(_swap(scaled), acc), eps, acc)  # XXᵀ of X = yᵀ is yᵀy
+    x = _round_to(scaled.astype(acc) * s[..., None, :], compute_dtype)
+    preconditioning = None
+  # NS commutes with transposition and the Frobenius norm is transpose-invariant: for
+  # Frobenius the transposed array needs no special handling.
   X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
   lead = X.shape[:-2]
   stack = X.astype(jnp.bfloat16).reshape((-1,) + X.shape[-2:])
-  out = pallas.newton_schulz(stack, tuple(triples), aol=preconditioning == "aol", eps=eps)
-  X = out.reshape(lead + X.shape[-2:])
-  if transposed:
-    X = _swap(X)
-  return X.astype(out_dtype)
+
+  def restore(out):
+    out = out.reshape(lead + X.shape[-2:])
+    return (_swap(out) if transposed else out).astype(out_dtype)
+  return stack, preconditioning == "aol", restore
+
+
+def _kernel_run(xs, of_transpose, triples, preconditioning, eps, compute_dtype):
+  """The kernel path for several arrays (one grouped launch per GEMM)."""
+  from ortho_optax import pallas
+  prepared = [_kernel_input(x, f, preconditioning, eps, compute_dtype)
+              for x, f in zip(xs, of_transpose)]
+  stacks = [p[0] for p in prepared]
+  aol = [p[1] for p in prepared]
+  if len(stacks) == 1:
+    outs = [pallas.newton_schulz(stacks[0], tuple(triples), aol=aol[0], eps=eps)]
+  else:
+    outs = pallas.newton_schulz_many(stacks, tuple(triples), aol=aol, eps=eps)
+  return [p[2](o) for p, o in zip(prepared, outs)]
 
 
 # Jitted so that eager calls compile once per (shape, #steps, config) instead of running

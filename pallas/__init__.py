@@ -90,4 +90,23 @@ def newton_schulz(x, coefficients, *, aol: bool = False, eps: float = 1e-7):
   return ns.newton_schulz(x, coefficients, aol=aol, eps=eps)
 
 
-__all__ = ["is_available", "newton_schulz", "prefers_kernels"]
+def newton_schulz_many(xs, coefficients, *, aol=False, eps: float = 1e-7):
+  """:func:`newton_schulz` of several bf16 stacks, each GEMM one launch for all of them.
+
+  Args:
+    xs: bf16 ``(batch, m, n)`` stacks (m <= n), already Frobenius-normalised unless AOL.
+    coefficients: static tuple of ``(a, b, c)`` Python-float triples, one per step.
+    aol: one flag per stack (or one for all): Turbo-Muon AOL in the first step.
+    eps: AOL row-sum clamp.
+
+  Returns:
+    The bf16 results, in order.
+
+  References:
+    Boissin et al., "Turbo-Muon", arXiv 2512.04632, 2025 (AOL preconditioning).
+  """
+  from ortho_optax.pallas import ns
+  return ns.newton_schulz_many(xs, coefficients, aol=aol, eps=eps)
+
+
+__all__ = ["is_available", "newton_schulz", "newton_schulz_many", "prefers_kernels"]

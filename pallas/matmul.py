@@ -124,9 +124,37 @@ def _is_one(v) -> bool:
   return isinstance(v, (int, float)) and v == 1.0
 
 
-def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, *, batch, m, n, k,
-                 upper, rhs_transposed, alpha, beta, config, mirror=True):
-  """Kernel body (Lane semantics); see the module docstring for the math."""
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+  """One product of a launch, as the kernel body sees it: its refs and static shape."""
+  lhs: object
+  rhs: object
+  add: object
+  coef: object
+  out: object
+  batch: int
+  m: int
+  n: int
+  k: int
+  upper: bool
+  rhs_transposed: bool
+  alpha: object
+  beta: object
+  start: int = 0      # first work item of this product in the launch's item numbering
+
+
+def _tiles(pr: _Problem, cfg: TuningConfig) -> int:
+  if pr.upper:
+    c = pr.m // cfg.cta_n
+    return c * (c + 1)
+  return (pr.m // cfg.tile_m) * (pr.n // cfg.cta_n)
+
+
+def _kernel_body(problems, schedule_gmem, *, config, slots, mirror=True):
+  """Kernel body (Lane semantics) for one or more products sharing a tile config; see
+  the module docstring for the math. Work item ``lin`` of the persistent loop is item
+  ``schedule[lin]`` (``-1``: idle) when a schedule is given, else item ``lin``; items
+  ``[pr.start, pr.start + items)`` belong to product ``pr``."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -134,17 +162,9 @@ def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, *, batch, m,
   tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
   cta_n = cfg.cta_n
   split = cfg.split_k
-  ks = k // split
-  k_iters = ks // tk
-  out_dtype = out_gmem.dtype
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  if upper:
-    c_sup = m // cta_n                      # super-blocks per side
-    tiles = c_sup * (c_sup + 1)
-  else:
-    m_iters, n_iters = m // tm, n // cta_n
-    tiles = m_iters * n_iters
-  total = batch * split * tiles
+  rhs_transposed = problems[0].rhs_transposed  # one operand layout per launch (shared SMEM)
+  out_dtype = problems[0].out.dtype
 
   lhs_spec = plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=transforms)
   if rhs_transposed:
@@ -152,7 +172,7 @@ def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, *, batch, m,
   else:
     rhs_spec = plgpu.BlockSpec((tk, cta_n), lambda kk: (kk, 0), transforms=transforms)
 
-  def get_pipeline(body, compute_context):
+  def get_pipeline(body, compute_context, k_iters):
     return plgpu.emit_pipeline_warp_specialized(
         body,
         grid=(k_iters,),
@@ -164,37 +184,42 @@ def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, *, batch, m,
         compute_context=compute_context,
     )
 
-  def views(b, s, row0, col0):
+  def views(pr, b, s, row0, col0):
+    ks = pr.k // split
     kslice = pl.ds(s * ks, ks)
-    lhs = lhs_gmem.at[b, pl.ds(row0, tm), kslice]
+    lhs = pr.lhs.at[b, pl.ds(row0, tm), kslice]
     if rhs_transposed:
-      rhs = rhs_gmem.at[b, pl.ds(col0, cta_n), kslice]
+      rhs = pr.rhs.at[b, pl.ds(col0, cta_n), kslice]
     else:
-      rhs = rhs_gmem.at[b, kslice, pl.ds(col0, cta_n)]
+      rhs = pr.rhs.at[b, kslice, pl.ds(col0, cta_n)]
     return lhs, rhs
 
   ignore = lambda *_, **__: None
   er = cfg.epilogue_rows or tm            # rows staged in shared memory per store
   bands = tm // er
+  first = problems[0]
   scoped = dict(
-      pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(*views(0, 0, 0, 0)),
+      pipeline_allocs=get_pipeline(ignore, ignore, first.k // split // tk).get_allocations(
+          *views(first, 0, 0, 0, 0)),
       out_smem=plgpu.SMEM((2, er, tn), out_dtype, transforms=transforms),
   )
-  if add_gmem is not None:
+  if any(pr.add is not None for pr in problems):
     scoped["add_barrier"] = plgpu.Barrier(num_barriers=2)
 
   @functools.partial(pl.run_scoped, collective_axes="wg", **scoped)
   def _scope(pipeline_allocs, out_smem, add_barrier=None):
     wg = lax.axis_index("wg")
 
-    @plgpu.nd_loop((total,), collective_axes="sm")
-    def _work_loop(loop_info):
-      (lin,) = loop_info.index
-      t = lax.rem(lin, tiles)
-      rest = lax.div(lin, tiles)
+    def run_item(pr, local):
+      """Output tile ``local`` (of this product's items) on this CTA."""
+      tiles = _tiles(pr, cfg)
+      k_iters = pr.k // split // tk
+      t = lax.rem(local, tiles)
+      rest = lax.div(local, tiles)
       s = lax.rem(rest, split)
       b = lax.div(rest, split)
-      if upper:
+      if pr.upper:
+        c_sup = pr.m // cta_n               # super-blocks per side
         # Super-block triangle {(I, J): I <= J < C} folded onto a (C+1)-wide rectangle:
         # row q pairs with row C-1-q (C-q and q+1 tiles), so no sqrt is needed.
         sup = lax.div(t, 2)
@@ -207,12 +232,14 @@ def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, *, batch, m,
         i_blk = 2 * big_i + half            # row block (tile_m rows)
         j_cta = big_j                       # column block (cta_n columns)
       else:
+        m_iters, n_iters = pr.m // tm, pr.n // cta_n
         i_blk, j_cta = plgpu.planar_snake(
             t, (m_iters, n_iters), 1, min(cfg.grid_tile_width, n_iters))
       row0 = i_blk * tm
       col0 = j_cta * cta_n
       n_blk = j_cta * 2 + wg                # this warpgroup's column block (tile_n cols)
       wg_cols = pl.ds(wg * tn, tn)
+      add_gmem, out_gmem = pr.add, pr.out
 
       def mma_body(_, a_smem, b_smem, acc_ref):
         if rhs_transposed:
@@ -224,10 +251,10 @@ def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, *, batch, m,
         return acc_ref
 
       def combine(acc, addend):
-        if coef_gmem is not None:  # traced coefficients, read at run time
-          a_, b_ = coef_gmem[0], coef_gmem[1]
+        if pr.coef is not None:  # traced coefficients, read at run time
+          a_, b_ = pr.coef[0], pr.coef[1]
         else:
-          a_, b_ = alpha, beta
+          a_, b_ = pr.alpha, pr.beta
         scaled = acc if _is_one(b_) else acc * b_
         if addend is None:
           return scaled
@@ -271,11 +298,11 @@ def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, *, batch, m,
               plgpu.commit_smem()
               plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[s, b, rows, col_blk])
 
-            if upper:
+            if pr.upper:
               pl.when(n_blk >= i_blk)(store)
             else:
               store()
-          if not (upper and mirror):
+          if not (pr.upper and mirror):
             return
 
           @pl.when(n_blk > i_blk)
@@ -296,9 +323,21 @@ def _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, *, batch, m,
                   o_smem, out_gmem.at[s, b, pl.ds(n_blk * tn + h * er, er),
                                       pl.ds(row0, tm)])
 
-      lhs_view, rhs_view = views(b, s, row0, col0)
-      get_pipeline(mma_body, compute_context)(
+      lhs_view, rhs_view = views(pr, b, s, row0, col0)
+      get_pipeline(mma_body, compute_context, k_iters)(
           lhs_view, rhs_view, allocations=pipeline_allocs)
+
+    @plgpu.nd_loop((slots,), collective_axes="sm")
+    def _work_loop(loop_info):
+      (lin,) = loop_info.index
+      if schedule_gmem is None and len(problems) == 1:
+        run_item(problems[0], lin)
+        return
+      item = lin if schedule_gmem is None else schedule_gmem[lin]
+      for pr in problems:  # one branch per product (static refs and shapes)
+        n_items = pr.batch * split * _tiles(pr, cfg)
+        pl.when(jnp.logical_and(item >= pr.start, item < pr.start + n_items))(
+            functools.partial(run_item, pr, item - pr.start))
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -363,16 +402,15 @@ def matmul(lhs, rhs, add=None, *, alpha=1.0, beta=1.0,
   total = work_items(batch, m, n, upper=upper, config=config)
   grid = min(grid or num_sms(), total)
   out_struct = jax.ShapeDtypeStruct((split, batch, m, n), jnp.bfloat16)
-  opts = dict(batch=batch, m=m, n=n, k=k, upper=upper, rhs_transposed=rhs_transposed,
-              alpha=kernel_alpha, beta=kernel_beta, config=config,
-              mirror=mirror == "kernel")
   operands = [lhs, rhs] + [v for v in (kernel_add, coef) if v is not None]
 
   def body(*refs):
     lhs_gmem, rhs_gmem, *rest, out_gmem = refs
     add_gmem = rest.pop(0) if kernel_add is not None else None
     coef_gmem = rest.pop(0) if coef is not None else None
-    _kernel_body(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, **opts)
+    problem = _Problem(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, batch, m, n, k,
+                       upper, rhs_transposed, kernel_alpha, kernel_beta)
+    _kernel_body([problem], None, config=config, slots=total, mirror=mirror == "kernel")
 
   out = _plgpu_kernel(body, out_struct, grid)(*operands)
   if upper and mirror == "xla":
@@ -388,6 +426,122 @@ def matmul(lhs, rhs, add=None, *, alpha=1.0, beta=1.0,
   if add is not None:
     acc = acc + alpha * add.astype(jnp.float32)
   return acc.astype(jnp.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+  """One product ``beta · lhs @ op(rhs) + alpha · add`` of a :func:`grouped_matmul`.
+
+  Attributes mean what :func:`matmul`'s arguments do; ``alpha``/``beta`` are Python
+  numbers (compiled in).
+  """
+  lhs: jax.Array
+  rhs: jax.Array
+  add: jax.Array | None = None
+  alpha: float = 1.0
+  beta: float = 1.0
+  rhs_transposed: bool = False
+  upper: bool = False
+
+
+#: Fixed cost of one work item in the LPT schedule, in k-steps of ``tile_k``
+#: (pipeline fill, epilogue and mirror stores; ~3-4 µs against ~0.7 µs per k-step).
+ITEM_OVERHEAD_STEPS = 4
+
+
+def lpt_schedule(costs, sms: int):
+  """Slot table of a persistent launch: longest item first onto the least-loaded SM.
+
+  Args:
+    costs: cost of every work item, items numbered ``0..len(costs)-1``.
+    sms: persistent CTAs; CTA ``s`` runs slots ``s, s + sms, s + 2·sms, …``
+      (``plgpu.nd_loop``'s order).
+
+  Returns:
+    ``(table, loads)``: int32 numpy array of ``sms × rounds`` slots holding item numbers
+    (``-1``: idle), and the per-CTA total cost.
+  """
+  import heapq
+  import numpy as np
+  order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+  heap = [(0.0, s) for s in range(sms)]
+  lists = [[] for _ in range(sms)]
+  for i in order:
+    load, s = heapq.heappop(heap)
+    lists[s].append(i)
+    heapq.heappush(heap, (load + costs[i], s))
+  rounds = max(len(l) for l in lists)
+  table = np.full((rounds, sms), -1, np.int32)
+  for s, items in enumerate(lists):
+    table[:len(items), s] = items
+  loads = [sum(costs[i] for i in items) for items in lists]
+  return table.reshape(-1), loads
+
+
+def grouped_matmul(products, *, config: TuningConfig = TuningConfig(),
+                   grid: int | None = None) -> list:
+  """Several independent :func:`matmul` products in one persistent launch.
+
+  The work items (output tiles) of all products are spread over the SMs by
+  :func:`lpt_schedule`, so products of different contraction lengths share the waves
+  (e.g. the Gram matrices of a 48×768² and a 24×768×3072 stack: 5 + 3 waves of 132 SMs
+  in two launches, ~4 waves' worth of time in one).
+
+  Args:
+    products: :class:`Product` s sharing ``rhs_transposed`` (one shared-memory layout).
+    config: tile sizes (``split_k`` must be 1); every product's shapes must fit them.
+    grid: number of CTAs (default: the SM count, fewer when there is less work).
+
+  Returns:
+    The products' ``(batch, m, n)`` bf16 results, in order.
+
+  Raises:
+    ValueError: for no products, mixed ``rhs_transposed``, traced coefficients, split-K
+      or shapes that do not fit the tiles.
+  """
+  products = list(products)
+  if not products:
+    raise ValueError("grouped_matmul needs at least one Product.")
+  if len({p.rhs_transposed for p in products}) != 1:
+    raise ValueError("grouped_matmul's products must share rhs_transposed, got "
+                     f"{[p.rhs_transposed for p in products]}.")
+  if config.split_k != 1:
+    raise ValueError(f"grouped_matmul needs split_k=1, got {config}.")
+  problems, costs, operands, out_structs = [], [], [], []
+  for p in products:
+    if not all(isinstance(v, (int, float)) for v in (p.alpha, p.beta)):
+      raise ValueError("grouped_matmul takes Python-number alpha/beta only, got "
+                       f"{p.alpha!r}, {p.beta!r}.")
+    batch, m, k = p.lhs.shape
+    n = p.rhs.shape[1] if p.rhs_transposed else p.rhs.shape[2]
+    _check(batch, m, n, k, upper=p.upper, config=config)
+    items = work_items(batch, m, n, upper=p.upper, config=config)
+    problems.append(dict(batch=batch, m=m, n=n, k=k, upper=p.upper,
+                         rhs_transposed=p.rhs_transposed, alpha=float(p.alpha),
+                         beta=float(p.beta), start=len(costs), has_add=p.add is not None))
+    costs += [k // config.tile_k + ITEM_OVERHEAD_STEPS] * items
+    operands += [p.lhs, p.rhs] + ([p.add] if p.add is not None else [])
+    out_structs.append(jax.ShapeDtypeStruct((1, batch, m, n), jnp.bfloat16))
+  grid = min(grid or num_sms(), len(costs))
+  table, _ = lpt_schedule(costs, grid)
+  operands.append(jnp.asarray(table))
+
+  def body(*refs):
+    refs = list(refs)
+    outs = refs[-len(products):]
+    schedule_gmem = refs[-len(products) - 1]
+    ins = refs[:-len(products) - 1]
+    built = []
+    for info, out in zip(problems, outs):
+      lhs, rhs = ins.pop(0), ins.pop(0)
+      add = ins.pop(0) if info["has_add"] else None
+      built.append(_Problem(lhs, rhs, add, None, out, info["batch"], info["m"], info["n"],
+                            info["k"], info["upper"], info["rhs_transposed"],
+                            info["alpha"], info["beta"], start=info["start"]))
+    _kernel_body(built, schedule_gmem, config=config, slots=int(table.shape[0]))
+
+  outs = _plgpu_kernel(body, tuple(out_structs), grid)(*operands)
+  return [o[0] for o in outs]
 
 
 def flops(batch: int, m: int, n: int, k: int, *, upper: bool) -> float:

@@ -174,6 +174,82 @@ def newton_schulz(x: jax.Array, coefficients: Sequence[Sequence[float]], *,
   return X
 
 
+def newton_schulz_many(xs: Sequence[jax.Array], coefficients: Sequence[Sequence[float]],
+                       *, aol: Sequence[bool] | bool = False, eps: float = 1e-7,
+                       config: mm.TuningConfig | None = None) -> list[jax.Array]:
+  """:func:`newton_schulz` of several stacks, each GEMM of a step one launch for all.
+
+  A GPT's hidden matrices come in a few shapes (48 768² and 24 768×3072 for GPT-2
+  small): run one by one, each stack's symmetric GEMMs leave the SMs part idle in their
+  last wave, and a K = 3072 Gram runs 3 waves of 132 SMs for 288 tiles. Grouped
+  (:func:`matmul.grouped_matmul`, an LPT schedule over the tiles of all stacks), the
+  tiles of all stacks share the waves and each step is 3 launches instead of 3 per stack.
+  Stacks with a measured plan in :data:`TUNED` (large single matrices) keep it and run
+  alone.
+
+  Args:
+    xs: bf16 ``(batch, m, n)`` stacks with ``m <= n``, as for :func:`newton_schulz`.
+    coefficients: static ``(a, b, c)`` triples, shared by all stacks.
+    aol: per stack (or one for all), AOL preconditioning in the first step.
+    eps: AOL row-sum clamp.
+    config: tile config of the grouped launches (default ``TuningConfig()``; split-K 1).
+
+  Returns:
+    The results, in order.
+  """
+  xs = list(xs)
+  flags = [bool(aol)] * len(xs) if isinstance(aol, bool) else [bool(a) for a in aol]
+  if len(flags) != len(xs):
+    raise ValueError(f"aol needs one flag per stack: {len(flags)} flags, {len(xs)} stacks.")
+  triples = None
+  for x in xs:
+    triples = _validate(x, coefficients)
+  outs = [None] * len(xs)
+  grouped = []
+  for i, x in enumerate(xs):
+    batch, m, n = x.shape
+    padded = (batch, mm.round_up(m, PAD), mm.round_up(n, PAD))
+    if batch == 0 or m == 0 or padded in TUNED:
+      outs[i] = newton_schulz(x, coefficients, aol=flags[i], eps=eps)
+    else:
+      grouped.append(i)
+  if len(grouped) == 1:
+    i = grouped[0]
+    outs[i] = newton_schulz(xs[i], coefficients, aol=flags[i], eps=eps)
+  if len(grouped) < 2:
+    return outs
+  from ortho_optax import pallas
+  if not (pallas.is_available() or _interpreting()):
+    raise RuntimeError(
+        "ortho_optax.pallas.newton_schulz_many needs a Hopper GPU (sm_90) with Mosaic GPU "
+        "Pallas; use ortho_optax.newton_schulz(..., backend='xla') elsewhere.")
+  cfg = config or mm.TuningConfig()
+  shapes = [xs[i].shape for i in grouped]
+  Xs = []
+  for i, (batch, m, n) in zip(grouped, shapes):
+    X = jnp.pad(xs[i], ((0, 0), (0, mm.round_up(m, PAD) - m), (0, mm.round_up(n, PAD) - n)))
+    # As in newton_schulz: the AOL rescale must not rebuild X's producer.
+    Xs.append(lax.optimization_barrier(X) if flags[i] else X)
+  for step, (a, b, c) in enumerate(triples):
+    As = mm.grouped_matmul([mm.Product(X, X, rhs_transposed=True, upper=True) for X in Xs],
+                           config=cfg)
+    if step == 0:
+      for j, i in enumerate(grouped):
+        if flags[i]:
+          Xs[j], As[j] = aol_rescale(Xs[j], As[j], eps)
+    if c == 0.0:  # cubic step: X ← aX + b·A·X
+      Xs = mm.grouped_matmul([mm.Product(A, X, X, alpha=a, beta=b) for A, X in zip(As, Xs)],
+                             config=cfg)
+      continue
+    Bs = mm.grouped_matmul([mm.Product(A, A, A, alpha=b, beta=c, rhs_transposed=True,
+                                       upper=True) for A in As], config=cfg)
+    Xs = mm.grouped_matmul([mm.Product(B, X, X, alpha=a, beta=1.0) for B, X in zip(Bs, Xs)],
+                           config=cfg)
+  for i, X, (_, m, n) in zip(grouped, Xs, shapes):
+    outs[i] = X[:, :m, :n]
+  return outs
+
+
 def reference(x: jax.Array, coefficients, *, aol: bool = False, eps: float = 1e-7,
               dtype=jnp.float32) -> jax.Array:
   """The same iteration in plain ``jnp`` (``dtype`` throughout): the test reference."""

@@ -292,3 +292,21 @@ def test_auto_backend_dispatch(monkeypatch):
   assert len(calls) == 2
   newton_schulz(x, backend="pallas")  # explicit request bypasses the size heuristic
   assert len(calls) == 3
+
+
+def test_newton_schulz_many_matches_one_array_calls():
+  from ortho_optax.newton_schulz import newton_schulz_many, newton_schulz_of_transpose
+  keys = jax.random.split(jax.random.key(11), 3)
+  xs = [jax.random.normal(keys[0], (3, 16, 16)), jax.random.normal(keys[1], (24, 8)),
+        jax.random.normal(keys[2], (8, 24)).astype(jnp.bfloat16)]
+  flips = [True, False, True]
+  kw = dict(steps=4, coefficients="turbo_aol", preconditioning="aol", eps=1e-6)
+  outs = newton_schulz_many(xs, of_transpose=flips, **kw)
+  for x, flip, out in zip(xs, flips, outs):
+    want = (newton_schulz_of_transpose if flip else newton_schulz)(x, **kw)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+  with pytest.raises(ValueError, match="one flag per array"):
+    newton_schulz_many(xs, of_transpose=[True])
+  with pytest.raises(ValueError, match="preconditioning"):
+    newton_schulz_many(xs, preconditioning="bogus")

@@ -292,3 +292,76 @@ def test_orthogonalize_on_kernels_stacks_by_tma_copies(monkeypatch):
   want, _ = tx.update(upd, tx.init(upd))
   for name in upd:
     assert _rel(out[name], want[name]) < 2e-2, name
+
+
+def test_lpt_schedule_runs_every_item_once_and_balances():
+  costs = [52] * 288 + [16] * 576  # the GPT-2-small Gram tiles: K = 3072 and K = 768
+  table, loads = mm.lpt_schedule(costs, 132)
+  assert table.shape[0] % 132 == 0
+  items = table[table >= 0]
+  assert sorted(items.tolist()) == list(range(len(costs)))
+  # LPT is within one item of the mean load here; one launch per stack would need
+  # 3 waves of 52 + 5 of 16 = 236.
+  assert max(loads) <= sum(costs) / 132 + 52 and max(loads) < 236
+  rounds = table.reshape(-1, 132)
+  for s in range(132):  # CTA s runs slots s, s + 132, ...: its items add up to its load
+    assert sum(costs[i] for i in rounds[:, s] if i >= 0) == loads[s]
+
+
+def test_grouped_matmul_rejects_bad_products():
+  x = jnp.zeros((1, 256, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match="at least one"):
+    mm.grouped_matmul([])
+  with pytest.raises(ValueError, match="share rhs_transposed"):
+    mm.grouped_matmul([mm.Product(x, x, rhs_transposed=True), mm.Product(x, x)])
+  with pytest.raises(ValueError, match="split_k=1"):
+    mm.grouped_matmul([mm.Product(x, x)], config=mm.TuningConfig(split_k=2))
+  with pytest.raises(ValueError, match="Python-number alpha"):
+    mm.grouped_matmul([mm.Product(x, x, x, alpha=jnp.float32(2.0))])
+  with pytest.raises(ValueError, match="multiple of the CTA tile"):
+    mm.grouped_matmul([mm.Product(x[:, :100], x)])
+  with pytest.raises(ValueError, match="one flag per stack"):
+    ns.newton_schulz_many([x, x], TURBO_AOL, aol=[True])
+
+
+@needs_interpreter
+def test_grouped_products_in_cpu_interpreter():
+  # Three products of different contraction lengths in one launch on a 3-CTA persistent
+  # grid (the LPT table interleaves them): each matches its own float32 product.
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  keys = jax.random.split(jax.random.key(5), 3)
+  x1 = jax.random.normal(keys[0], (2, 256, 256), jnp.float32).astype(jnp.bfloat16)
+  x2 = jax.random.normal(keys[1], (1, 256, 768), jnp.float32).astype(jnp.bfloat16)
+  b = jax.random.normal(keys[2], (1, 256, 256), jnp.float32).astype(jnp.bfloat16)
+  f32 = lambda v: np.asarray(v, np.float32)
+  with plgpu.force_gpu_interpret_mode():
+    grams = jax.jit(lambda a, c: mm.grouped_matmul(
+        [mm.Product(a, a, rhs_transposed=True, upper=True),
+         mm.Product(c, c, rhs_transposed=True, upper=True)], grid=3))(x1, x2)
+    (applied,) = jax.jit(lambda bb, c: mm.grouped_matmul(
+        [mm.Product(bb, c, c, alpha=0.5, beta=2.0)], grid=2))(b, x2)
+  for out, x in zip(grams, (x1, x2)):
+    ref = np.einsum("bij,bkj->bik", f32(x), f32(x))
+    assert _rel(out, ref) < 1e-2
+  ref = 2.0 * np.einsum("bij,bjk->bik", f32(b), f32(x2)) + 0.5 * f32(x2)
+  assert _rel(applied, ref) < 1e-2
+
+
+@needs_interpreter
+def test_newton_schulz_many_in_cpu_interpreter():
+  # Two stacks of different shapes, one with AOL and one Frobenius-normalised, grouped:
+  # each matches its own bf16 reference iteration.
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  k1, k2 = jax.random.split(jax.random.key(6))
+  a = jax.random.normal(k1, (2, 200, 200), jnp.float32)
+  b = jax.random.normal(k2, (1, 130, 300), jnp.float32)
+  b = b / jnp.linalg.norm(b, axis=(1, 2), keepdims=True)
+  xa, xb = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  with plgpu.force_gpu_interpret_mode():
+    outs = jax.jit(lambda u, v: ns.newton_schulz_many(
+        [u, v], TURBO_AOL, aol=[True, False], eps=1e-7))(xa, xb)
+  for out, x, aol in zip(outs, (xa, xb), (True, False)):
+    assert out.shape == x.shape and out.dtype == jnp.bfloat16
+    ref = ns.reference(x, TURBO_AOL, aol=aol, eps=1e-7)
+    ref_bf16 = ns.reference(x, TURBO_AOL, aol=aol, eps=1e-7, dtype=jnp.bfloat16)
+    assert _rel(out, ref) < max(3 * _rel(ref_bf16, ref), 1e-2)

@@ -26,8 +26,7 @@ from jax import lax
 from ortho_optax import distributed, matrix_view
 from ortho_optax.coefficients import resolve_coefficients
 from ortho_optax.newton_schulz import (_check_compute_dtype, newton_schulz,
-                                       newton_schulz_of_transpose, uses_kernels,
-                                       validate_args)
+                                       newton_schulz_many, uses_kernels, validate_args)
 from ortho_optax.polar import (cosh_normalize, leverage_uniform_polar, polar,
                                riemannian_balanced_polar)
 
@@ -206,6 +205,7 @@ def orthogonalize(
       rows, cols = sorted(mats.shape[1:]) if tall else mats.shape[1:]
       groups.setdefault((rows, cols, mats.dtype, flip), []).append((i, mats, tall))
     out_leaves = list(leaves)
+    results, on_kernels_stacks = {}, []
     for (rows, cols, dtype, flip), members in groups.items():
       sizes = [m.shape[0] for _, m, _ in members]
       on_kernels = orient and uses_kernels(
@@ -224,16 +224,26 @@ def orthogonalize(
           mats = jnp.swapaxes(mats, 1, 2)
         pieces.append(lax.optimization_barrier(mats) if on_kernels else mats)
       stack = _stack(pieces, on_kernels)
-      if flip and on_kernels:  # NS of the (out, in) view without transposing the stack
-        result = newton_schulz_of_transpose(stack, **ns_kwargs)
+      key = (rows, cols, dtype, flip)
+      if on_kernels:
+        # All kernel stacks run below in one call: each NS step's GEMMs are then one
+        # launch for all of them. A flipped (square, stored as the transpose) stack is
+        # orthogonalized in its (out, in) view without being transposed.
+        on_kernels_stacks.append((key, stack, flip))
       elif flip:  # the barriers keep XLA from sinking the transpose into every leaf
         stack = jnp.swapaxes(lax.optimization_barrier(stack), 1, 2)
-        result = lax.optimization_barrier(jnp.swapaxes(run_method(stack), 1, 2))
+        results[key] = lax.optimization_barrier(jnp.swapaxes(run_method(stack), 1, 2))
       else:
         # Identity unless inside ortho_optax.distributed.distribute (multi-device layout).
-        result = distributed.orthogonalize_stack(run_method, stack)
+        results[key] = distributed.orthogonalize_stack(run_method, stack)
+    if on_kernels_stacks:
+      keys, stacks, flips = zip(*on_kernels_stacks)
+      results.update(zip(keys, newton_schulz_many(stacks, of_transpose=flips, **ns_kwargs)))
+    for key, members in groups.items():
+      result = results[key]
       offset = 0
-      for (i, _, tall), size in zip(members, sizes):
+      for (i, mats, tall) in members:
+        size = mats.shape[0]
         part = result[offset:offset + size]
         if tall:
           part = jnp.swapaxes(part, 1, 2)
