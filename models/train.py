@@ -215,7 +215,8 @@ class DonatedStep:
 
   def __init__(self, model, optimizer, mesh=None):
     self._objects = (model, optimizer)
-    graphdef, self._state = nnx.split(self._objects)
+    graphdef, state = nnx.split(self._objects)
+    self._state = _distinct_buffers(state)
 
     def step(state, inputs, targets):
       m, o = nnx.merge(graphdef, state)
@@ -235,6 +236,21 @@ class DonatedStep:
   def sync(self) -> None:
     """Points the model's and optimizer's variables at the current state."""
     nnx.update(self._objects, self._state)
+
+
+def _distinct_buffers(tree):
+  """``tree`` with every repeated array (the same object at two leaves, as an optimizer
+  state may hold) replaced by a copy: donation rejects a buffer passed twice."""
+  seen = set()
+
+  def distinct(x):
+    if not isinstance(x, jax.Array):
+      return x
+    if id(x) in seen:
+      return jnp.copy(x)
+    seen.add(id(x))
+    return x
+  return jax.tree.map(distinct, tree)
 
 
 @nnx.jit

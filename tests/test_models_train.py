@@ -109,6 +109,41 @@ def test_donated_step_matches_the_nnx_jit_step():
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
+def test_donated_step_takes_a_state_holding_one_array_twice():
+  # A transform whose state holds the same array at two leaves (legal in optax) must not
+  # break the trainer's donated step ("donate the same buffer twice").
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from ortho_optax.models import data as data_lib, gpt
+
+  def shared_state():
+    def init(params):
+      del params
+      zero = jnp.zeros([], jnp.int32)
+      return (zero, zero)
+
+    def update(updates, state, params=None):
+      del params
+      return updates, (state[0] + 1, state[1])
+    return optax.GradientTransformation(init, update)
+
+  cfg = _cfg(steps=3)
+  model = gpt.GPT(cfg.model_config(), rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(shared_state(), optax.adamw(1e-3)),
+                            wrt=nnx.Param)
+  step = train_lib.DonatedStep(model, optimizer)
+  sampler = data_lib.BatchSampler(data_lib.load_embedded("prose").train, 4, 16, seed=0)
+  for i in range(cfg.steps):
+    x, y = sampler(i)
+    assert math.isfinite(float(step(jnp.asarray(x), jnp.asarray(y))))
+  step.sync()
+  counts = [int(v) for v in jax.tree.leaves(nnx.state(optimizer))
+            if v.shape == () and jnp.issubdtype(v.dtype, jnp.integer)]
+  assert 3 in counts and 0 in counts  # the transform's two counters, now distinct
+
+
 def test_cli_train_and_compare_write_reports(tmp_path, capsys):
   common = ["--num-layers", "1", "--model-dim", "32", "--num-heads", "2", "--seq-len", "16",
             "--batch-size", "4", "--steps", "6", "--data", "embedded:prose", "--no-progress",

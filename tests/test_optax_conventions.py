@@ -9,6 +9,7 @@ problems, zero gradients, a save / restore round trip and construction-time vali
 import functools
 import inspect
 import io
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,29 @@ def test_jit_no_retrace_extra_args_zero_grads_and_save_restore(name):
   assert_trees_equal(p1, p2)
   assert_trees_equal(s1, s2)
   assert len(traces) - n_traces <= 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_can_be_donated(name):
+  # Training loops donate the optimizer state (jax.jit(donate_argnums=...)); XLA rejects
+  # a buffer passed twice, so no two state leaves may share one, before or after a step.
+  tx = make(name)
+  params = _params()
+  state = tx.init(params)
+
+  @functools.partial(jax.jit, donate_argnums=1)
+  def step(grads, state, params):
+    return tx.update(grads, state, params)
+
+  for seed in range(3):
+    leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    assert len({id(x) for x in leaves}) == len(leaves)
+    assert len({x.unsafe_buffer_pointer() for x in leaves}) == len(leaves)
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+      u, state = step(_grads(seed), state, params)
+    params = optax.apply_updates(params, u)
+  assert _all_finite(params)
 
 
 @pytest.mark.parametrize("name", NAMES)
