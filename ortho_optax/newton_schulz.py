@@ -419,17 +419,9 @@ def newton_schulz_of_transpose(
   References:
     Boissin et al., "Turbo-Muon", arXiv 2512.04632, 2025 (AOL preconditioning).
   """
-  validate_args(preconditioning, backend, eps)
-  y = jnp.asarray(y)
-  kwargs = dict(steps=steps, coefficients=coefficients, order=order,
-                preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype,
-                backend=backend)
-  if y.ndim < 2 or not uses_kernels(y.shape, y.dtype, preconditioning=preconditioning,
-                                    compute_dtype=compute_dtype, backend=backend):
-    return _swap(newton_schulz(_swap(y), **kwargs))
-  triples = resolve_coefficients(coefficients, steps, order)
-  cdt = _check_compute_dtype(compute_dtype, y.dtype)
-  return _kernel_run([y], [True], triples, preconditioning, eps, cdt)[0]
+  return newton_schulz_many([y], of_transpose=[True], steps=steps, coefficients=coefficients,
+                            order=order, preconditioning=preconditioning, eps=eps,
+                            compute_dtype=compute_dtype, backend=backend)[0]
 
 
 def newton_schulz_many(
@@ -483,8 +475,10 @@ def newton_schulz_many(
         x.shape, x.dtype, preconditioning=preconditioning, compute_dtype=compute_dtype,
         backend=backend):
       on_kernels.append(i)
+    elif flip:  # the XLA path transposes (bit for bit the goldens' orientation)
+      outs[i] = _swap(newton_schulz(_swap(x), **kwargs))
     else:
-      outs[i] = (newton_schulz_of_transpose if flip else newton_schulz)(x, **kwargs)
+      outs[i] = newton_schulz(x, **kwargs)
   if on_kernels:
     triples = resolve_coefficients(coefficients, steps, order)
     cdt = _check_compute_dtype(compute_dtype, xs[on_kernels[0]].dtype)

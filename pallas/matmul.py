@@ -87,18 +87,17 @@ def num_sms() -> int:
     return 132
 
 
-def _upper_tile_count(m: int, cta_n: int) -> int:
-  c = m // cta_n
-  return c * (c + 1)  # c(c+1)/2 super-blocks of cta_n × cta_n, two CTA tiles each
+def _tiles(m: int, n: int, upper: bool, config: TuningConfig) -> int:
+  """CTA output tiles of one ``m × n`` product."""
+  if upper:
+    c = m // config.cta_n
+    return c * (c + 1)  # c(c+1)/2 super-blocks of cta_n × cta_n, two CTA tiles each
+  return (m // config.tile_m) * (n // config.cta_n)
 
 
 def work_items(batch: int, m: int, n: int, *, upper: bool, config: TuningConfig) -> int:
   """Number of CTA work items (output tiles × batch × split_k) of one launch."""
-  if upper:
-    tiles = _upper_tile_count(m, config.cta_n)
-  else:
-    tiles = (m // config.tile_m) * (n // config.cta_n)
-  return batch * config.split_k * tiles
+  return batch * config.split_k * _tiles(m, n, upper, config)
 
 
 def _check(batch, m, n, k, *, upper, config):
@@ -141,13 +140,6 @@ class _Problem:
   alpha: object
   beta: object
   start: int = 0      # first work item of this product in the launch's item numbering
-
-
-def _tiles(pr: _Problem, cfg: TuningConfig) -> int:
-  if pr.upper:
-    c = pr.m // cfg.cta_n
-    return c * (c + 1)
-  return (pr.m // cfg.tile_m) * (pr.n // cfg.cta_n)
 
 
 def _kernel_body(problems, schedule_gmem, *, config, slots, mirror=True):
@@ -212,7 +204,7 @@ def _kernel_body(problems, schedule_gmem, *, config, slots, mirror=True):
 
     def run_item(pr, local):
       """Output tile ``local`` (of this product's items) on this CTA."""
-      tiles = _tiles(pr, cfg)
+      tiles = _tiles(pr.m, pr.n, pr.upper, cfg)
       k_iters = pr.k // split // tk
       t = lax.rem(local, tiles)
       rest = lax.div(local, tiles)
@@ -335,7 +327,7 @@ def _kernel_body(problems, schedule_gmem, *, config, slots, mirror=True):
         return
       item = lin if schedule_gmem is None else schedule_gmem[lin]
       for pr in problems:  # one branch per product (static refs and shapes)
-        n_items = pr.batch * split * _tiles(pr, cfg)
+        n_items = work_items(pr.batch, pr.m, pr.n, upper=pr.upper, config=cfg)
         pl.when(jnp.logical_and(item >= pr.start, item < pr.start + n_items))(
             functools.partial(run_item, pr, item - pr.start))
 
@@ -507,7 +499,7 @@ def grouped_matmul(products, *, config: TuningConfig = TuningConfig(),
                      f"{[p.rhs_transposed for p in products]}.")
   if config.split_k != 1:
     raise ValueError(f"grouped_matmul needs split_k=1, got {config}.")
-  problems, costs, operands, out_structs = [], [], [], []
+  statics, costs, operands, out_structs = [], [], [], []
   for p in products:
     if not all(isinstance(v, (int, float)) for v in (p.alpha, p.beta)):
       raise ValueError("grouped_matmul takes Python-number alpha/beta only, got "
@@ -516,9 +508,11 @@ def grouped_matmul(products, *, config: TuningConfig = TuningConfig(),
     n = p.rhs.shape[1] if p.rhs_transposed else p.rhs.shape[2]
     _check(batch, m, n, k, upper=p.upper, config=config)
     items = work_items(batch, m, n, upper=p.upper, config=config)
-    problems.append(dict(batch=batch, m=m, n=n, k=k, upper=p.upper,
-                         rhs_transposed=p.rhs_transposed, alpha=float(p.alpha),
-                         beta=float(p.beta), start=len(costs), has_add=p.add is not None))
+    # The product's static fields; the kernel body adds its refs.
+    statics.append((p.add is not None, functools.partial(
+        _Problem, coef=None, batch=batch, m=m, n=n, k=k, upper=p.upper,
+        rhs_transposed=p.rhs_transposed, alpha=float(p.alpha), beta=float(p.beta),
+        start=len(costs))))
     costs += [k // config.tile_k + ITEM_OVERHEAD_STEPS] * items
     operands += [p.lhs, p.rhs] + ([p.add] if p.add is not None else [])
     out_structs.append(jax.ShapeDtypeStruct((1, batch, m, n), jnp.bfloat16))
@@ -531,14 +525,12 @@ def grouped_matmul(products, *, config: TuningConfig = TuningConfig(),
     outs = refs[-len(products):]
     schedule_gmem = refs[-len(products) - 1]
     ins = refs[:-len(products) - 1]
-    built = []
-    for info, out in zip(problems, outs):
+    problems = []
+    for (has_add, problem), out in zip(statics, outs):
       lhs, rhs = ins.pop(0), ins.pop(0)
-      add = ins.pop(0) if info["has_add"] else None
-      built.append(_Problem(lhs, rhs, add, None, out, info["batch"], info["m"], info["n"],
-                            info["k"], info["upper"], info["rhs_transposed"],
-                            info["alpha"], info["beta"], start=info["start"]))
-    _kernel_body(built, schedule_gmem, config=config, slots=int(table.shape[0]))
+      add = ins.pop(0) if has_add else None
+      problems.append(problem(lhs=lhs, rhs=rhs, add=add, out=out))
+    _kernel_body(problems, schedule_gmem, config=config, slots=int(table.shape[0]))
 
   outs = _plgpu_kernel(body, tuple(out_structs), grid)(*operands)
   return [o[0] for o in outs]
