@@ -9,10 +9,9 @@ small with an untied 50304-token head, bf16 compute, cuDNN attention):
 * AdamW, ``ortho_optax.muon``, ``ortho_optax.turbo_muon`` (and ``optax.contrib.muon`` for
   reference) at 32 × 1024 tokens/step: step time and cost relative to AdamW.
 
-Two step drivers: ``nnx`` (one ``nnx.jit`` function over model and ``nnx.Optimizer``, as
-the trainer runs) and ``split`` (the same step on ``nnx.split`` state under ``jax.jit``
-with the state donated, which removes NNX's per-call graph traversal and the copy of the
-state).
+Two step drivers: ``split`` (the trainer's step, ``train.DonatedStep``: one ``jax.jit``
+over the ``nnx.split`` state, donated, no NNX graph traversal per call) and ``nnx`` (one
+``nnx.jit`` function over model and ``nnx.Optimizer``, for comparison).
 
   python benchmarks/bench_gpt.py                 # on the GPU, writes $OUT/bench_gpt.json
   python benchmarks/bench_gpt.py --preset tiny --batch64 4 --batch32 2 --steps 3   # smoke
@@ -66,27 +65,13 @@ class StepRunner:
     x = jnp.asarray(rng.integers(0, 50257 if cfg.vocab_size > 50257 else cfg.vocab_size,
                                  (batch, cfg.seq_len + 1)), jnp.int32)
     self.inputs, self.targets = inputs, targets = x[:, :-1], x[:, 1:]
-    self.pure_fn = None
+    self.donated = None
     if driver == "nnx":
       step = train_lib.make_train_step()
       self.run = lambda: step(model, optimizer, inputs, targets)
-    else:
-      graphdef, state = nnx.split((model, optimizer))
-
-      def pure_step(state, inputs, targets):
-        m, o = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(gpt.loss_fn)(m, inputs, targets)
-        o.update(m, grads)
-        return nnx.state((m, o)), loss
-
-      self.pure_fn = pure_step
-      jitted = jax.jit(pure_step, donate_argnums=0)
-      self.box = [state]
-
-      def run():
-        self.box[0], loss = jitted(self.box[0], inputs, targets)
-        return loss
-      self.run = run
+    else:  # the trainer's step
+      self.donated = train_lib.DonatedStep(model, optimizer)
+      self.run = lambda: self.donated(inputs, targets)
     t0 = time.perf_counter()
     self.first_loss = float(self.run())
     self.compile_s = time.perf_counter() - t0
@@ -113,13 +98,13 @@ class StepRunner:
 
   def profile(self) -> dict:
     """CUPTI kernel list of one step (split driver only)."""
-    if self.pure_fn is None:
+    if self.donated is None:
       return {}
     try:
       # CUPTI's measure may call the function more than once: no donation here.
       from kernel_profile import profile_kernels  # pylint: disable=import-outside-toplevel
-      _, total, kernels = profile_kernels(jax.jit(self.pure_fn), self.box[0], self.inputs,
-                                          self.targets)
+      _, total, kernels = profile_kernels(jax.jit(self.donated.step_fn), self.donated.state,
+                                          self.inputs, self.targets)
       return {"profile_device_ms": total, "profile_kernels": kernels[:30],
               "profile_launches": sum(n for _, n, _ in kernels), "all_kernels": kernels}
     except Exception as e:  # pylint: disable=broad-except
