@@ -91,3 +91,43 @@ def check_range(name: str, value, low: float, high: float, *,
   """:func:`check_in_range` with open / closed bounds spelled as the stages use them."""
   check_in_range(name, value, low, high, low_inclusive=not low_open,
                  high_inclusive=not high_open)
+
+
+#: Spellings of floating dtypes accepted wherever a dtype is a hyperparameter.
+DTYPE_NAMES = {
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "f16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32", "f32": "float32", "fp32": "float32", "float": "float32",
+    "float64": "float64", "f64": "float64", "fp64": "float64", "double": "float64",
+}
+
+
+def check_dtype(name: str, value, *, allow_none: bool = True):
+  """A floating dtype hyperparameter as a ``numpy.dtype`` (``None`` stays ``None``).
+
+  Accepts dtype objects (``jnp.bfloat16``, ``np.float32``, ``jnp.dtype("float32")``) and
+  the names of :data:`DTYPE_NAMES` (``"bf16"``, ``"float32"``, ...).
+
+  Raises:
+    ValueError: naming the value and the accepted spellings, for anything else (an
+      unknown name, an integer or complex dtype, ``None`` when ``allow_none`` is False).
+  """
+  import jax.numpy as jnp  # local: keeps this module importable without initialising JAX
+  choices = ("a floating dtype such as jnp.bfloat16 or jnp.float32, or one of "
+             + ", ".join(repr(k) for k in DTYPE_NAMES) + (", or None" if allow_none else ""))
+  if value is None:
+    if allow_none:
+      return None
+    raise ValueError(f"{name} must be {choices}; got None.")
+  if isinstance(value, str):
+    key = value.strip().lower()
+    if key not in DTYPE_NAMES:
+      raise ValueError(f"{name}={value!r} is not a dtype name; use {choices}.")
+    value = DTYPE_NAMES[key]
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    raise ValueError(f"{name}={value!r} is not a dtype; use {choices}.") from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name}={value!r} is not a floating dtype; use {choices}.")
+  return dtype
