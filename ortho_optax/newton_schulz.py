@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,6 @@ from jax import lax
 from ortho_optax.coefficients import Coefficients, resolve_coefficients
 
 PRECONDITIONINGS = ("frobenius", "aol", "schatten", "spectral")
-BACKENDS = ("auto", "xla", "pallas")
 
 #: Power iterations (on the small Gram matrix) used by ``preconditioning="spectral"``.
 SPECTRAL_POWER_ITERATIONS = 8
@@ -60,24 +58,6 @@ def _accum_dtype(*dtypes):
   for d in dtypes:
     dt = jnp.promote_types(dt, d)
   return dt
-
-
-def _check_compute_dtype(compute_dtype, x_dtype):
-  dt = jnp.dtype(x_dtype if compute_dtype is None else compute_dtype)
-  if not jnp.issubdtype(dt, jnp.floating):
-    raise ValueError(f"compute_dtype must be a floating dtype or None, got {compute_dtype!r}.")
-  return dt
-
-
-def validate_args(preconditioning: str, backend: str, eps) -> None:
-  """Raises ValueError for a bad preconditioning / backend / eps (Python values only)."""
-  if preconditioning not in PRECONDITIONINGS:
-    raise ValueError(
-        f"preconditioning={preconditioning!r} is not one of {PRECONDITIONINGS}.")
-  if backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
-  if isinstance(eps, numbers.Real) and not eps >= 0:
-    raise ValueError(f"eps must be >= 0, got {eps!r}.")
 
 
 def _scale_by_pow2(v, k):
@@ -256,29 +236,28 @@ def _precondition_first_step(x, preconditioning, eps):
   return x, gram
 
 
-def _use_pallas(backend, compute_dtype, preconditioning, shape):
-  """Whether to call the Pallas kernels for a wide stack of ``shape`` (..., m, n)."""
-  if backend == "xla":
-    return False
-  from ortho_optax import pallas  # local: keeps the XLA path free of the GPU module
-  available = pallas.is_available()
-  if backend == "pallas":
-    if not available:
-      raise RuntimeError(
-          "backend='pallas' was requested but ortho_optax.pallas.is_available() is False "
-          "(needs a Hopper GPU with the Mosaic GPU Pallas backend). Use backend='auto' or 'xla'.")
-    if preconditioning not in ("frobenius", "aol"):
-      raise ValueError(
-          f"backend='pallas' supports preconditioning 'frobenius' or 'aol', got "
-          f"{preconditioning!r}; use backend='xla' or 'auto'.")
-    return True
-  if not (available and jnp.dtype(compute_dtype) == jnp.bfloat16
-          and preconditioning in ("frobenius", "aol")):
-    return False
-  # Small stacks are launch-bound in the kernels and faster in XLA (kernels' measurement).
-  prefers = getattr(pallas, "prefers_kernels", None)
-  batch = math.prod(shape[:-2])
-  return True if prefers is None else bool(prefers(batch, shape[-2], shape[-1]))
+def _orient_and_precondition(x, eps, preconditioning, compute_dtype):
+  """Wide orientation + the elementwise part of the preconditioning (``None``: none,
+  ``x`` is already preconditioned)."""
+  transposed = x.shape[-2] > x.shape[-1]
+  if transposed:
+    x = _swap(x)
+  if preconditioning is None:
+    return x, transposed
+  if preconditioning == "aol":
+    return _aol_prescale(x, compute_dtype), transposed
+  return _frobenius_normalize(x, eps, compute_dtype), transposed
+
+
+def _checked_input(x, name="newton_schulz"):
+  x = jnp.asarray(x)
+  if x.ndim < 2:
+    raise ValueError(
+        f"{name} needs an array of rank >= 2 (matrices on the last two axes), got "
+        f"shape {x.shape}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} needs a floating array, got dtype {x.dtype}.")
+  return x
 
 
 def newton_schulz(
@@ -311,12 +290,14 @@ def newton_schulz(
       ``"spectral"``: Frobenius, then division by a power-iteration estimate of σ_max
       times :data:`SPECTRAL_SAFETY` (capped so it never scales up past Frobenius).
     eps: Frobenius normalisation epsilon (added to the norm) / AOL row-sum clamp.
-    compute_dtype: dtype of the iterations (``None``: ``x.dtype``). Norms and scalars are
-      accumulated in float32 (float64 for float64 inputs).
-    backend: ``"xla"``, ``"pallas"`` (the Mosaic GPU kernel of :mod:`ortho_optax.pallas`;
-      RuntimeError if unavailable) or ``"auto"`` (Pallas when available, bf16 compute,
-      ``frobenius``/``aol`` preconditioning and a stack large enough for the kernels to
-      win, per ``ortho_optax.pallas.prefers_kernels``; XLA otherwise).
+    compute_dtype: dtype of the iterations (``None``: ``x.dtype``; names such as
+      ``"bf16"`` or ``"float32"`` are accepted). Norms and scalars are accumulated in
+      float32 (float64 for float64 inputs).
+    backend: ``"xla"``, ``"pallas"`` (the Mosaic GPU kernels of :mod:`ortho_optax.pallas`;
+      RuntimeError if unavailable) or ``"auto"`` (the kernels on a Hopper GPU for bf16
+      compute, ``frobenius``/``aol`` preconditioning and a stack large enough for them to
+      win, per ``ortho_optax.pallas.prefers_kernels``; XLA otherwise). See
+      :mod:`ortho_optax.orthogonalizers`.
 
   Returns:
     An array of ``x``'s shape and dtype. An all-zero matrix maps to zeros.
@@ -331,37 +312,9 @@ def newton_schulz(
     Boissin et al., "Turbo-Muon", arXiv 2512.04632, 2025 and thib-s/flash-newton-schulz
     (AOL preconditioning).
   """
-  validate_args(preconditioning, backend, eps)
-  triples = resolve_coefficients(coefficients, steps, order)
-  x = jnp.asarray(x)
-  if x.ndim < 2:
-    raise ValueError(
-        f"newton_schulz needs an array of rank >= 2 (matrices on the last two axes), got "
-        f"shape {x.shape}.")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"newton_schulz needs a floating array, got dtype {x.dtype}.")
-  cdt = _check_compute_dtype(compute_dtype, x.dtype)
-
-  shape = x.shape[:-2] + (min(x.shape[-2:]), max(x.shape[-2:]))
-  if _use_pallas(backend, cdt, preconditioning, shape):
-    return _kernel_run([x], [False], triples, preconditioning, eps, cdt)[0]
-  cubic = all(t[2] == 0.0 for t in triples)
-  table = jnp.asarray(triples, dtype=_accum_dtype(cdt))
-  return _xla_newton_schulz(x, table, jnp.asarray(eps, _accum_dtype(x.dtype)),
-                            preconditioning=preconditioning, compute_dtype=cdt, cubic=cubic)
-
-
-def _orient_and_precondition(x, eps, preconditioning, compute_dtype):
-  """Wide orientation + the elementwise part of the preconditioning (``None``: none,
-  ``x`` is already preconditioned)."""
-  transposed = x.shape[-2] > x.shape[-1]
-  if transposed:
-    x = _swap(x)
-  if preconditioning is None:
-    return x, transposed
-  if preconditioning == "aol":
-    return _aol_prescale(x, compute_dtype), transposed
-  return _frobenius_normalize(x, eps, compute_dtype), transposed
+  return newton_schulz_many([x], steps=steps, coefficients=coefficients, order=order,
+                            preconditioning=preconditioning, eps=eps,
+                            compute_dtype=compute_dtype, backend=backend)[0]
 
 
 def uses_kernels(shape, dtype, *, preconditioning: str = "frobenius",
@@ -380,9 +333,11 @@ def uses_kernels(shape, dtype, *, preconditioning: str = "frobenius",
   Raises:
     RuntimeError, ValueError: those of ``backend="pallas"`` where the kernels cannot run.
   """
-  cdt = _check_compute_dtype(compute_dtype, dtype)
+  from ortho_optax import orthogonalizers
+  orth = orthogonalizers.newton_schulz_orthogonalizer(
+      preconditioning=preconditioning, compute_dtype=compute_dtype, backend=backend)
   shape = tuple(shape[:-2]) + (min(shape[-2:]), max(shape[-2:]))
-  return _use_pallas(backend, cdt, preconditioning, shape)
+  return isinstance(orth, orthogonalizers.PallasNewtonSchulz) and orth.takes(shape, dtype)
 
 
 def newton_schulz_of_transpose(
@@ -459,80 +414,27 @@ def newton_schulz_many(
   References:
     K. Jordan et al., "Muon", 2024; Boissin et al., "Turbo-Muon", arXiv 2512.04632, 2025.
   """
-  validate_args(preconditioning, backend, eps)
-  xs = [jnp.asarray(x) for x in xs]
+  from ortho_optax import orthogonalizers
+  orth = orthogonalizers.newton_schulz_orthogonalizer(
+      steps=steps, coefficients=coefficients, order=order, preconditioning=preconditioning,
+      eps=eps, compute_dtype=compute_dtype, backend=backend)
+  xs = [_checked_input(x) for x in xs]
   flips = [False] * len(xs) if of_transpose is None else [bool(f) for f in of_transpose]
   if len(flips) != len(xs):
     raise ValueError(f"of_transpose needs one flag per array: {len(flips)} flags, "
                      f"{len(xs)} arrays.")
-  kwargs = dict(steps=steps, coefficients=coefficients, order=order,
-                preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype,
-                backend=backend)
-  outs = [None] * len(xs)
-  on_kernels = []
-  for i, (x, flip) in enumerate(zip(xs, flips)):
-    if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and uses_kernels(
-        x.shape, x.dtype, preconditioning=preconditioning, compute_dtype=compute_dtype,
-        backend=backend):
-      on_kernels.append(i)
-    elif flip:  # the XLA path transposes (bit for bit the goldens' orientation)
-      outs[i] = _swap(newton_schulz(_swap(x), **kwargs))
-    else:
-      outs[i] = newton_schulz(x, **kwargs)
-  if on_kernels:
-    triples = resolve_coefficients(coefficients, steps, order)
-    cdt = _check_compute_dtype(compute_dtype, xs[on_kernels[0]].dtype)
-    results = _kernel_run([xs[i] for i in on_kernels], [flips[i] for i in on_kernels],
-                          triples, preconditioning, eps, cdt)
-    for i, r in zip(on_kernels, results):
-      outs[i] = r
-  return outs
+  # A stack's orientation does not matter to the kernels' predicate (they take the wide
+  # orientation): ask about the wide shape.
+  stacks = []
+  for x, flip in zip(xs, flips):
+    wide = x.shape[:-2] + (min(x.shape[-2:]), max(x.shape[-2:]))
+    on_kernels = isinstance(orth, orthogonalizers.PallasNewtonSchulz) and orth.takes(
+        wide, x.dtype)
+    stacks.append(orthogonalizers.Stack(x, flip, on_kernels))
+  return orth.run_many(stacks)
 
 
-def _kernel_input(x, of_transpose, preconditioning, eps, compute_dtype):
-  """``(bf16 (batch, m, n) stack with m <= n, AOL in the kernels?, restore)`` of one
-  array for the kernels; ``restore`` maps the kernels' result back to ``x``'s layout."""
-  out_dtype = x.dtype
-  if of_transpose and preconditioning == "aol":
-    # AOL scales the rows of X = yᵀ, i.e. the columns of y, by s = rsqrt(rowsum|yᵀy|);
-    # after that the first step is a plain NS step on y·diag(s), so the kernels continue
-    # on y·diag(s) (one cuBLAS Gram instead of two transposes of the stack). The barrier
-    # keeps XLA from fusing y's producer (the stack's concatenation) into both the Gram
-    # and the rescale below, building the stack twice.
-    acc = _accum_dtype(x.dtype, compute_dtype)
-    scaled = lax.optimization_barrier(_aol_prescale(x, compute_dtype))
-    s = _aol_scales(_gram(_swap(scaled), acc), eps, acc)  # XXᵀ of X = yᵀ is yᵀy
-    x = _round_to(scaled.astype(acc) * s[..., None, :], compute_dtype)
-    preconditioning = None
-  # NS commutes with transposition and the Frobenius norm is transpose-invariant: for
-  # Frobenius the transposed array needs no special handling.
-  X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
-  lead = X.shape[:-2]
-  stack = X.astype(jnp.bfloat16).reshape((-1,) + X.shape[-2:])
 
-  def restore(out):
-    out = out.reshape(lead + X.shape[-2:])
-    return (_swap(out) if transposed else out).astype(out_dtype)
-  return stack, preconditioning == "aol", restore
-
-
-def _kernel_run(xs, of_transpose, triples, preconditioning, eps, compute_dtype):
-  """The kernel path for several arrays (one grouped launch per GEMM)."""
-  from ortho_optax import pallas
-  prepared = [_kernel_input(x, f, preconditioning, eps, compute_dtype)
-              for x, f in zip(xs, of_transpose)]
-  stacks = [p[0] for p in prepared]
-  aol = [p[1] for p in prepared]
-  if len(stacks) == 1:
-    outs = [pallas.newton_schulz(stacks[0], tuple(triples), aol=aol[0], eps=eps)]
-  else:
-    outs = pallas.newton_schulz_many(stacks, tuple(triples), aol=aol, eps=eps)
-  return [p[2](o) for p, o in zip(prepared, outs)]
-
-
-# Jitted so that eager calls compile once per (shape, #steps, config) instead of running
-# op by op, and so that different coefficient tables of one length share a compilation
-# (the table and eps are traced); inside an outer jit this simply inlines.
 @functools.partial(jax.jit, static_argnames=("preconditioning", "compute_dtype", "cubic"))
 def _xla_newton_schulz(x, table, eps, *, preconditioning, compute_dtype, cubic):
   out_dtype = x.dtype

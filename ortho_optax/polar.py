@@ -6,20 +6,20 @@ All matrix functions work on the last two axes with any leading batch axes and r
 
 References:
   Aurora: tilde-research/aurora-release (``src/polar.py``, ``src/aurora.py``,
-  ``src/riemannian_aurora.py``); SPEC.md §4.
-  AuON: ryyzn9/AuON (``auon/optimizer.py``); SPEC.md §1.2.
+  ``src/riemannian_aurora.py``).
+  AuON: ryyzn9/AuON (``auon/optimizer.py``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ortho_optax import validation
 from ortho_optax.newton_schulz import _accum_dtype, _scale_by_pow2, _swap, newton_schulz
 
 #: Aurora's polar normalises by ``‖X‖_F + 1e-7`` (hard-coded in the reference).
@@ -32,17 +32,6 @@ def _check_matrix(x, name):
     raise ValueError(f"{name} needs an array of rank >= 2 (matrices on the last two axes), "
                      f"got shape {x.shape}.")
   return x
-
-
-def _check_positive_int(value, name, minimum=1):
-  if isinstance(value, numbers.Number) and (
-      isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
-def _check_positive(value, name, allow_zero=False):
-  if isinstance(value, numbers.Real) and not (value >= 0 if allow_zero else value > 0):
-    raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
 
 
 def polar(x: jax.Array) -> jax.Array:
@@ -60,7 +49,8 @@ def polar(x: jax.Array) -> jax.Array:
     An array of ``x``'s shape and dtype.
 
   References:
-    SPEC / the seed repository (exact SVD reference for the iterative polar factors).
+    N. J. Higham, "Functions of Matrices: Theory and Computation", SIAM, 2008, ch. 8
+    (the polar decomposition).
   """
   x = _check_matrix(x, "polar")
   acc = _accum_dtype(x.dtype)
@@ -134,7 +124,7 @@ def leverage_uniform_polar(
     steps: int = 12,
     backend: str = "auto",
 ) -> jax.Array:
-  """Aurora's leverage-uniform polar factor (SPEC §4.2 step 3).
+  """Aurora's leverage-uniform polar factor.
 
   Square matrices: plain :func:`aurora_polar`. Non-square: work on the tall orientation
   ``Y`` (m × n, m > n) in float32 and find a row scaling ``D`` such that the polar factor
@@ -161,9 +151,9 @@ def leverage_uniform_polar(
     Research); tilde-research/aurora-release ``src/aurora.py``.
   """
   x = _check_matrix(x, "leverage_uniform_polar")
-  _check_positive_int(pp_iterations, "pp_iterations")
-  _check_positive(pp_beta, "pp_beta")
-  _check_positive(eps, "eps")
+  validation.check_int("pp_iterations", pp_iterations, minimum=1)
+  validation.check_positive("pp_beta", pp_beta)
+  validation.check_positive("eps", eps)
   if x.shape[-2] == x.shape[-1]:
     return aurora_polar(x, steps=steps, compute_dtype=compute_dtype, backend=backend)
   acc = _accum_dtype(x.dtype)
@@ -284,7 +274,7 @@ def riemannian_balanced_polar(
     steps: int = 12,
     backend: str = "auto",
 ) -> jax.Array:
-  """Riemannian Aurora's balanced polar factor (SPEC §4.3).
+  """Riemannian Aurora's balanced polar factor.
 
   Approximately solves ``max_U ⟨G, U⟩`` s.t. ``UᵀU = I_n`` and ``‖U_i‖² = n/m`` for a tall
   ``G`` (wide inputs are transposed): from ``U = polar(G)``, ``outer_steps`` Riemannian
@@ -313,11 +303,11 @@ def riemannian_balanced_polar(
     Research); tilde-research/aurora-release ``src/riemannian_aurora.py``.
   """
   x = _check_matrix(x, "riemannian_balanced_polar")
-  _check_positive_int(outer_steps, "outer_steps", minimum=0)
-  _check_positive_int(cg_steps, "cg_steps", minimum=0)
-  _check_positive_int(retraction_steps, "retraction_steps", minimum=0)
-  _check_positive(riemannian_eta, "riemannian_eta", allow_zero=True)
-  _check_positive(eps, "eps")
+  validation.check_int("outer_steps", outer_steps, minimum=0)
+  validation.check_int("cg_steps", cg_steps, minimum=0)
+  validation.check_int("retraction_steps", retraction_steps, minimum=0)
+  validation.check_non_negative("riemannian_eta", riemannian_eta)
+  validation.check_positive("eps", eps)
   if x.shape[-2] == x.shape[-1]:
     return aurora_polar(x, steps=steps, compute_dtype=compute_dtype, backend=backend)
   if x.size == 0:  # an empty stack or a 0 x n matrix: nothing to balance
@@ -354,7 +344,7 @@ def cosh_normalize(x: jax.Array, gamma: float = 1.5) -> jax.Array:
 
   ``n = ‖G‖`` over all elements, ``Ĝ = γ G / (n + 1e-7)`` and
   ``r = sqrt(mean(cosh(Ĝ)²))``, so ``1 <= r <= sqrt(1 + sinh²(γ)/N)``: a mild scalar
-  brake, not a normalisation to unit norm (SPEC §1.2 steps 4-6). When ``n == 0`` AuON
+  brake, not a normalisation to unit norm. When ``n == 0`` AuON
   skips the parameter update, which is returned here as an all-zero update.
 
   Args:
@@ -369,7 +359,7 @@ def cosh_normalize(x: jax.Array, gamma: float = 1.5) -> jax.Array:
     arXiv 2509.24320, 2025; ryyzn9/AuON ``auon/optimizer.py``.
   """
   x = jnp.asarray(x)
-  _check_positive(gamma, "gamma", allow_zero=True)
+  validation.check_non_negative("gamma", gamma)
   acc = _accum_dtype(x.dtype)
   g = x.astype(acc)
   norm = jnp.sqrt(jnp.sum(jnp.square(g)))

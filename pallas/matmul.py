@@ -11,8 +11,8 @@ One kernel builder covers the three GEMMs of a quintic Newton–Schulz step
   shared memory, at ``(j, i)``. That halves the flops of the two symmetric products;
 * the epilogue forms ``beta·(lhs @ rhs) + alpha·add`` in float32 before the one bf16
   rounding (``add`` is read tile by tile with TMA), so ``b·A`` and ``a·X`` cost no pass;
-  Python-float ``alpha``/``beta`` are compiled in as constants, traced ones are read at
-  run time from a 2-element array;
+  ``alpha``/``beta`` are read at run time from a 2-element array, so one compiled kernel
+  serves every Newton–Schulz step of a shape;
 * ``split_k > 1`` splits the contraction over independent work items (for few output
   tiles and a long contraction, e.g. the Gram of a 1024×4096 matrix) and sums the
   partial products in float32 with XLA, where ``alpha``/``beta``/``add`` then go too.
@@ -118,11 +118,6 @@ def _check(batch, m, n, k, *, upper, config):
     raise ValueError(f"prefetch_add needs the whole-tile epilogue (epilogue_rows 0), got {cfg}.")
 
 
-def _is_one(v) -> bool:
-  """True for the Python number 1 (a traced or array scalar is not known to be 1)."""
-  return isinstance(v, (int, float)) and v == 1.0
-
-
 @dataclasses.dataclass(frozen=True)
 class _Problem:
   """One product of a launch, as the kernel body sees it: its refs and static shape."""
@@ -137,8 +132,6 @@ class _Problem:
   k: int
   upper: bool
   rhs_transposed: bool
-  alpha: object
-  beta: object
   start: int = 0      # first work item of this product in the launch's item numbering
 
 
@@ -243,14 +236,12 @@ def _kernel_body(problems, schedule_gmem, *, config, slots, mirror=True):
         return acc_ref
 
       def combine(acc, addend):
-        if pr.coef is not None:  # traced coefficients, read at run time
-          a_, b_ = pr.coef[0], pr.coef[1]
-        else:
-          a_, b_ = pr.alpha, pr.beta
-        scaled = acc if _is_one(b_) else acc * b_
+        if pr.coef is None:  # a split-K partial product: combined by XLA afterwards
+          return acc
+        scaled = acc * pr.coef[1]
         if addend is None:
           return scaled
-        return scaled + addend.astype(jnp.float32) * a_
+        return scaled + addend.astype(jnp.float32) * pr.coef[0]
 
       def compute_context(eval_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
@@ -355,6 +346,13 @@ def _plgpu_kernel(body, out_struct, grid):
   )
 
 
+def _coefficients(alpha, beta):
+  """``[alpha, beta]`` as a float32 operand of the kernel. The coefficients are always
+  read at run time: every step of a Newton–Schulz iteration then runs the same compiled
+  kernel (one Mosaic compilation per GEMM shape and config, not one per step)."""
+  return jnp.stack([jnp.asarray(alpha, jnp.float32), jnp.asarray(beta, jnp.float32)])
+
+
 def matmul(lhs, rhs, add=None, *, alpha=1.0, beta=1.0,
            rhs_transposed: bool = False, upper: bool = False,
            config: TuningConfig = TuningConfig(), grid: int | None = None,
@@ -365,8 +363,8 @@ def matmul(lhs, rhs, add=None, *, alpha=1.0, beta=1.0,
     lhs: ``(batch, m, k)`` bf16.
     rhs: ``(batch, k, n)`` bf16, or ``(batch, n, k)`` with ``rhs_transposed``.
     add: optional ``(batch, m, n)`` bf16 addend.
-    alpha, beta: Python floats (compiled into the kernel) or traced float32 scalars
-      (passed to the kernel as a 2-element array).
+    alpha, beta: scalars (Python numbers or traced), passed to the kernel as a 2-element
+      float32 array, so the compiled kernel does not depend on their values.
     rhs_transposed: multiply by ``rhs`` transposed (its last two axes).
     upper: the product is symmetric (``m == n``): compute the upper tiles, mirror them.
     config: tile sizes; shapes must be multiples of its tiles (see :func:`_check`).
@@ -383,25 +381,32 @@ def matmul(lhs, rhs, add=None, *, alpha=1.0, beta=1.0,
   _check(batch, m, n, k, upper=upper, config=config)
   if mirror not in ("kernel", "xla"):
     raise ValueError(f"mirror must be 'kernel' or 'xla', got {mirror!r}.")
+  return _matmul(lhs, rhs, add, _coefficients(alpha, beta), rhs_transposed=rhs_transposed,
+                 upper=upper, config=config, grid=grid, mirror=mirror)
+
+
+# Jitted with the static layout: every call site with the same shapes and config reuses
+# one traced (and lowered) kernel instead of tracing the kernel body again.
+@functools.partial(jax.jit, static_argnames=("rhs_transposed", "upper", "config", "grid",
+                                             "mirror"))
+def _matmul(lhs, rhs, add, coef, *, rhs_transposed, upper, config, grid, mirror):
+  batch, m, k = lhs.shape
+  n = rhs.shape[1] if rhs_transposed else rhs.shape[2]
   split = config.split_k
-  static = all(isinstance(v, (int, float)) for v in (alpha, beta))
   # Split partial products are plain; the combination happens in the f32 reduction.
   kernel_add = add if split == 1 else None
-  kernel_alpha, kernel_beta = (float(alpha), float(beta)) if static and split == 1 else (0.0, 1.0)
-  coef = None
-  if split == 1 and not static:
-    coef = jnp.stack([jnp.asarray(alpha, jnp.float32), jnp.asarray(beta, jnp.float32)])
+  kernel_coef = coef if split == 1 else None
   total = work_items(batch, m, n, upper=upper, config=config)
   grid = min(grid or num_sms(), total)
   out_struct = jax.ShapeDtypeStruct((split, batch, m, n), jnp.bfloat16)
-  operands = [lhs, rhs] + [v for v in (kernel_add, coef) if v is not None]
+  operands = [lhs, rhs] + [v for v in (kernel_add, kernel_coef) if v is not None]
 
   def body(*refs):
     lhs_gmem, rhs_gmem, *rest, out_gmem = refs
     add_gmem = rest.pop(0) if kernel_add is not None else None
-    coef_gmem = rest.pop(0) if coef is not None else None
+    coef_gmem = rest.pop(0) if kernel_coef is not None else None
     problem = _Problem(lhs_gmem, rhs_gmem, add_gmem, coef_gmem, out_gmem, batch, m, n, k,
-                       upper, rhs_transposed, kernel_alpha, kernel_beta)
+                       upper, rhs_transposed)
     _kernel_body([problem], None, config=config, slots=total, mirror=mirror == "kernel")
 
   out = _plgpu_kernel(body, out_struct, grid)(*operands)
@@ -412,11 +417,9 @@ def matmul(lhs, rhs, add=None, *, alpha=1.0, beta=1.0,
 
   if split == 1:
     return out[0]
-  acc = jnp.sum(out.astype(jnp.float32), axis=0)
-  if not _is_one(beta):
-    acc = beta * acc
+  acc = coef[1] * jnp.sum(out.astype(jnp.float32), axis=0)
   if add is not None:
-    acc = acc + alpha * add.astype(jnp.float32)
+    acc = acc + coef[0] * add.astype(jnp.float32)
   return acc.astype(jnp.bfloat16)
 
 
@@ -424,14 +427,14 @@ def matmul(lhs, rhs, add=None, *, alpha=1.0, beta=1.0,
 class Product:
   """One product ``beta · lhs @ op(rhs) + alpha · add`` of a :func:`grouped_matmul`.
 
-  Attributes mean what :func:`matmul`'s arguments do; ``alpha``/``beta`` are Python
-  numbers (compiled in).
+  Attributes mean what :func:`matmul`'s arguments do (``alpha``/``beta`` are read at run
+  time).
   """
   lhs: jax.Array
   rhs: jax.Array
   add: jax.Array | None = None
-  alpha: float = 1.0
-  beta: float = 1.0
+  alpha: float | jax.Array = 1.0
+  beta: float | jax.Array = 1.0
   rhs_transposed: bool = False
   upper: bool = False
 
@@ -488,8 +491,8 @@ def grouped_matmul(products, *, config: TuningConfig = TuningConfig(),
     The products' ``(batch, m, n)`` bf16 results, in order.
 
   Raises:
-    ValueError: for no products, mixed ``rhs_transposed``, traced coefficients, split-K
-      or shapes that do not fit the tiles.
+    ValueError: for no products, mixed ``rhs_transposed``, split-K or shapes that do not
+      fit the tiles.
   """
   products = list(products)
   if not products:
@@ -499,37 +502,48 @@ def grouped_matmul(products, *, config: TuningConfig = TuningConfig(),
                      f"{[p.rhs_transposed for p in products]}.")
   if config.split_k != 1:
     raise ValueError(f"grouped_matmul needs split_k=1, got {config}.")
-  statics, costs, operands, out_structs = [], [], [], []
   for p in products:
-    if not all(isinstance(v, (int, float)) for v in (p.alpha, p.beta)):
-      raise ValueError("grouped_matmul takes Python-number alpha/beta only, got "
-                       f"{p.alpha!r}, {p.beta!r}.")
     batch, m, k = p.lhs.shape
     n = p.rhs.shape[1] if p.rhs_transposed else p.rhs.shape[2]
     _check(batch, m, n, k, upper=p.upper, config=config)
-    items = work_items(batch, m, n, upper=p.upper, config=config)
+  layout = tuple((p.upper, p.rhs_transposed) for p in products)
+  return _grouped_matmul(tuple((p.lhs, p.rhs, p.add) for p in products),
+                         tuple(_coefficients(p.alpha, p.beta) for p in products),
+                         layout=layout, config=config, grid=grid)
+
+
+# Jitted with the static layout, as _matmul: one traced kernel per distinct set of shapes.
+@functools.partial(jax.jit, static_argnames=("layout", "config", "grid"))
+def _grouped_matmul(operand_sets, coefs, *, layout, config, grid):
+  statics, costs, operands, out_structs = [], [], [], []
+  for (lhs, rhs, add), (upper, rhs_transposed) in zip(operand_sets, layout):
+    batch, m, k = lhs.shape
+    n = rhs.shape[1] if rhs_transposed else rhs.shape[2]
+    items = work_items(batch, m, n, upper=upper, config=config)
     # The product's static fields; the kernel body adds its refs.
-    statics.append((p.add is not None, functools.partial(
-        _Problem, coef=None, batch=batch, m=m, n=n, k=k, upper=p.upper,
-        rhs_transposed=p.rhs_transposed, alpha=float(p.alpha), beta=float(p.beta),
+    statics.append((add is not None, functools.partial(
+        _Problem, batch=batch, m=m, n=n, k=k, upper=upper, rhs_transposed=rhs_transposed,
         start=len(costs))))
     costs += [k // config.tile_k + ITEM_OVERHEAD_STEPS] * items
-    operands += [p.lhs, p.rhs] + ([p.add] if p.add is not None else [])
+    operands += [lhs, rhs] + ([add] if add is not None else [])
     out_structs.append(jax.ShapeDtypeStruct((1, batch, m, n), jnp.bfloat16))
+  operands += list(coefs)
   grid = min(grid or num_sms(), len(costs))
   table, _ = lpt_schedule(costs, grid)
   operands.append(jnp.asarray(table))
+  n_products = len(layout)
 
   def body(*refs):
     refs = list(refs)
-    outs = refs[-len(products):]
-    schedule_gmem = refs[-len(products) - 1]
-    ins = refs[:-len(products) - 1]
+    outs = refs[-n_products:]
+    schedule_gmem = refs[-n_products - 1]
+    coef_refs = refs[-2 * n_products - 1:-n_products - 1]
+    ins = refs[:-2 * n_products - 1]
     problems = []
-    for (has_add, problem), out in zip(statics, outs):
+    for (has_add, problem), coef, out in zip(statics, coef_refs, outs):
       lhs, rhs = ins.pop(0), ins.pop(0)
       add = ins.pop(0) if has_add else None
-      problems.append(problem(lhs=lhs, rhs=rhs, add=add, out=out))
+      problems.append(problem(lhs=lhs, rhs=rhs, add=add, coef=coef, out=out))
     _kernel_body(problems, schedule_gmem, config=config, slots=int(table.shape[0]))
 
   outs = _plgpu_kernel(body, tuple(out_structs), grid)(*operands)

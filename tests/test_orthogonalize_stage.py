@@ -10,7 +10,7 @@ from ortho_optax.matrix_view import TORCH_LAYOUT, MatrixDims, to_matrices
 from ortho_optax.newton_schulz import newton_schulz
 from ortho_optax.polar import (cosh_normalize, leverage_uniform_polar, polar,
                                riemannian_balanced_polar)
-from ortho_optax.stages import orthogonalize as orth_mod
+from ortho_optax import orthogonalizers
 from ortho_optax.stages.orthogonalize import (OrthogonalizeState, orthogonalize,
                                               scale_by_cosh_norm)
 
@@ -32,13 +32,13 @@ def _per_leaf(x, dims, fn=_ns):
 
 def test_grouped_equals_per_leaf_and_groups_calls(monkeypatch):
   calls = []
-  real = orth_mod.newton_schulz
+  real = orthogonalizers.XlaNewtonSchulz.run
 
-  def counting(x, **kw):
+  def counting(self, x, of_transpose=False):
     calls.append(x.shape)
-    return real(x, **kw)
+    return real(self, x, of_transpose)
 
-  monkeypatch.setattr(orth_mod, "newton_schulz", counting)
+  monkeypatch.setattr(orthogonalizers.XlaNewtonSchulz, "run", counting)
   updates = {
       "a": _rand((12, 8), 1),                 # Flax (in, out): matrix (8, 12)
       "b": _rand((12, 8), 2),                 # same shape: grouped with a
@@ -114,7 +114,8 @@ def test_update_proj_gap_caching(gap):
     state = new_state
     if t == 1 or t % gap == 0:
       source = t
-    np.testing.assert_allclose(out["w"], _ns(grads[source - 1]["w"]), atol=1e-6,
+    # Jitted (fused) against eager float32: rounding differs by a few ulps.
+    np.testing.assert_allclose(out["w"], _ns(grads[source - 1]["w"]), atol=5e-6,
                                err_msg=f"t={t}")
     assert out["n"] is None
     assert int(state.count) == t

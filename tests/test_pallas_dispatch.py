@@ -15,6 +15,7 @@ from ortho_optax.newton_schulz import newton_schulz as ns_entry
 from ortho_optax import pallas as opl
 from ortho_optax.pallas import matmul as mm
 from ortho_optax.pallas import ns
+from ortho_optax import coefficients as ns_coef
 
 TURBO_AOL = ((3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037))
 
@@ -316,8 +317,6 @@ def test_grouped_matmul_rejects_bad_products():
     mm.grouped_matmul([mm.Product(x, x, rhs_transposed=True), mm.Product(x, x)])
   with pytest.raises(ValueError, match="split_k=1"):
     mm.grouped_matmul([mm.Product(x, x)], config=mm.TuningConfig(split_k=2))
-  with pytest.raises(ValueError, match="Python-number alpha"):
-    mm.grouped_matmul([mm.Product(x, x, x, alpha=jnp.float32(2.0))])
   with pytest.raises(ValueError, match="multiple of the CTA tile"):
     mm.grouped_matmul([mm.Product(x[:, :100], x)])
   with pytest.raises(ValueError, match="one flag per stack"):
@@ -365,3 +364,32 @@ def test_newton_schulz_many_in_cpu_interpreter():
     ref = ns.reference(x, TURBO_AOL, aol=aol, eps=1e-7)
     ref_bf16 = ns.reference(x, TURBO_AOL, aol=aol, eps=1e-7, dtype=jnp.bfloat16)
     assert _rel(out, ref) < max(3 * _rel(ref_bf16, ref), 1e-2)
+
+
+def test_one_traced_kernel_per_gemm_shape_across_steps_stacks_and_calls(monkeypatch):
+  # Compile time: the coefficients are run-time operands and the kernels are jitted on
+  # their static layout, so the 5 steps of a stack trace (and Mosaic compiles) one
+  # kernel per GEMM (Gram, polynomial, apply), and later calls with the same shapes,
+  # here Aurora's 12-step polar, trace none. Compiled-in coefficients traced 15.
+  monkeypatch.setattr(opl, "is_available", lambda: True)
+  traced = []
+  real = mm._kernel_body
+
+  def counting(problems, *args, **kwargs):
+    traced.append(tuple((p.m, p.n, p.k) for p in problems))
+    return real(problems, *args, **kwargs)
+
+  monkeypatch.setattr(mm, "_kernel_body", counting)
+  muon5 = tuple(tuple(t) for t in ns_coef.resolve_coefficients("muon", 5))
+  x = jnp.zeros((2, 256, 512), jnp.bfloat16)
+  jax.eval_shape(lambda x: opl.newton_schulz(x, muon5), x)
+  assert sorted(traced) == sorted([((256, 256, 512),), ((256, 256, 256),),
+                                   ((256, 512, 256),)])
+  traced.clear()
+  y = jnp.zeros((3, 256, 256), jnp.bfloat16)
+  jax.eval_shape(lambda x, y: opl.newton_schulz_many([x, y], muon5, aol=[True, False]), x, y)
+  assert len(traced) == 3 and all(len(t) == 2 for t in traced)  # grouped launches
+  traced.clear()
+  jax.eval_shape(lambda x: ns_entry(x, steps=12, coefficients="aurora", backend="pallas"),
+                 x.astype(jnp.float32))
+  assert traced == []

@@ -1,21 +1,22 @@
 """The orthogonalization stage: replaces each matrix-shaped update by its (approximate)
 polar factor, and AuON's cosh normalisation stage.
 
-``orthogonalize`` views every leaf as a stack of PyTorch-oriented ``(batch, out, in)``
-matrices (:mod:`ortho_optax.matrix_view`), concatenates the stacks of all leaves with the
-same ``(out, in, dtype)`` (for Newton–Schulz, the same shape in either orientation) so each
-distinct shape costs one batched call (what the Pallas kernels want), runs the chosen
-method and restores every leaf's shape and dtype.
+``orthogonalize`` reads as group → run → ungroup: it views every leaf as a stack of
+PyTorch-oriented ``(batch, out, in)`` matrices (:mod:`ortho_optax.matrix_view`), groups
+the stacks of all leaves of the same shape and dtype (for Newton–Schulz, the same shape in
+either orientation), has its orthogonalizer (:mod:`ortho_optax.orthogonalizers`, chosen
+once when the stage is built) build one stack per group and run all of them in one call,
+and restores every leaf's shape and dtype.
 
 References:
-  Jordan et al., *Muon*, 2024; jeb1399/OAdamW (``MuonProjector``, ``update_proj_gap``);
-  tilde-research/aurora-release; ryyzn9/AuON. See SPEC.md §1-5.
+  K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024;
+  jeb1399/OAdamW (``MuonProjector``, ``update_proj_gap``); tilde-research/aurora-release;
+  ryyzn9/AuON.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -23,14 +24,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from ortho_optax import distributed, matrix_view
-from ortho_optax.coefficients import resolve_coefficients
-from ortho_optax.newton_schulz import (_check_compute_dtype, newton_schulz,
-                                       newton_schulz_many, uses_kernels, validate_args)
-from ortho_optax.polar import (cosh_normalize, leverage_uniform_polar, polar,
-                               riemannian_balanced_polar)
+from ortho_optax import distributed, matrix_view, validation
+from ortho_optax.orthogonalizers import METHODS, make_orthogonalizer
+from ortho_optax.polar import cosh_normalize
 
-METHODS = ("newton_schulz", "polar", "aurora", "riemannian_aurora")
 #: ``steps=None`` means this many iterations for the method (Aurora's polar uses 12).
 DEFAULT_STEPS = {"newton_schulz": 5, "polar": 0, "aurora": 12, "riemannian_aurora": 12}
 
@@ -46,20 +43,6 @@ class OrthogonalizeState(NamedTuple):
   """
   count: jax.Array
   cache: Any
-
-
-def _is_int(v):
-  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _check_int(value, name, minimum):
-  if isinstance(value, numbers.Number) and (not _is_int(value) or value < minimum):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
-def _check_real(value, name, minimum=0.0, strict=True):
-  if isinstance(value, numbers.Real) and not (value > minimum if strict else value >= minimum):
-    raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}.")
 
 
 def orthogonalize(
@@ -125,131 +108,35 @@ def orthogonalize(
     Boissin et al., "Turbo-Muon", arXiv 2512.04632, 2025; "Aurora: A Leverage-Aware
     Spectral Optimizer", arXiv 2606.27715, 2026 (tilde-research/aurora-release).
   """
-  if method not in METHODS:
-    raise ValueError(f"method={method!r} is not one of {METHODS}.")
+  validation.check_choice("method", method, METHODS)
   if steps is None:
     steps = DEFAULT_STEPS[method]
   elif method != "polar":
-    _check_int(steps, "steps", 1)
-  validate_args(preconditioning, backend, eps)
-  if compute_dtype is not None:
-    _check_compute_dtype(compute_dtype, jnp.float32)
-  if method == "newton_schulz":
-    resolve_coefficients(coefficients, steps, order)  # raises for bad names / lengths
-  if method in ("aurora", "riemannian_aurora") and preconditioning != "frobenius":
-    raise ValueError(
-        f"preconditioning={preconditioning!r} only applies to method='newton_schulz'; "
-        f"Aurora's polar always uses Frobenius normalisation.")
-  _check_int(update_proj_gap, "update_proj_gap", 1)
-  _check_int(pp_iterations, "pp_iterations", 1)
-  _check_real(pp_beta, "pp_beta")
-  _check_int(outer_steps, "outer_steps", 0)
-  _check_int(cg_steps, "cg_steps", 0)
-  _check_real(riemannian_eta, "riemannian_eta", strict=False)
-  _check_int(retraction_steps, "retraction_steps", 0)
-  if method in ("aurora", "riemannian_aurora"):
-    _check_real(eps, "eps")
+    validation.check_int("steps", steps, minimum=1)
+  validation.check_int("update_proj_gap", update_proj_gap, minimum=1)
+  orthogonalizer = make_orthogonalizer(
+      method, steps=steps, coefficients=coefficients, order=order,
+      preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype, backend=backend,
+      pp_iterations=pp_iterations, pp_beta=pp_beta, outer_steps=outer_steps,
+      cg_steps=cg_steps, riemannian_eta=riemannian_eta, retraction_steps=retraction_steps)
   use_cache = update_proj_gap > 1
 
-  ns_kwargs = dict(steps=steps, coefficients=coefficients, order=order,
-                   preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype,
-                   backend=backend)
-
-  def run_method(stack):
-    if method == "newton_schulz":
-      return newton_schulz(stack, **ns_kwargs)
-    if method == "polar":
-      return polar(stack)
-    if method == "aurora":
-      return leverage_uniform_polar(stack, pp_iterations=pp_iterations, pp_beta=pp_beta,
-                                    eps=eps, compute_dtype=compute_dtype, steps=steps,
-                                    backend=backend)
-    return riemannian_balanced_polar(
-        stack, outer_steps=outer_steps, cg_steps=cg_steps, riemannian_eta=riemannian_eta,
-        retraction_steps=retraction_steps, eps=eps, compute_dtype=compute_dtype, steps=steps,
-        backend=backend)
-
   def orthogonalize_tree(updates):
-    dims_tree = matrix_view.resolve_dims(updates, dimension_numbers)
-    is_none = lambda x: x is None
-    leaves, treedef = jax.tree_util.tree_flatten(updates, is_leaf=is_none)
-    dims_leaves = treedef.flatten_up_to(dims_tree)
-    # Group the matrix stacks of all leaves by (out, in, dtype): one batched call each.
-    # Newton–Schulz works on the wide orientation anyway (it transposes tall matrices
-    # itself), so for it tall stacks are transposed here and grouped with the wide ones
-    # of the same shape: a GPT's (3072, 768) and (768, 3072) MLP matrices make one call
-    # (fewer launches and fuller waves for the GPU kernels), with identical results.
-    # Orientation tricks (below) only without the gather_whole layout: XLA's CPU
-    # all-to-all rejects transposed operands there (an HLO verifier error).
-    orient = method == "newton_schulz" and not distributed.gathers_whole()
-    groups: dict[tuple, list[tuple[int, jax.Array, bool]]] = {}
-    restores = {}
-    for i, (leaf, dims) in enumerate(zip(leaves, dims_leaves)):
-      if leaf is None:
-        continue
-      stored = _stored_view(leaf, dims) if orient else None
-      # A Flax kernel is the transpose of its (out, in) view. NS works on the wide
-      # orientation of a non-square matrix, so such a kernel is taken as stored (no
-      # transposes, same result bit for bit). Square kernels are stacked as stored; on
-      # the kernels NS of their (out, in) view needs no transpose at all
-      # (newton_schulz_of_transpose), on XLA the whole stack is transposed once (one
-      # batched transpose instead of one per leaf; AOL scales the rows of that view).
-      flip = False
-      if stored is not None:
-        mats, restore = stored
-        flip = mats.shape[1] == mats.shape[2]
-      else:
-        mats, restore = matrix_view.to_matrices(leaf, dims)
-      restores[i] = restore
-      tall = orient and mats.shape[1] > mats.shape[2]
-      rows, cols = sorted(mats.shape[1:]) if tall else mats.shape[1:]
-      groups.setdefault((rows, cols, mats.dtype, flip), []).append((i, mats, tall))
-    out_leaves = list(leaves)
-    results, on_kernels_stacks = {}, []
-    for (rows, cols, dtype, flip), members in groups.items():
-      sizes = [m.shape[0] for _, m, _ in members]
-      on_kernels = orient and uses_kernels(
-          (sum(sizes), rows, cols), dtype, preconditioning=preconditioning,
-          compute_dtype=compute_dtype, backend=backend)
-      pieces = []
-      for _, mats, tall in members:
-        if on_kernels:
-          # The kernels take bf16: each piece is rounded to bf16 where it is produced
-          # (with the momentum, say) and the stack is concatenated in bf16 (half the
-          # bytes of a float32 one; the normalisation then reads bf16, as Keller Jordan's
-          # G.bfloat16() / ‖G‖ does). The barrier keeps XLA from moving the rounding
-          # (and the normalisation's reductions) back onto the float32 pieces.
-          mats = mats.astype(jnp.bfloat16)
-        if tall:
-          mats = jnp.swapaxes(mats, 1, 2)
-        pieces.append(lax.optimization_barrier(mats) if on_kernels else mats)
-      stack = _stack(pieces, on_kernels)
-      key = (rows, cols, dtype, flip)
-      if on_kernels:
-        # All kernel stacks run below in one call: each NS step's GEMMs are then one
-        # launch for all of them. A flipped (square, stored as the transpose) stack is
-        # orthogonalized in its (out, in) view without being transposed.
-        on_kernels_stacks.append((key, stack, flip))
-      elif flip:  # the barriers keep XLA from sinking the transpose into every leaf
-        stack = jnp.swapaxes(lax.optimization_barrier(stack), 1, 2)
-        results[key] = lax.optimization_barrier(jnp.swapaxes(run_method(stack), 1, 2))
-      else:
-        # Identity unless inside ortho_optax.distributed.distribute (multi-device layout).
-        results[key] = distributed.orthogonalize_stack(run_method, stack)
-    if on_kernels_stacks:
-      keys, stacks, flips = zip(*on_kernels_stacks)
-      results.update(zip(keys, newton_schulz_many(stacks, of_transpose=flips, **ns_kwargs)))
-    for key, members in groups.items():
-      result = results[key]
-      offset = 0
-      for (i, mats, tall) in members:
-        size = mats.shape[0]
-        part = result[offset:offset + size]
-        if tall:
-          part = jnp.swapaxes(part, 1, 2)
-        out_leaves[i] = restores[i](part).astype(leaves[i].dtype)
-        offset += size
-    return jax.tree_util.tree_unflatten(treedef, out_leaves)
+    leaves, treedef = jax.tree_util.tree_flatten(updates, is_leaf=_is_none)
+    dims = treedef.flatten_up_to(matrix_view.resolve_dims(updates, dimension_numbers))
+    # Under distribute()'s gather_whole layout each stack is spread over the devices;
+    # the orientation tricks stay off there (XLA's CPU all-to-all rejects transposed
+    # operands: an HLO verifier error).
+    spread = distributed.gathers_whole()
+    groups = _group(leaves, dims, orthogonalizer.transpose_invariant and not spread)
+    stacks = [orthogonalizer.stack([m.matrices for m in g.members], g.of_transpose)
+              for g in groups]
+    if spread:
+      results = [distributed.orthogonalize_stack(orthogonalizer.run, s.matrices)
+                 for s in stacks]
+    else:
+      results = orthogonalizer.run_many(stacks)
+    return jax.tree_util.tree_unflatten(treedef, _ungroup(leaves, groups, results))
 
   def init_fn(params):
     matrix_view.resolve_dims(params, dimension_numbers)  # fail early on leaves with no view
@@ -269,28 +156,78 @@ def orthogonalize(
     recompute = jnp.logical_or(count == 1, count % update_proj_gap == 0)
     cache_like = jax.tree_util.tree_map(
         lambda u, c: None if u is None else c.astype(u.dtype), updates, state.cache,
-        is_leaf=lambda x: x is None)
+        is_leaf=_is_none)
     new = lax.cond(recompute, orthogonalize_tree, lambda u: cache_like, updates)
     # Keep the cache's dtypes fixed (those of init) so the state is loop-carry stable.
     cache = jax.tree_util.tree_map(
         lambda n, c: c if n is None else n.astype(c.dtype), new, state.cache,
-        is_leaf=lambda x: x is None)
+        is_leaf=_is_none)
     return new, OrthogonalizeState(count=count, cache=cache)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _stack(pieces, on_kernels):
-  """``jnp.concatenate(pieces)``; on the kernel path by TMA copies where the pieces allow
-  (:func:`ortho_optax.pallas.stack.concatenate`: 4.5x faster than XLA's bf16 concatenate on
-  an H200, 0.134 → 0.030 ms for 48×768² and 0.268 → 0.059 ms for 24×768×3072)."""
-  if len(pieces) == 1:
-    return pieces[0]
-  if on_kernels:
-    from ortho_optax.pallas import stack  # local: keeps the XLA path free of the GPU module
-    if stack.supports(pieces):
-      return stack.concatenate(pieces)
-  return jnp.concatenate(pieces, axis=0)
+def _is_none(x):
+  return x is None
+
+
+class _Member(NamedTuple):
+  """One leaf's matrices in a group: ``matrices`` as stacked, ``tall`` if they were
+  transposed into the group's wide orientation, ``restore`` back to the leaf's shape."""
+  index: int
+  matrices: jax.Array
+  tall: bool
+  restore: Any
+
+
+class _Group(NamedTuple):
+  of_transpose: bool
+  members: list
+
+
+def _group(leaves, dims, orient: bool) -> list[_Group]:
+  """The leaves' matrix stacks, grouped by ``(rows, cols, dtype, of_transpose)``.
+
+  With ``orient`` (an orientation-free method, Newton–Schulz) a tall stack joins the wide
+  stacks of its transposed shape (a GPT's (3072, 768) and (768, 3072) MLP matrices make
+  one call: fewer launches and fuller waves for the kernels, identical results), and a
+  Flax kernel, the transpose of its ``(out, in)`` view, is taken as stored: a non-square
+  one needs no transpose at all, a square one is flagged ``of_transpose`` for the
+  orthogonalizer (the kernels orthogonalize it without transposing, XLA transposes the
+  whole stack once).
+  """
+  groups: dict[tuple, _Group] = {}
+  for i, (leaf, leaf_dims) in enumerate(zip(leaves, dims)):
+    if leaf is None:
+      continue
+    stored = _stored_view(leaf, leaf_dims) if orient else None
+    if stored is not None:
+      mats, restore = stored
+      flip = mats.shape[1] == mats.shape[2]
+    else:
+      mats, restore = matrix_view.to_matrices(leaf, leaf_dims)
+      flip = False
+    tall = orient and mats.shape[1] > mats.shape[2]
+    if tall:
+      mats = jnp.swapaxes(mats, 1, 2)
+    key = mats.shape[1:] + (mats.dtype, flip)
+    groups.setdefault(key, _Group(flip, [])).members.append(_Member(i, mats, tall, restore))
+  return list(groups.values())
+
+
+def _ungroup(leaves, groups, results) -> list:
+  """The leaves with each member's slice of its group's result, in the leaf's shape and
+  dtype."""
+  out = list(leaves)
+  for group, result in zip(groups, results):
+    offset = 0
+    for m in group.members:
+      part = result[offset:offset + m.matrices.shape[0]]
+      offset += m.matrices.shape[0]
+      if m.tall:
+        part = jnp.swapaxes(part, 1, 2)
+      out[m.index] = m.restore(part).astype(leaves[m.index].dtype)
+  return out
 
 
 class ScaleByCoshNormState(NamedTuple):
@@ -325,9 +262,9 @@ def scale_by_cosh_norm(gamma: float = 1.5) -> optax.GradientTransformation:
     An ``optax.GradientTransformation``.
 
   References:
-    ryyzn9/AuON, ``auon/optimizer.py`` (SPEC.md §1.2).
+    ryyzn9/AuON, ``auon/optimizer.py``.
   """
-  _check_real(gamma, "gamma", strict=False)
+  validation.check_non_negative("gamma", gamma)
 
   def init_fn(params):
     del params
