@@ -41,6 +41,15 @@ class Config:
   model_dim: int = 768
   dtype: str = "bfloat16"
 
+  def __post_init__(self):
+    for name in ("vocab_size", "seq_len", "num_layers", "num_heads", "model_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"Config.{name} must be a positive int, got {value!r}.")
+    if self.model_dim % self.num_heads:
+      raise ValueError(f"model_dim={self.model_dim} must be a multiple of "
+                       f"num_heads={self.num_heads}.")
+
 
 PRESETS = {
     "small": Config(),

@@ -123,3 +123,12 @@ def test_default_routing_of_the_user_model(user_gpt):
   for path, label in labels.items():
     assert label == ("ortho" if path in hidden else "adam"), (path, report)
   assert {"wte/embedding", "wpe/embedding", "lm_head/kernel"} <= set(labels)
+
+
+def test_bad_model_config_is_refused(user_gpt):
+  with pytest.raises(ValueError, match="num_heads=5"):
+    user_gpt.get_config("tiny", num_heads=5)
+  with pytest.raises(ValueError, match="seq_len must be a positive int, got 0"):
+    user_gpt.get_config("small", seq_len=0)
+  with pytest.raises(ValueError, match="preset='base'.*small"):
+    user_gpt.get_config("base")
