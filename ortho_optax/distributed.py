@@ -358,8 +358,10 @@ def _gather_whole(run_method, stack, config: OrthogonalizationSharding):
   fsdp_size = _axes_size(mesh, config.fsdp_axes)
   k = stack_fsdp_axis(stack.shape, fsdp_size) if config.fsdp_axes else None
   fsdp_axes = config.fsdp_axes if k is not None else ()
-  # Axes over which the stack is replicated; the work is sliced over them locally.
-  replica_axes = tuple(a for a in config.axis_names if a not in fsdp_axes)
+  # Axes over which the stack is replicated; the work is sliced over them locally (axes
+  # of size 1 would only add collectives over single devices).
+  replica_axes = tuple(a for a in config.axis_names
+                       if a not in fsdp_axes and mesh.shape[a] > 1)
   num_workers = config.num_workers
   padded = -(-b // num_workers) * num_workers
   if padded != b:
