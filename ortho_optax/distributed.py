@@ -28,9 +28,16 @@ where a distributed Muon loses time. This module offers two strategies:
   every device and repeats the work). Selectable for comparison. Under pure data
   parallelism it moves no bytes but every device computes every orthogonalization.
 
-Meshes need Auto axis types (``jax.make_mesh(..., axis_types=(AxisType.Auto,) * k)``;
-recent JAX defaults to Explicit, under which ``"auto"`` rejects sharded contractions);
-:func:`ortho_optax.models.mesh.make_mesh` builds one.
+Both strategies work on meshes with Auto axes (:func:`ortho_optax.models.mesh.make_mesh`)
+and with Explicit axes (recent JAX's default for ``jax.make_mesh``, where an array's
+sharding is part of its type). Under Explicit axes the optimizer state keeps its
+sharding type from ``init`` to ``update`` (stages that build their state from the
+parameters' shapes must give it the parameters' sharding), and ``"auto"`` runs the
+update with those axes switched to Auto (``jax.sharding.auto_axes``: XLA partitions the
+Gram products as on an Auto mesh), returning the updates and the state with the
+shardings they came in with. An optimizer *not* wrapped by :func:`distribute` on
+Explicit FSDP-sharded parameters fails in JAX (a matrix product whose contracting
+dimension is sharded is ambiguous there): wrap it.
 
 Several processes (one per host, or several on one machine with CPU devices) work the
 same way: every process builds the same global mesh over ``jax.devices()`` after
@@ -428,7 +435,9 @@ def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
     tx: the optimizer (e.g. ``ortho_optax.optimizers.muon.muon(...)``).
     mesh: the device mesh the parameters / optimizer state are sharded on.
     strategy: ``"gather_whole"`` (whole matrices per device, see the module docstring)
-      or ``"auto"`` (XLA's automatic partitioning of the same program).
+      or ``"auto"`` (XLA's automatic partitioning of the same program; on a mesh with
+      Explicit axes the update runs under ``jax.sharding.auto_axes`` and its outputs
+      keep the shardings of its inputs).
     axis_names: mesh axes to split the orthogonalizations over (default: all).
     fsdp_axes: axes the parameters are FSDP-sharded over (default ``("fsdp",)`` when the
       mesh has such an axis, else none: pure data parallelism).
@@ -450,8 +459,15 @@ def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
     arXiv 2502.16982, 2025.
   """
   config = make_sharding_config(mesh, strategy, axis_names, fsdp_axes, communication_dtype)
+  explicit = explicit_axes(mesh) if strategy == "auto" else ()
+  if explicit and not hasattr(jax.sharding, "auto_axes"):
+    raise ValueError(
+        f"strategy='auto' on mesh axes {explicit} of type Explicit needs "
+        f"jax.sharding.auto_axes, which this JAX ({jax.__version__}) lacks: pass "
+        f"strategy='gather_whole', or a mesh with axis_types=(AxisType.Auto,) * "
+        f"{len(mesh.axis_names)}.")
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def inner_update(updates, state, params, **extra_args):
     previous = current_sharding()
     _ACTIVE.config = config
     try:
@@ -459,9 +475,42 @@ def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
     finally:
       _ACTIVE.config = previous
 
+  def update_fn(updates, state, params=None, **extra_args):
+    if explicit and _typed_over(explicit, (updates, state, params)):
+      # XLA's own partitioning needs Auto axes; the results keep their input types.
+      out_sharding = jax.tree_util.tree_map(_sharding_type, (updates, state))
+      run = jax.sharding.auto_axes(
+          lambda u, s, p: inner_update(u, s, p, **extra_args), axes=explicit,
+          out_sharding=out_sharding)
+      return run(updates, state, params)
+    return inner_update(updates, state, params, **extra_args)
+
   if isinstance(tx, optax.GradientTransformationExtraArgs):
     return optax.GradientTransformationExtraArgs(tx.init, update_fn)
   return optax.GradientTransformation(tx.init, update_fn)
+
+
+def explicit_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes of type ``Explicit`` (none on JAX without axis types)."""
+  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+  types = getattr(mesh, "axis_types", None) or ()
+  return tuple(a for a, t in zip(mesh.axis_names, types) if explicit is not None
+               and t == explicit)
+
+
+def _sharding_type(x):
+  return jax.typeof(x).sharding
+
+
+def _typed_over(axes: Sequence[str], tree) -> bool:
+  """Whether an array of ``tree`` has a sharding type that uses one of ``axes``."""
+  for leaf in jax.tree_util.tree_leaves(tree):
+    spec = getattr(getattr(jax.typeof(leaf), "sharding", None), "spec", None) or ()
+    for entry in spec:
+      names = entry if isinstance(entry, tuple) else (entry,)
+      if any(n in axes for n in names):
+        return True
+  return False
 
 
 def stack_fsdp_axis(shape: Sequence[int], fsdp_size: int) -> int | None:
@@ -552,7 +601,7 @@ def _from_wire(x, wire):
 
 __all__ = [
     "CPU_COLLECTIVES", "STRATEGIES", "OrthogonalizationSharding", "configure_cpu_collectives",
-    "current_sharding", "distribute", "fsdp_axis", "fsdp_shardings",
+    "current_sharding", "distribute", "explicit_axes", "fsdp_axis", "fsdp_shardings",
     "fsdp_spec", "initialize_multiprocess", "make_sharding_config",
     "orthogonalization_sharding", "orthogonalize_stack", "shard_map", "stack_fsdp_axis",
 ]
