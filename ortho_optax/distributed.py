@@ -155,6 +155,10 @@ def configure_cpu_collectives(implementation: str | None = None) -> str:
       :data:`CPU_COLLECTIVES`.
     RuntimeError: when JAX's backends are already initialised (the setting would be
       ignored).
+
+  References:
+    JAX, "Introduction to multi-controller JAX" and the ``jax_cpu_collectives_implementation``
+    option, https://docs.jax.dev/en/latest/multi_process.html.
   """
   name = "implementation"
   if implementation is None:
@@ -220,11 +224,19 @@ def initialize_multiprocess(coordinator_address: str | None = None,
     **kwargs: further arguments of ``jax.distributed.initialize`` (for example
       ``heartbeat_timeout_seconds``, ``local_device_ids``).
 
+  Returns:
+    None; afterwards ``jax.process_count()``, ``jax.process_index()`` and
+    ``jax.devices()`` describe the whole job.
+
   Raises:
     ValueError: for a non-integer ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, a process
       count < 1, a process id outside ``[0, num_processes)``, a timeout < 1 or unknown
       CPU collectives.
     RuntimeError: from JAX, when its backends are already initialised.
+
+  References:
+    ``jax.distributed.initialize``; JAX, "Introduction to multi-controller JAX",
+    https://docs.jax.dev/en/latest/multi_process.html.
   """
   num_processes = _int_from_env(num_processes, "num_processes", "JAX_NUM_PROCESSES")
   process_id = _int_from_env(process_id, "process_id", "JAX_PROCESS_ID")
