@@ -236,12 +236,8 @@ def test_gpt_state_stays_fsdp_sharded_through_a_train_step():
 
 def test_bench_counts_collective_bytes_with_loop_trip_counts():
   """The benchmark's HLO reader: loop bodies count per iteration, modules independently."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  import pathlib  # pylint: disable=import-outside-toplevel
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
-  spec = importlib.util.spec_from_file_location("bench_distributed", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  from _mp import hlo  # pylint: disable=import-outside-toplevel
+  bench = hlo.load_bench_distributed()
   mesh = _mesh((8, 1))
 
   def program(trips):
