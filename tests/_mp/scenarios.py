@@ -1,8 +1,9 @@
 """What the processes of a loopback job run (``worker.py SCENARIO OUT_DIR``), and the
-shared set-up the tests reuse for their single-process references.
+cases the tests read back.
 
 Every scenario runs in every process after ``jax.distributed.initialize``; only process 0
-writes its results to ``OUT_DIR``.
+writes its results to ``OUT_DIR``. The same scenario run as one process with 8 devices
+gives the references of a 2-process run.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import ortho_optax as oo
+from ortho_optax import distributed
 
 
 def _write_json(out_dir: pathlib.Path, name: str, payload) -> None:
@@ -58,7 +63,6 @@ STEPS = 3
 
 
 def optimizer(name: str):
-  import ortho_optax as oo  # pylint: disable=import-outside-toplevel
   factories = {"muon": oo.muon, "turbo_muon": oo.turbo_muon, "normuon": oo.normuon,
                "aurora": oo.aurora}
   # float32 iterations: distributed and single-device results agree to float32 rounding.
@@ -110,8 +114,6 @@ def run_steps(tx, mesh: Mesh | None = None, steps: int = STEPS, shapes=None):
   """``steps`` jitted updates from fixed host params/grads (of :data:`SHAPES` or
   ``shapes``): (params as host arrays, compiled HLO text). With a mesh, params, grads
   and state are FSDP-sharded on it."""
-  import optax  # pylint: disable=import-outside-toplevel
-  from ortho_optax import distributed  # pylint: disable=import-outside-toplevel
 
   params = tree(0, shapes)
   grads = [tree(i + 1, shapes) for i in range(steps)]
@@ -159,7 +161,6 @@ def gather_whole(out_dir: pathlib.Path) -> None:
   undistributed results (``"<case>/undistributed/<leaf path>"``) and, for the
   ``divisible`` run, the HLO of ``strategy="auto"`` (``divisible-auto.hlo.txt``).
   """
-  from ortho_optax import distributed  # pylint: disable=import-outside-toplevel
   single = jax.process_count() == 1
   arrays, meta = {}, {"process_count": jax.process_count(), "cases": {}}
 
