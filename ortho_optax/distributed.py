@@ -28,9 +28,20 @@ where a distributed Muon loses time. This module offers two strategies:
   every device and repeats the work). Selectable for comparison. Under pure data
   parallelism it moves no bytes but every device computes every orthogonalization.
 
-Meshes need Auto axis types (``jax.make_mesh(..., axis_types=(AxisType.Auto,) * k)``;
-recent JAX defaults to Explicit, under which ``"auto"`` rejects sharded contractions);
-:func:`ortho_optax.models.mesh.make_mesh` builds one.
+Both strategies work on meshes with Auto axes (:func:`ortho_optax.models.mesh.make_mesh`)
+and with Explicit axes (recent JAX's default for ``jax.make_mesh``, where an array's
+sharding is part of its type). Under Explicit axes the optimizer state keeps its
+sharding type from ``init`` to ``update`` (stages that build their state from the
+parameters' shapes must give it the parameters' sharding), and ``"auto"`` runs the
+update with those axes switched to Auto (``jax.sharding.auto_axes``: XLA partitions the
+Gram products as on an Auto mesh), returning the updates and the state with the
+shardings they came in with. An optimizer *not* wrapped by :func:`distribute` on
+Explicit FSDP-sharded parameters fails in JAX (a matrix product whose contracting
+dimension is sharded is ambiguous there): wrap it.
+
+Several processes (one per host, or several on one machine with CPU devices) work the
+same way: every process builds the same global mesh over ``jax.devices()`` after
+:func:`initialize_multiprocess`, and the collectives above cross the processes.
 
 Design: the strategy is not an argument of every optimizer factory. :func:`distribute`
 wraps *any* optimizer of the library (or any chain containing
@@ -65,6 +76,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import os
 import threading
 from typing import Any, Callable, Sequence
 
@@ -73,6 +85,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ortho_optax import validation
 
 STRATEGIES = ("gather_whole", "auto")
 
@@ -96,6 +110,146 @@ def shard_map(f, mesh, in_specs, out_specs):
   elif "check_rep" in _SHARD_MAP_PARAMS:
     kwargs["check_rep"] = False
   return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes
+# ---------------------------------------------------------------------------------------
+
+#: Cross-process collectives of JAX's CPU backend that :func:`configure_cpu_collectives`
+#: accepts.
+CPU_COLLECTIVES = ("gloo", "mpi")
+_CPU_COLLECTIVES_ENV = "JAX_CPU_COLLECTIVES_IMPLEMENTATION"
+
+
+def _backends_initialized() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  except ImportError:  # pragma: no cover - a JAX without it: JAX's own checks remain
+    return False
+  return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())
+
+
+def configure_cpu_collectives(implementation: str | None = None) -> str:
+  """Selects how the CPU devices of different processes exchange data.
+
+  A job of several processes on CPU devices (processes on one machine, as the tests run
+  it, or a CPU cluster) needs cross-process collectives in JAX's CPU backend: without
+  them the first collective across processes fails. This sets
+  ``jax_cpu_collectives_implementation``, which JAX reads when it creates the CPU
+  backend, so it must run before anything initialises a backend (before
+  ``jax.distributed.initialize``; :func:`initialize_multiprocess` calls it). It does not
+  affect GPU or TPU devices.
+
+  Args:
+    implementation: ``"gloo"`` (TCP, ships with jaxlib) or ``"mpi"`` (needs an MPI
+      library, see JAX's multi-process guide). ``None``: the
+      ``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` environment variable when set, else
+      ``"gloo"``.
+
+  Returns:
+    The implementation selected.
+
+  Raises:
+    ValueError: for an implementation (or environment value) not in
+      :data:`CPU_COLLECTIVES`.
+    RuntimeError: when JAX's backends are already initialised (the setting would be
+      ignored).
+
+  References:
+    JAX, "Introduction to multi-controller JAX" and the ``jax_cpu_collectives_implementation``
+    option, https://docs.jax.dev/en/latest/multi_process.html.
+  """
+  name = "implementation"
+  if implementation is None:
+    from_env = os.environ.get(_CPU_COLLECTIVES_ENV)
+    implementation, name = (from_env, _CPU_COLLECTIVES_ENV) if from_env else ("gloo", name)
+  validation.check_choice(name, implementation, CPU_COLLECTIVES)
+  if _backends_initialized():
+    if jax.config.jax_cpu_collectives_implementation == implementation:
+      return implementation
+    raise RuntimeError(
+        f"configure_cpu_collectives({implementation!r}) must run before JAX initialises "
+        f"its backends (before jax.distributed.initialize and any jax.devices() or "
+        f"computation); the CPU backend already uses "
+        f"{jax.config.jax_cpu_collectives_implementation!r}.")
+  jax.config.update("jax_cpu_collectives_implementation", implementation)
+  return implementation
+
+
+def _int_from_env(value, name: str, env: str):
+  if value is not None or not os.environ.get(env):
+    return value
+  text = os.environ[env]
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f"{env}={text!r} (for {name}) is not an integer.") from None
+
+
+def initialize_multiprocess(coordinator_address: str | None = None,
+                            num_processes: int | None = None,
+                            process_id: int | None = None, *,
+                            initialization_timeout: int = 300,
+                            cpu_collectives: str | None = None,
+                            **kwargs) -> None:
+  """Joins this process to a multi-process JAX job, CPU collectives included.
+
+  ``jax.distributed.initialize`` after :func:`configure_cpu_collectives`, so the same
+  call works on GPU hosts and on CPU devices. It must be the first thing that touches
+  JAX in the process. Every process then sees the devices of all processes in
+  ``jax.devices()`` and builds the same global mesh over them.
+
+  Under SLURM, Open MPI, Kubernetes or Cloud TPU, JAX detects the coordinator, the number
+  of processes and this process's id itself. For a manual launch set, on every
+  process::
+
+    JAX_COORDINATOR_ADDRESS=<host of process 0>:<port>   # read by JAX
+    JAX_NUM_PROCESSES=<N>  JAX_PROCESS_ID=<0..N-1>        # read here
+
+  (e.g. 2 processes on one machine with 4 CPU devices each:
+  ``JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4
+  JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0`` and
+  ``...=1``). Explicit arguments win over the environment.
+
+  Args:
+    coordinator_address: ``host:port`` of process 0 (``None``: JAX's detection or
+      ``JAX_COORDINATOR_ADDRESS``).
+    num_processes: number of processes (``None``: ``JAX_NUM_PROCESSES`` or detection).
+    process_id: this process's index (``None``: ``JAX_PROCESS_ID`` or detection).
+    initialization_timeout: seconds to wait for all processes to connect (JAX's default
+      is 300). When they do not, JAX ends the process itself (a fatal
+      ``DEADLINE_EXCEEDED`` log and ``SIGABRT``, not a Python exception).
+    cpu_collectives: passed to :func:`configure_cpu_collectives`.
+    **kwargs: further arguments of ``jax.distributed.initialize`` (for example
+      ``heartbeat_timeout_seconds``, ``local_device_ids``).
+
+  Returns:
+    None; afterwards ``jax.process_count()``, ``jax.process_index()`` and
+    ``jax.devices()`` describe the whole job.
+
+  Raises:
+    ValueError: for a non-integer ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, a process
+      count < 1, a process id outside ``[0, num_processes)``, a timeout < 1 or unknown
+      CPU collectives.
+    RuntimeError: from JAX, when its backends are already initialised.
+
+  References:
+    ``jax.distributed.initialize``; JAX, "Introduction to multi-controller JAX",
+    https://docs.jax.dev/en/latest/multi_process.html.
+  """
+  num_processes = _int_from_env(num_processes, "num_processes", "JAX_NUM_PROCESSES")
+  process_id = _int_from_env(process_id, "process_id", "JAX_PROCESS_ID")
+  if num_processes is not None:
+    validation.check_int("num_processes", num_processes, 1)
+  if process_id is not None:
+    validation.check_int("process_id", process_id, 0)
+    if num_processes is not None and process_id >= num_processes:
+      raise ValueError(f"process_id={process_id} must be < num_processes={num_processes}.")
+  validation.check_int("initialization_timeout", initialization_timeout, 1)
+  configure_cpu_collectives(cpu_collectives)
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             initialization_timeout=initialization_timeout, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,7 +447,9 @@ def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
     tx: the optimizer (e.g. ``ortho_optax.optimizers.muon.muon(...)``).
     mesh: the device mesh the parameters / optimizer state are sharded on.
     strategy: ``"gather_whole"`` (whole matrices per device, see the module docstring)
-      or ``"auto"`` (XLA's automatic partitioning of the same program).
+      or ``"auto"`` (XLA's automatic partitioning of the same program; on a mesh with
+      Explicit axes the update runs under ``jax.sharding.auto_axes`` and its outputs
+      keep the shardings of its inputs).
     axis_names: mesh axes to split the orthogonalizations over (default: all).
     fsdp_axes: axes the parameters are FSDP-sharded over (default ``("fsdp",)`` when the
       mesh has such an axis, else none: pure data parallelism).
@@ -315,8 +471,15 @@ def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
     arXiv 2502.16982, 2025.
   """
   config = make_sharding_config(mesh, strategy, axis_names, fsdp_axes, communication_dtype)
+  explicit = explicit_axes(mesh) if strategy == "auto" else ()
+  if explicit and not hasattr(jax.sharding, "auto_axes"):
+    raise ValueError(
+        f"strategy='auto' on mesh axes {explicit} of type Explicit needs "
+        f"jax.sharding.auto_axes, which this JAX ({jax.__version__}) lacks: pass "
+        f"strategy='gather_whole', or a mesh with axis_types=(AxisType.Auto,) * "
+        f"{len(mesh.axis_names)}.")
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def inner_update(updates, state, params, **extra_args):
     previous = current_sharding()
     _ACTIVE.config = config
     try:
@@ -324,9 +487,42 @@ def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
     finally:
       _ACTIVE.config = previous
 
+  def update_fn(updates, state, params=None, **extra_args):
+    if explicit and _typed_over(explicit, (updates, state, params)):
+      # XLA's own partitioning needs Auto axes; the results keep their input types.
+      out_sharding = jax.tree_util.tree_map(_sharding_type, (updates, state))
+      run = jax.sharding.auto_axes(
+          lambda u, s, p: inner_update(u, s, p, **extra_args), axes=explicit,
+          out_sharding=out_sharding)
+      return run(updates, state, params)
+    return inner_update(updates, state, params, **extra_args)
+
   if isinstance(tx, optax.GradientTransformationExtraArgs):
     return optax.GradientTransformationExtraArgs(tx.init, update_fn)
   return optax.GradientTransformation(tx.init, update_fn)
+
+
+def explicit_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes of type ``Explicit`` (none on JAX without axis types)."""
+  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+  types = getattr(mesh, "axis_types", None) or ()
+  return tuple(a for a, t in zip(mesh.axis_names, types) if explicit is not None
+               and t == explicit)
+
+
+def _sharding_type(x):
+  return jax.typeof(x).sharding
+
+
+def _typed_over(axes: Sequence[str], tree) -> bool:
+  """Whether an array of ``tree`` has a sharding type that uses one of ``axes``."""
+  for leaf in jax.tree_util.tree_leaves(tree):
+    spec = getattr(getattr(jax.typeof(leaf), "sharding", None), "spec", None) or ()
+    for entry in spec:
+      names = entry if isinstance(entry, tuple) else (entry,)
+      if any(n in axes for n in names):
+        return True
+  return False
 
 
 def stack_fsdp_axis(shape: Sequence[int], fsdp_size: int) -> int | None:
@@ -358,8 +554,10 @@ def _gather_whole(run_method, stack, config: OrthogonalizationSharding):
   fsdp_size = _axes_size(mesh, config.fsdp_axes)
   k = stack_fsdp_axis(stack.shape, fsdp_size) if config.fsdp_axes else None
   fsdp_axes = config.fsdp_axes if k is not None else ()
-  # Axes over which the stack is replicated; the work is sliced over them locally.
-  replica_axes = tuple(a for a in config.axis_names if a not in fsdp_axes)
+  # Axes over which the stack is replicated; the work is sliced over them locally (axes
+  # of size 1 would only add collectives over single devices).
+  replica_axes = tuple(a for a in config.axis_names
+                       if a not in fsdp_axes and mesh.shape[a] > 1)
   num_workers = config.num_workers
   padded = -(-b // num_workers) * num_workers
   if padded != b:
@@ -414,7 +612,8 @@ def _from_wire(x, wire):
 
 
 __all__ = [
-    "STRATEGIES", "OrthogonalizationSharding", "current_sharding", "distribute",
-    "fsdp_axis", "fsdp_shardings", "fsdp_spec", "make_sharding_config",
+    "CPU_COLLECTIVES", "STRATEGIES", "OrthogonalizationSharding", "configure_cpu_collectives",
+    "current_sharding", "distribute", "explicit_axes", "fsdp_axis", "fsdp_shardings",
+    "fsdp_spec", "initialize_multiprocess", "make_sharding_config",
     "orthogonalization_sharding", "orthogonalize_stack", "shard_map", "stack_fsdp_axis",
 ]

@@ -236,12 +236,8 @@ def test_gpt_state_stays_fsdp_sharded_through_a_train_step():
 
 def test_bench_counts_collective_bytes_with_loop_trip_counts():
   """The benchmark's HLO reader: loop bodies count per iteration, modules independently."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  import pathlib  # pylint: disable=import-outside-toplevel
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
-  spec = importlib.util.spec_from_file_location("bench_distributed", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  from _mp import hlo  # pylint: disable=import-outside-toplevel
+  bench = hlo.load_bench_distributed()
   mesh = _mesh((8, 1))
 
   def program(trips):
@@ -258,3 +254,57 @@ def test_bench_counts_collective_bytes_with_loop_trip_counts():
   assert bench.collective_bytes(three)["all-gather"] == 3 * gathered
   assert bench.collective_bytes(five)["all-gather"] == 5 * gathered
   assert bench.collective_bytes(three)["all-gather"] == 3 * gathered
+
+
+# ---------------------------------------------------------------------------------------
+# Explicit mesh axes (the sharding is part of an array's type)
+# ---------------------------------------------------------------------------------------
+
+HAS_EXPLICIT = all(hasattr(m, n) for m, n in (
+    (jax.sharding, "AxisType"), (jax.sharding, "auto_axes"), (jax, "set_mesh"),
+    (jax, "typeof")))
+explicit_axes_only = pytest.mark.skipif(not HAS_EXPLICIT,
+                                        reason="this JAX has no Explicit mesh axes")
+_NU_SHARDING = pytest.mark.xfail(
+    strict=True, reason="scale_by_second_moment's init builds nu from the parameter's "
+    "shape (replicated) while its update gives nu the parameter's sharding")
+# muon's state is momentum-shaped, normuon adds per-row second moments; "auto" runs the
+# update under auto_axes (its outputs take the input types, whatever init did).
+EXPLICIT_CASES = [("muon", "gather_whole"),
+                  pytest.param("normuon", "gather_whole", marks=_NU_SHARDING),
+                  ("muon", "auto"), ("normuon", "auto")]
+
+
+def _types(tree):
+  return jax.tree.map(jax.typeof, tree)
+
+
+@explicit_axes_only
+@pytest.mark.parametrize("name,strategy", EXPLICIT_CASES)
+def test_explicit_axes_keep_state_sharding_types_and_results(name, strategy):
+  """On a data x FSDP mesh with Explicit axes: ``init`` (eager and jitted) and every
+  ``update`` give the state the same types (shape, dtype and sharding), the parameters
+  keep theirs, and the result is the single-device one."""
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  tx = distributed.distribute(OPTIMIZERS[name](), mesh, strategy=strategy)
+
+  def step(g, s, p):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  with jax.set_mesh(mesh):
+    shardings = distributed.fsdp_shardings(_tree(0), mesh)
+    params = jax.device_put(_tree(0), shardings)
+    param_types = _types(params)
+    assert any(jax.typeof(p).sharding.spec != P() for p in jax.tree.leaves(params))
+    state = tx.init(params)
+    state_types = _types(state)
+    assert _types(jax.jit(tx.init)(params)) == state_types
+    jitted = jax.jit(step)
+    for i in range(2):
+      params, state = jitted(jax.device_put(_tree(i + 1), shardings), state, params)
+      assert _types(state) == state_types, i
+      assert _types(params) == param_types, i
+  for a, b in zip(jax.tree.leaves(_reference(name)), jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)

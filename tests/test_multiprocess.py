@@ -1,0 +1,273 @@
+"""Several JAX processes on one machine: the multi-host path run for real.
+
+Two processes with four fake CPU devices each join one job on loopback
+(``tests/_mp/launch.py``); ``distribute(tx, mesh)`` over the global 8-device mesh must give
+what one process with 8 devices and the undistributed optimizer give, and the HLO must
+show that all-to-alls, not gathers of whole parameters, move the matrices between the
+processes. The tests skip (saying why) where the platform cannot run such a job.
+"""
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from _mp import hlo, launch, scenarios
+from ortho_optax import distributed
+
+SKIP = launch.skip_reason()
+needs_processes = pytest.mark.skipif(SKIP is not None, reason=str(SKIP))
+
+# Compiling is most of a job's time on the CPU. LLVM's optimisation level changes no
+# result beyond float32 rounding (what the comparisons allow) and halves it.
+FAST_COMPILE = ("--xla_backend_optimization_level=0",)
+#: Bound of one job (a hang guard: a job takes ~5 s to start, the compiles the rest).
+TIMEOUT_S = 180
+
+
+class Job:
+  """What the ``gather_whole`` scenario of one job wrote."""
+
+  def __init__(self, out_dir):
+    with open(os.path.join(out_dir, "gather_whole.json")) as f:
+      self.meta = json.load(f)
+    with np.load(os.path.join(out_dir, "params.npz")) as z:
+      self.arrays = {k: z[k] for k in z.files}
+    self.hlo = {}
+    for name in os.listdir(out_dir):
+      if name.endswith(".hlo.txt"):
+        with open(os.path.join(out_dir, name)) as f:
+          self.hlo[name[:-len(".hlo.txt")]] = f.read()
+
+  def params(self, cid):
+    """``{leaf path: array}`` of one run (``cid`` may be ``"<case>/undistributed"``)."""
+    prefix = cid + "/"
+    return {k[len(prefix):]: v for k, v in self.arrays.items()
+            if k.startswith(prefix) and "/" not in k[len(prefix):]}
+
+  def process_of(self, cid):
+    """The process of each logical device id (``mesh.devices.flat`` order)."""
+    return np.asarray(self.meta["cases"][cid]["process_index"]).ravel()
+
+
+def _run(num_processes, devices_per_process):
+  with tempfile.TemporaryDirectory(prefix="ortho_optax_mp_out_") as out:
+    launch.run_worker("gather_whole", out, num_processes=num_processes,
+                      devices_per_process=devices_per_process, timeout=TIMEOUT_S,
+                      xla_flags=FAST_COMPILE).check()
+    return Job(out)
+
+
+@pytest.fixture(scope="module")
+def two_processes():
+  """The ``gather_whole`` scenario as 2 processes x 4 CPU devices."""
+  return _run(2, 4)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+  """The same scenario as 1 process x 8 CPU devices, with the undistributed results (run
+  like the 2-process job, with the same compiler flags)."""
+  return _run(1, 8)
+
+
+def _crossing(collective, process_of):
+  """Whether some device group of ``collective`` spans more than one process."""
+  return any(len({process_of[i] for i in g}) > 1 for g in collective.groups)
+
+
+@needs_processes
+def test_two_processes_form_one_job_with_cpu_collectives():
+  with tempfile.TemporaryDirectory(prefix="ortho_optax_mp_out_") as out:
+    launch.run_worker("smoke", out, timeout=60).check()
+    with open(os.path.join(out, "smoke.json")) as f:
+      smoke = json.load(f)
+  assert smoke == {"process_count": 2, "device_count": 8, "local_device_count": 4,
+                   "process_indices": [0, 1], "sum": float(sum(range(8))),
+                   "cpu_collectives": "gloo"}
+
+
+@needs_processes
+@pytest.mark.parametrize("cid", [r[0] for r in scenarios.RUNS])
+def test_gather_whole_across_processes_matches_one_process(two_processes, one_process, cid):
+  assert two_processes.meta["process_count"] == 2 and one_process.meta["process_count"] == 1
+  multi = two_processes.params(cid)
+  single = one_process.params(cid)
+  undistributed = one_process.params(cid + "/undistributed")
+  assert multi and multi.keys() == single.keys() == undistributed.keys()
+  for key, value in multi.items():
+    np.testing.assert_allclose(value, single[key], rtol=1e-5, atol=1e-6,
+                               err_msg=f"{cid} {key}: 2 processes vs 1 process")
+    np.testing.assert_allclose(value, undistributed[key], rtol=1e-5, atol=1e-6,
+                               err_msg=f"{cid} {key}: 2 processes vs undistributed")
+  # The matrices went between the processes: all-to-alls whose groups span both.
+  process_of = two_processes.process_of(cid)
+  assert sorted(set(process_of.tolist())) == [0, 1]
+  all_to_alls = [c for c in hlo.collectives(two_processes.hlo[cid], 8)
+                 if c.op == "all-to-all"]
+  assert all_to_alls and all(_crossing(c, process_of) for c in all_to_alls), all_to_alls
+
+
+@needs_processes
+def test_all_to_all_not_a_gather_of_whole_parameters_moves_the_data(two_processes,
+                                                                   one_process):
+  """FSDP over both processes (1x8), every matrix sharded: only all-to-alls move bytes,
+  and each device sends/receives 2/8 of the parameters, not whole parameters."""
+  text = two_processes.hlo["divisible"]
+  process_of = two_processes.process_of("divisible")
+  moving = [c for c in hlo.collectives(text, 8) if any(len(g) > 1 for g in c.groups)]
+  assert moving and {c.op for c in moving} == {"all-to-all"}, [c.line for c in moving]
+  assert all(_crossing(c, process_of) for c in moving)
+  # Bytes per device (loops counted by trip count): one all-to-all of the local shard in
+  # (slices of every matrix -> whole matrices) and one out: 2 x (all matrices / 8).
+  whole = sum(math.prod(s) * 4 for s in jax.tree.leaves(
+      scenarios.DIVISIBLE_SHAPES, is_leaf=lambda x: isinstance(x, tuple)))
+  bench = hlo.load_bench_distributed()
+  moved = bench.collective_bytes(text)
+  assert moved["all-to-all"] == moved["total"] == 2 * whole // 8, (moved, whole)
+  # The same update left to XLA's partitioner moves the matrices with other
+  # collectives, and more bytes: the checks above can fail.
+  auto = bench.collective_bytes(one_process.hlo["divisible-auto"])
+  assert auto["all-to-all"] == 0 and auto["total"] > moved["total"], auto
+
+
+# ---------------------------------------------------------------------------------------
+# The launcher itself: bounded time, the whole process group cleaned up.
+# ---------------------------------------------------------------------------------------
+
+
+@needs_processes
+def test_a_failing_process_ends_the_job_without_waiting_for_its_timeout():
+  """Process 1 raises while process 0 waits for it in a collective: the worker exits at
+  once (no shutdown barrier) and the launcher stops process 0 after the grace period."""
+  with tempfile.TemporaryDirectory(prefix="ortho_optax_mp_out_") as out:
+    result = launch.run_worker("fail_on_process_1", out, timeout=120, grace=1.0)
+  assert not result.timed_out and result.wall_s < 60, result.report()
+  assert [p.returncode for p in result.processes] == [None, 1], result.report()
+  assert "scenario failed on purpose" in result.processes[1].stderr
+
+# Each process starts a grandchild (``sleep``), prints its pid, then sleeps or exits.
+_SPAWN = ("import os, subprocess, sys, time\n"
+          "child = subprocess.Popen(['sleep', '300'])\n"
+          "print(child.pid, flush=True)\n"
+          "if os.environ['JAX_PROCESS_ID'] == os.environ.get('FAIL_ID'): sys.exit(3)\n"
+          "time.sleep(300)\n")
+
+
+def _gone(pid, within_s=10.0):
+  """True once ``pid`` no longer runs (a zombie waiting for its reaper counts as gone)."""
+  deadline = time.monotonic() + within_s
+  while time.monotonic() < deadline:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        if f.read().split(")")[-1].split()[0] == "Z":
+          return True
+    except FileNotFoundError:
+      return True
+    except OSError:
+      try:
+        os.kill(pid, 0)
+      except ProcessLookupError:
+        return True
+    time.sleep(0.05)
+  return False
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX")
+def test_launch_kills_every_process_group_on_timeout():
+  start = time.monotonic()
+  result = launch.launch([sys.executable, "-c", _SPAWN], num_processes=2, timeout=3)
+  assert time.monotonic() - start < 15
+  assert result.timed_out and not result.ok
+  assert [p.returncode for p in result.processes] == [None, None]
+  with pytest.raises(AssertionError, match="TIMED OUT"):
+    result.check()
+  for p in result.processes:
+    assert _gone(int(p.stdout.split()[0])), p  # the grandchild went with its group
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX")
+def test_launch_stops_the_peers_of_a_failed_process():
+  start = time.monotonic()
+  result = launch.launch([sys.executable, "-c", _SPAWN], num_processes=2, timeout=60,
+                         env={"FAIL_ID": "1"})
+  assert time.monotonic() - start < launch.GRACE_S + 10
+  assert not result.timed_out
+  assert [p.returncode for p in result.processes] == [None, 3]
+  for p in result.processes:
+    assert _gone(int(p.stdout.split()[0])), p
+  with pytest.raises(AssertionError, match="process 1: returncode 3"):
+    result.check()
+
+
+def test_process_environment():
+  env = launch.process_env(1, 2, 4, "127.0.0.1:1234", {"A": "b"}, ("--xla_dump_to=/x",))
+  assert env["JAX_PLATFORMS"] == "cpu" and env["A"] == "b"
+  assert (env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"],
+          env["JAX_PROCESS_ID"]) == ("127.0.0.1:1234", "2", "1")
+  flags = env["XLA_FLAGS"].split()
+  assert flags.count("--xla_force_host_platform_device_count=4") == 1
+  assert not any(f.endswith("=8") for f in flags if "device_count" in f)
+  assert flags[-1] == "--xla_dump_to=/x"
+  assert env["PYTHONPATH"].split(os.pathsep)[0] == str(launch.ROOT)
+
+
+def test_replica_groups_formats():
+  assert hlo.replica_groups("replica_groups=mesh['data'=4,'fsdp'=2] {'fsdp'}", 8) == [
+      [0, 1], [2, 3], [4, 5], [6, 7]]
+  assert hlo.replica_groups("replica_groups=mesh['data'=4,'fsdp'=2] {'data'}", 8) == [
+      [0, 2, 4, 6], [1, 3, 5, 7]]
+  assert hlo.replica_groups("replica_groups=mesh['a'=2,'b'=2] {'a','b'}", 4) == [
+      [0, 1, 2, 3]]
+  assert hlo.replica_groups("replica_groups={{0,2},{1,3}}, x", 4) == [[0, 2], [1, 3]]
+  assert hlo.replica_groups("replica_groups={}, x", 4) == [[0, 1, 2, 3]]
+  assert hlo.replica_groups("replica_groups=[4,2]<=[8], x", 8) == [
+      [0, 1], [2, 3], [4, 5], [6, 7]]
+  assert hlo.replica_groups("replica_groups=[2,4]<=[4,2]T(1,0), x", 8) == [
+      [0, 2, 4, 6], [1, 3, 5, 7]]
+  assert hlo.replica_groups("source_target_pairs={{0,1},{1,0}}", 2) == [[0, 1], [1, 0]]
+  with pytest.raises(ValueError, match="cannot read"):
+    hlo.replica_groups("all-gather(x), dimensions={0}", 8)
+
+
+# ---------------------------------------------------------------------------------------
+# initialize_multiprocess / configure_cpu_collectives (no job needed)
+# ---------------------------------------------------------------------------------------
+
+
+def test_initialize_multiprocess_rejects_bad_arguments_before_touching_jax(monkeypatch):
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two'"):
+    distributed.initialize_multiprocess()
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("JAX_PROCESS_ID", "2")
+  with pytest.raises(ValueError, match="process_id=2 must be < num_processes=2"):
+    distributed.initialize_multiprocess()
+  with pytest.raises(ValueError, match="num_processes must be an int >= 1"):
+    distributed.initialize_multiprocess(num_processes=0, process_id=0)
+  with pytest.raises(ValueError, match="initialization_timeout"):
+    distributed.initialize_multiprocess(num_processes=2, process_id=0,
+                                        initialization_timeout=0)
+  with pytest.raises(ValueError, match="implementation='nccl'"):
+    distributed.initialize_multiprocess(num_processes=2, process_id=0,
+                                        cpu_collectives="nccl")
+  assert not jax.distributed.is_initialized()
+
+
+def test_configure_cpu_collectives_after_backends_started(monkeypatch):
+  jax.devices()  # this process's backends are up (conftest's 8 devices)
+  in_effect = jax.config.jax_cpu_collectives_implementation
+  assert distributed.configure_cpu_collectives(in_effect) == in_effect  # a no-op
+  other = next(c for c in distributed.CPU_COLLECTIVES if c != in_effect)
+  with pytest.raises(RuntimeError, match="must run before JAX initialises its backends"):
+    distributed.configure_cpu_collectives(other)
+  monkeypatch.setenv("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "smoke-signals")
+  with pytest.raises(ValueError, match="JAX_CPU_COLLECTIVES_IMPLEMENTATION='smoke-signals'"):
+    distributed.configure_cpu_collectives()
+  assert jax.config.jax_cpu_collectives_implementation == in_effect
