@@ -14,7 +14,8 @@ import ortho_optax as oo
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 ROW_KEYS = {"optimizer", "tokens_per_step", "ms_per_step", "vs_adamw", "compile_s",
-            "peak_mem_gb", "round_ms", "first_loss", "last_loss", "error", "skipped"}
+            "peak_mem_gb", "round_ms", "first_loss", "last_loss", "error", "skipped",
+            "dispatch_ms", "round_dispatch_ms"}
 
 
 @pytest.fixture
