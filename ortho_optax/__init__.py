@@ -10,7 +10,7 @@ Optimizers: :func:`muon`, :func:`turbo_muon`, :func:`auon`, :func:`hybrid_auon`,
 :func:`normuon`, :func:`adamuon`, :func:`namo`), :func:`oadamw`.
 
 Plain functions: :func:`newton_schulz` (:func:`newton_schulz_many` for several arrays at
-once), :func:`polar`, :func:`aurora_polar`,
+once), :func:`gram_newton_schulz`, :func:`polar`, :func:`aurora_polar`,
 :func:`leverage_uniform_polar`, :func:`riemannian_balanced_polar`,
 :func:`cosh_normalize`, :func:`polar_express_coefficients`.
 
@@ -40,6 +40,7 @@ from ortho_optax.matrix_view import (
     resolve_dims,
     to_matrices,
 )
+from ortho_optax.gram_newton_schulz import gram_newton_schulz
 from ortho_optax.newton_schulz import newton_schulz, newton_schulz_many
 from ortho_optax.polar import (
     aurora_polar,

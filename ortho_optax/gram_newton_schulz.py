@@ -75,7 +75,7 @@ from ortho_optax.newton_schulz import (
     _swap,
 )
 
-BACKENDS = ("auto", "xla", "pallas")
+from ortho_optax.orthogonalizers import BACKENDS  # noqa: E402  (one list of backends)
 
 #: Steps between restarts (``X ← QX``, ``R ← XXᵀ``) by default.
 DEFAULT_RESTART_EVERY = 2

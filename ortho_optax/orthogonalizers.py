@@ -128,6 +128,38 @@ class XlaNewtonSchulz:
     return [self.run(s.matrices, s.of_transpose) for s in stacks]
 
 
+class XlaGramNewtonSchulz(XlaNewtonSchulz):
+  """Gram Newton–Schulz in XLA (:func:`ortho_optax.gram_newton_schulz.gram_newton_schulz`)
+  for the stacks it needs fewer flops on (:func:`~ortho_optax.gram_newton_schulz.prefers_gram`:
+  wide or tall ones), standard Newton–Schulz for the others (square ones).
+
+  Args:
+    spec: what to compute (the same polynomial as standard Newton–Schulz).
+    restart_every: steps between restarts (``None``: never), see
+      :func:`~ortho_optax.gram_newton_schulz.gram_newton_schulz`.
+  """
+
+  def __init__(self, spec: NewtonSchulzSpec, *, restart_every):
+    super().__init__(spec)
+    self.restart_every = restart_every
+
+  def run(self, x: jax.Array, of_transpose: bool = False) -> jax.Array:
+    from ortho_optax.gram_newton_schulz import _xla_gram_newton_schulz, prefers_gram
+    m, n = x.shape[-2:]
+    if not prefers_gram(m, n, steps=len(self.spec.triples),
+                            restart_every=self.restart_every, cubic=self._cubic):
+      return super().run(x, of_transpose)
+    if of_transpose:
+      x = _swap(lax.optimization_barrier(x))
+      return lax.optimization_barrier(_swap(self.run(x)))
+    cdt = self.spec.dtype_for(x.dtype)
+    return _xla_gram_newton_schulz(
+        x, jnp.asarray(self.spec.triples, _accum_dtype(cdt)),
+        jnp.asarray(self.spec.eps, _accum_dtype(x.dtype)),
+        preconditioning=self.spec.preconditioning, compute_dtype=cdt, cubic=self._cubic,
+        restart_every=self.restart_every)
+
+
 class PallasNewtonSchulz(XlaNewtonSchulz):
   """Newton–Schulz on the Hopper kernels where they win, XLA elsewhere.
 
@@ -331,7 +363,7 @@ def newton_schulz_orthogonalizer(
 
 
 #: Orthogonalization methods of :func:`make_orthogonalizer`.
-METHODS = ("newton_schulz", "polar", "aurora", "riemannian_aurora")
+METHODS = ("newton_schulz", "gram_newton_schulz", "polar", "aurora", "riemannian_aurora")
 
 
 def make_orthogonalizer(
@@ -350,12 +382,15 @@ def make_orthogonalizer(
     cg_steps: int = 20,
     riemannian_eta: float = 0.1,
     retraction_steps: int = 2,
+    restart_every: int | None = 2,
 ):
   """The orthogonalizer of ``method`` with these arguments (see
   :func:`ortho_optax.stages.orthogonalize.orthogonalize` for their meaning).
 
   Returns:
-    :func:`newton_schulz_orthogonalizer`'s for ``"newton_schulz"``, else a
+    :func:`newton_schulz_orthogonalizer`'s for ``"newton_schulz"``,
+    :class:`XlaGramNewtonSchulz` for ``"gram_newton_schulz"`` (no kernels yet: it runs
+    on XLA whatever ``backend``, except that ``"pallas"`` is an error), else a
     :class:`MatrixFunction` of :func:`ortho_optax.polar.polar`,
     :func:`~ortho_optax.polar.leverage_uniform_polar` or
     :func:`~ortho_optax.polar.riemannian_balanced_polar`.
@@ -371,6 +406,16 @@ def make_orthogonalizer(
         steps=steps, coefficients=coefficients, order=order,
         preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype,
         backend=backend)
+  if method == "gram_newton_schulz":
+    from ortho_optax.gram_newton_schulz import _check_restart_every
+    if backend == "pallas":
+      raise ValueError("method='gram_newton_schulz' has no Pallas kernels yet: "
+                       "backend='pallas' is not available; use backend='auto' or 'xla'.")
+    _check_restart_every(restart_every)
+    xla = newton_schulz_orthogonalizer(
+        steps=steps, coefficients=coefficients, order=order,
+        preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype, backend="xla")
+    return XlaGramNewtonSchulz(xla.spec, restart_every=restart_every)
   cdt = check_newton_schulz_args(preconditioning=preconditioning, backend=backend, eps=eps,
                                  compute_dtype=compute_dtype)
   if method == "polar":
@@ -399,6 +444,6 @@ def make_orthogonalizer(
 
 __all__ = [
     "BACKENDS", "KERNEL_PRECONDITIONINGS", "METHODS", "MatrixFunction", "NewtonSchulzSpec",
-    "PallasNewtonSchulz", "Stack", "XlaNewtonSchulz", "check_newton_schulz_args",
+    "PallasNewtonSchulz", "Stack", "XlaGramNewtonSchulz", "XlaNewtonSchulz", "check_newton_schulz_args",
     "make_orthogonalizer", "newton_schulz_orthogonalizer",
 ]

@@ -236,3 +236,29 @@ def test_bad_inputs_raise():
     gram_newton_schulz(jnp.ones((5,)))
   with pytest.raises(ValueError, match="floating"):
     gram_newton_schulz(jnp.ones((4, 6), jnp.int32))
+
+
+def test_orthogonalize_stage_runs_gram_on_wide_stacks_and_standard_on_square(monkeypatch):
+  import importlib
+  gns_mod = importlib.import_module("ortho_optax.gram_newton_schulz")
+  import ortho_optax as oo
+  calls = []
+  real = gns_mod._xla_gram_newton_schulz
+  monkeypatch.setattr(gns_mod, "_xla_gram_newton_schulz",
+                      lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+  keys = jax.random.split(jax.random.key(5), 3)
+  upd = {"wide": jax.random.normal(keys[0], (16, 64)),   # Flax (in, out): a 64 x 16 view
+         "tall": jax.random.normal(keys[1], (64, 16)),
+         "square": jax.random.normal(keys[2], (16, 16))}
+  kw = dict(compute_dtype=jnp.float32, backend="xla")
+  gram_tx = oo.orthogonalize("gram_newton_schulz", **kw)
+  out, _ = gram_tx.update(upd, gram_tx.init(upd))
+  ns_tx = oo.orthogonalize("newton_schulz", **kw)
+  want, _ = ns_tx.update(upd, ns_tx.init(upd))
+  assert calls == [(2, 16, 64)]  # the two rectangular leaves, one wide stack; square: NS
+  for k in upd:
+    np.testing.assert_allclose(out[k], want[k], atol=1e-5, err_msg=k)
+  with pytest.raises(ValueError, match="no Pallas kernels"):
+    oo.orthogonalize("gram_newton_schulz", backend="pallas")
+  with pytest.raises(ValueError, match="restart_every"):
+    oo.orthogonalize("gram_newton_schulz", restart_every=0)

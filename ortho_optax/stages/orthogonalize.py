@@ -29,7 +29,8 @@ from ortho_optax.orthogonalizers import METHODS, make_orthogonalizer
 from ortho_optax.polar import cosh_normalize
 
 #: ``steps=None`` means this many iterations for the method (Aurora's polar uses 12).
-DEFAULT_STEPS = {"newton_schulz": 5, "polar": 0, "aurora": 12, "riemannian_aurora": 12}
+DEFAULT_STEPS = {"newton_schulz": 5, "gram_newton_schulz": 5, "polar": 0, "aurora": 12,
+                 "riemannian_aurora": 12}
 
 
 class OrthogonalizeState(NamedTuple):
@@ -63,6 +64,7 @@ def orthogonalize(
     cg_steps: int = 20,
     riemannian_eta: float = 0.1,
     retraction_steps: int = 2,
+    restart_every: int | None = 2,
 ) -> optax.GradientTransformation:
   """Orthogonalizes every (non-None) update leaf, viewed as a stack of matrices.
 
@@ -72,10 +74,13 @@ def orthogonalize(
 
   Args:
     method: ``"newton_schulz"`` (:func:`~ortho_optax.newton_schulz.newton_schulz`),
+      ``"gram_newton_schulz"`` (the same polynomial iterated on the Gram matrix for wide
+      and tall stacks, :func:`~ortho_optax.gram_newton_schulz.gram_newton_schulz`; square
+      stacks keep standard Newton–Schulz),
       ``"polar"`` (exact SVD, :func:`~ortho_optax.polar.polar`), ``"aurora"``
       (leverage-uniform polar, :func:`~ortho_optax.polar.leverage_uniform_polar`) or
       ``"riemannian_aurora"`` (:func:`~ortho_optax.polar.riemannian_balanced_polar`).
-    steps: NS steps; ``None`` = the method's default (5 for ``newton_schulz``, Aurora's
+    steps: NS steps; ``None`` = the method's default (5 for the Newton–Schulz methods, Aurora's
       12 polar iterations for the Aurora methods; unused by ``polar``).
     coefficients: NS coefficient preset or table (``newton_schulz`` only; the Aurora
       methods always use Aurora's ``(2, −1.5, 0.5)``).
@@ -94,6 +99,7 @@ def orthogonalize(
       is returned (stale, as in the reference). 1 recomputes every step.
     pp_iterations, pp_beta: Aurora's leverage balancing.
     outer_steps, cg_steps, riemannian_eta, retraction_steps: Riemannian Aurora.
+    restart_every: Gram Newton–Schulz's restart period (``gram_newton_schulz`` only).
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`OrthogonalizeState`.
@@ -118,7 +124,8 @@ def orthogonalize(
       method, steps=steps, coefficients=coefficients, order=order,
       preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype, backend=backend,
       pp_iterations=pp_iterations, pp_beta=pp_beta, outer_steps=outer_steps,
-      cg_steps=cg_steps, riemannian_eta=riemannian_eta, retraction_steps=retraction_steps)
+      cg_steps=cg_steps, riemannian_eta=riemannian_eta, retraction_steps=retraction_steps,
+      restart_every=restart_every)
   use_cache = update_proj_gap > 1
 
   def orthogonalize_tree(updates):
