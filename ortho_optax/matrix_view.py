@@ -206,8 +206,9 @@ def resolve_dims(tree, dimension_numbers=None):
           f"Parameter '{name}' of shape {shape} (rank {len(shape)}) has no default matrix "
           "view: only rank-2 kernels (in, out) and conv kernels are inferred. Pass "
           "dimension_numbers with a MatrixDims(reduction_axes=..., output_axes=...) for it "
-          "(e.g. a stacked (layers, in, out) kernel is MatrixDims((1,), (2,))), or route it "
-          "to the AdamW branch with label_fn.")
+          "(e.g. a stacked (layers, in, out) kernel is MatrixDims((1,), (2,)); for the conv "
+          "kernels of a Flax NNX model, dimension_numbers=ortho_optax.dims_from_model(model)), "
+          "or route it to the AdamW branch with label_fn.")
     try:
       return validate_dims(dims, shape)
     except ValueError as e:

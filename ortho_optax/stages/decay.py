@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ortho_optax.validation import check_choice, check_range
+from ortho_optax.validation import check_choice, check_learning_rate, check_non_negative
 
 WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2", "palm")
 _NO_PARAMS = ("This transformation needs the parameters: call update(updates, state, "
@@ -85,7 +85,7 @@ def add_weight_decay(
     ``OrthogonalizedOptimizer``); Liu et al., "Muon is Scalable for LLM Training",
     arXiv 2502.16982, 2025.
   """
-  check_range("weight_decay", weight_decay, 0.0, float("inf"))
+  check_non_negative("weight_decay", weight_decay, schedule=True)
 
   def init_fn(params):
     del params
@@ -133,8 +133,8 @@ def scale_by_learning_rate_and_decay(
     ``OrthogonalizedOptimizer``); Liu et al., "Muon is Scalable for LLM Training",
     arXiv 2502.16982, 2025.
   """
-  check_range("learning_rate", learning_rate, 0.0, float("inf"))
-  check_range("weight_decay", weight_decay, 0.0, float("inf"))
+  check_learning_rate(learning_rate)
+  check_non_negative("weight_decay", weight_decay, schedule=True)
   check_choice("weight_decay_method", method, WEIGHT_DECAY_METHODS)
   no_decay = method == "l2" or _is_zero(weight_decay)
 
@@ -197,11 +197,10 @@ def weight_decay_stages(
     ``OrthogonalizedOptimizer``); Liu et al., "Muon is Scalable for LLM Training",
     arXiv 2502.16982, 2025.
   """
-  check_choice("weight_decay_method", method, WEIGHT_DECAY_METHODS)
   if method == "l2":
-    first = add_weight_decay(weight_decay, mask)
-  else:
-    check_range("weight_decay", weight_decay, 0.0, float("inf"))
-    first = optax.identity()
+    # The decay is all in the first stage; the last one only scales by the learning rate.
+    return (add_weight_decay(weight_decay, mask),
+            scale_by_learning_rate_and_decay(learning_rate, 0.0, method))
+  first = optax.identity()
   last = scale_by_learning_rate_and_decay(learning_rate, weight_decay, method, mask)
   return first, last

@@ -15,7 +15,7 @@ import jax
 import optax
 
 from ortho_optax import matrix_view
-from ortho_optax.validation import check_choice
+from ortho_optax.validation import check_choice, check_non_negative
 
 SCALE_MODES = ("shape_scaling", "spectral", "unit_rms_norm", "consistent_rms", "none")
 
@@ -94,6 +94,8 @@ def scale_by_shape(
     (Scion), 2025.
   """
   check_choice("scale_mode", mode, SCALE_MODES)
+  check_non_negative("extra_scale_factor", extra_scale_factor)
+  check_non_negative("consistent_rms", consistent_rms)
 
   def init_fn(params):
     del params

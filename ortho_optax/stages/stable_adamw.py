@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
-from ortho_optax.optimizers import _common
+from ortho_optax import validation
 
 
 class StableAdamWState(NamedTuple):
@@ -93,11 +93,12 @@ def stable_adamw(
     vision-language models", 2023 (StableAdamW).
     Warner, torch-optimi ``StableAdamW`` (0.3.3), 2023; jeb1399/OAdamW.
   """
-  _common.check_learning_rate(learning_rate)
-  _common.check_in_range("b1", b1, 0.0, 1.0, high_inclusive=False)
-  _common.check_in_range("b2", b2, 0.0, 1.0, high_inclusive=False)
-  _common.check_positive("eps", eps)
-  _common.check_non_negative("weight_decay", weight_decay)
+  validation.check_learning_rate(learning_rate)
+  validation.check_range("b1", b1, 0.0, 1.0, high_open=True)
+  validation.check_range("b2", b2, 0.0, 1.0, high_open=True)
+  validation.check_positive("eps", eps)
+  validation.check_non_negative("weight_decay", weight_decay)
+  validation.check_bool("decouple_lr", decouple_lr)
   if decouple_lr:
     if max_lr is None:
       if callable(learning_rate):
@@ -105,7 +106,8 @@ def stable_adamw(
             "decouple_lr=True with a learning-rate schedule needs max_lr (the learning "
             "rate the weight decay is relative to), got max_lr=None.")
       max_lr = learning_rate
-    _common.check_positive("max_lr", max_lr)
+    validation.check_positive("max_lr", max_lr)
+  mu_dtype = validation.check_dtype("mu_dtype", mu_dtype)
   mu_dtype = None if mu_dtype is None else jax.dtypes.canonicalize_dtype(mu_dtype)
 
   def init_fn(params):
