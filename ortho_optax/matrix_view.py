@@ -106,8 +106,8 @@ def to_matrices(
     axis order.
 
   References:
-    SPEC (matrix views of parameter leaves); NVIDIA-NeMo/Emerging-Optimizers and
-    microsoft/dion for the ``(batch, out, in)`` convention.
+    NVIDIA-NeMo/Emerging-Optimizers and microsoft/dion for the ``(batch, out, in)``
+    convention; optax.contrib.muon (``MuonDimensionNumbers``).
   """
   dims = validate_dims(dims, x.shape)
   ndim = x.ndim
@@ -187,8 +187,8 @@ def resolve_dims(tree, dimension_numbers=None):
     ValueError: for a leaf with no view, naming its path and shape and how to give one.
 
   References:
-    SPEC (matrix views of parameter leaves); NVIDIA-NeMo/Emerging-Optimizers and
-    microsoft/dion for the ``(batch, out, in)`` convention.
+    NVIDIA-NeMo/Emerging-Optimizers and microsoft/dion for the ``(batch, out, in)``
+    convention; optax.contrib.muon (``MuonDimensionNumbers``).
   """
   if callable(dimension_numbers) and not isinstance(dimension_numbers, MatrixDims):
     dimension_numbers = dimension_numbers(tree)

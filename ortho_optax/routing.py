@@ -260,7 +260,7 @@ def label_by_path(rule: Callable[[str, Any], str]) -> Callable[[Any], Any]:
   References:
     K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
     https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
-    AdamW); SPEC / the seed repository (routing rules).
+    AdamW); optax.contrib.muon (every 2-D leaf, or leaves given dimension numbers).
   """
 
   def label_fn(params):
@@ -301,7 +301,7 @@ def label_from_model(model) -> Callable[[Any], Any]:
   References:
     K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
     https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
-    AdamW); SPEC / the seed repository (routing rules).
+    AdamW); optax.contrib.muon (every 2-D leaf, or leaves given dimension numbers).
   """
   from flax import nnx
 
@@ -354,7 +354,7 @@ def dims_from_model(model) -> Callable[[Any], Any]:
   References:
     K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
     https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
-    AdamW); SPEC / the seed repository (routing rules).
+    AdamW); optax.contrib.muon (every 2-D leaf, or leaves given dimension numbers).
   """
   from flax import nnx
 

@@ -25,8 +25,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import optax
+
 import ortho_optax as oo
 from ortho_optax import routing
+from ortho_optax.optimizers._common import find_states
+from ortho_optax.stages.momentum import EmaMomentumState
 
 parameterized = pytest.importorskip("absl.testing.parameterized")
 try:
@@ -233,7 +237,7 @@ MUON_SKIPS = {
     "matrices; ortho_optax orthogonalizes real matrices only and routes complex leaves "
     "to AdamW",
     ("test_dim_nums_combinations", ""): "reads optax's state layout "
-    "(state[0]['muon'][0][0][1]); the same routing is tested in test_optax_behaviour.py",
+    "(state[0]['muon'][0][0][1]); test_shim_routes_like_optax checks the same routing",
     ("test_complex_mixed_target", "adaptive=True"): "adaptive=True (dual-norm scaling) has "
     "no equivalent in ortho_optax",
 }
@@ -254,3 +258,33 @@ class OrthoOptaxMuonTest(upstream_muon.MuonTest):
     patch = mock.patch.object(upstream_muon, "_muon", shim)
     patch.start()
     self.addCleanup(patch.stop)
+
+
+def _masked_paths(tree):
+  flat = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+  return {jax.tree_util.keystr(p) for p, x in flat if isinstance(x, optax.MaskedNode)}
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_shim_routes_like_optax(case):
+  """The leaves optax.contrib.muon orthogonalizes (dimension numbers, prefixes, None) are
+  the ones the shim labels "ortho" (what optax's test_dim_nums_combinations checks)."""
+  dn, dn3 = optax_muon_lib.MuonDimensionNumbers(), optax_muon_lib.MuonDimensionNumbers(1, 2)
+  pair = lambda: {"a": jnp.ones((2, 3)), "b": jnp.ones((2, 3))}
+  params, dims = [
+      ({"w1": jnp.ones((1, 2, 3)), "w2": jnp.ones((2, 3, 4))}, {"w1": dn3, "w2": dn3}),
+      ({"w1": jnp.ones((1, 2, 3)), "w2": jnp.ones((3, 4))}, None),
+      ({"w1": jnp.ones((1, 2, 3)), "w2": jnp.ones((2, 3, 4))}, {"w1": None, "w2": dn3}),
+      ({"w1": pair(), "w2": pair()}, {"w1": None, "w2": {"a": dn, "b": None}}),
+      ({"w1": pair(), "w2": pair()}, {"w1": dn, "w2": None}),
+  ][case]
+  ref = optax.contrib.muon(1e-3, muon_weight_dimension_numbers=dims)
+  ref_mu = ref.init(params).inner_states["muon"].inner_state[0].mu
+  ours = optax_muon(1e-3, muon_weight_dimension_numbers=dims)
+  state = ours.init(params)
+  (momentum,) = find_states(state, lambda x: isinstance(x, EmaMomentumState))
+  assert _masked_paths(momentum.mu) == _masked_paths(ref_mu)
+  assert len(_masked_paths(ref_mu)) < len(jax.tree.leaves(params))
+  updates, _ = ours.update(params, state, params)  # and the views work
+  assert jax.tree.structure(updates) == jax.tree.structure(params)

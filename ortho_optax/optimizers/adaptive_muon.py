@@ -1,4 +1,4 @@
-"""NVIDIA Emerging-Optimizers' AdaptiveMuon (SPEC 5.5): AdaMuon, NorMuon, NAMO."""
+"""NVIDIA Emerging-Optimizers' AdaptiveMuon: AdaMuon, NorMuon, NAMO."""
 
 # No `from __future__ import annotations`: optax (its inject_hyperparams and its test suite)
 # reads the learning rate's annotation, optax.ScalarOrSchedule, from the signature.

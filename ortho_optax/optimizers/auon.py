@@ -1,4 +1,4 @@
-"""AuON and HybridAuON (ryyzn9/AuON; SPEC sections 1.2, 1.3, 1.5).
+"""AuON and HybridAuON (ryyzn9/AuON).
 
 AuON, per hidden matrix (any rank: it is element-wise plus one whole-tensor norm)::
 
@@ -10,7 +10,7 @@ AuON, per hidden matrix (any rank: it is element-wise plus one whole-tensor norm
 
 Since ``G / (r + 1e-8)`` does not depend on ``p``, the decay and the step are returned as
 one optax update ``-(lr G / (r + 1e-8) + lr wd p)``. A zero ``G`` gives a zero step
-(``r = 1``), which is the reference's skip. As the SPEC notes, ``r`` is within ~2% of 1 for
+(``r = 1``), which is the reference's skip. ``r`` is within ~2% of 1 for
 realistic tensors: AuON *as implemented* is SGD with EMA-Nesterov momentum, decoupled
 decay and a small cosh brake; the port computes ``r`` exactly.
 

@@ -1,4 +1,4 @@
-"""Aurora and Riemannian Aurora (tilde-research/aurora-release; SPEC sections 4.2-4.3).
+"""Aurora and Riemannian Aurora (tilde-research/aurora-release).
 
 Per hidden matrix ``W`` with gradient ``G`` (PyTorch view ``(out, in)`` = ``(r, c)``)::
 
@@ -255,7 +255,7 @@ def nonfinite_count(state) -> jnp.ndarray:
     ValueError: when ``state`` holds no :class:`SkipNonFiniteState`.
 
   References:
-    tilde-research/aurora-release (its non-finite step guard); SPEC / the seed repository.
+    tilde-research/aurora-release (its non-finite step guard).
   """
   branches = [s.inner_states["ortho"] for s in _find_branch_states(state)]
   for subtree in branches or [state]:

@@ -1,4 +1,4 @@
-"""Muon (Keller Jordan; the AuON repository's baseline, SPEC 1.4) and its chain builder.
+"""Muon (Keller Jordan; the AuON repository's baseline) and its chain builder.
 
 Every orthogonalized optimizer of this module family is one chain::
 
@@ -49,7 +49,7 @@ def inject_static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
     static_args=...)``.
 
   References:
-    ``optax.inject_hyperparams`` (its ``static_args``); SPEC / the seed repository.
+    ``optax.inject_hyperparams`` (its ``static_args``).
   """
   sig = inspect.signature(factory)
   return tuple(name for name, p in sig.parameters.items()
@@ -147,7 +147,7 @@ def muon(
   r"""Muon: Nesterov EMA momentum, Newton-Schulz orthogonalization, shape scaling.
 
   Defaults are Keller Jordan's Muon as in the AuON repository's baseline
-  (SPEC 1.4): lr 0.02, momentum 0.95 with the Nesterov blend, 5 Newton-Schulz
+  (``auon/muon.py``): lr 0.02, momentum 0.95 with the Nesterov blend, 5 Newton-Schulz
   steps with the ``(3.4445, -4.7750, 2.0315)`` triple on ``X / (||X||_F + 1e-7)``
   in bfloat16, update scaled by ``sqrt(max(1, out/in))``, decoupled weight
   decay 0.01 (``p <- p (1 - lr wd) - lr sqrt(max(1, out/in)) O``). For each

@@ -1,4 +1,4 @@
-"""OAdamW: Newton-Schulz on the raw gradient, then StableAdamW (jeb1399/OAdamW; SPEC 3).
+"""OAdamW: Newton-Schulz on the raw gradient, then StableAdamW (jeb1399/OAdamW).
 
 Hidden matrices (label ``"ortho"``) are orthogonalized *before* the Adam moments::
 
@@ -27,7 +27,7 @@ Differences from the reference, all deliberate:
   float32 ones, as in the reference); ``False`` leaves it out. The reference applies the
   weight decay to ``p`` outside the compensated sum; here the decay is part of the
   compensated update. The reference's Kahan + ``update_proj_gap > 1`` corruption of the
-  NS cache (SPEC 3.5) is not reproduced.
+  NS cache is not reproduced.
 """
 
 # No `from __future__ import annotations`: optax (its inject_hyperparams and its test suite)

@@ -1,4 +1,4 @@
-"""Turbo-Muon (thib-s/flash-newton-schulz, SPEC 2.2-2.3): Muon with AOL preconditioning."""
+"""Turbo-Muon (thib-s/flash-newton-schulz): Muon with AOL preconditioning."""
 
 # No `from __future__ import annotations`: optax (its inject_hyperparams and its test suite)
 # reads the learning rate's annotation, optax.ScalarOrSchedule, from the signature.

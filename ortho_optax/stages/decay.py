@@ -1,6 +1,6 @@
 """Learning rate and weight decay: the last stage(s) of every orthogonalized chain.
 
-NVIDIA Emerging-Optimizers names four weight-decay methods (SPEC 5.3); all seed
+NVIDIA Emerging-Optimizers names four weight-decay methods; all seed
 systems use one of them (AuON, AuON-Muon, Turbo-Muon, Aurora: ``"decoupled"``):
 
 ===============  ==========================================  ======================
@@ -35,8 +35,6 @@ import optax
 from ortho_optax.validation import check_choice, check_learning_rate, check_non_negative
 
 WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2", "palm")
-_NO_PARAMS = ("This transformation needs the parameters: call update(updates, state, "
-              "params).")
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
@@ -96,7 +94,7 @@ def add_weight_decay(
     if _is_zero(weight_decay):
       return updates, WeightDecayState(count=count)
     if params is None:
-      raise ValueError(_NO_PARAMS)
+      raise ValueError(optax.NO_PARAMS_MSG)
     wd = _value(weight_decay, state.count)
     updates = jax.tree.map(
         lambda g, p, m: (g + wd * p).astype(g.dtype) if m else g,
@@ -149,7 +147,7 @@ def scale_by_learning_rate_and_decay(
       updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
       return updates, WeightDecayState(count=count)
     if params is None:
-      raise ValueError(_NO_PARAMS)
+      raise ValueError(optax.NO_PARAMS_MSG)
     wd = _value(weight_decay, state.count)
     if method == "decoupled":
       c = lr * wd

@@ -32,8 +32,6 @@ import optax
 from ortho_optax.validation import check_dtype
 
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_NO_PARAMS = ("This transformation needs the parameters: call update(updates, state, "
-              "params).")
 
 
 class KahanSummationState(NamedTuple):
@@ -81,7 +79,7 @@ def kahan_summation(compensation_dtype: Optional[Any] = None) -> optax.GradientT
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(_NO_PARAMS)
+      raise ValueError(optax.NO_PARAMS_MSG)
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = treedef.flatten_up_to(params)
     c_leaves = treedef.flatten_up_to(state.compensation)

@@ -1,4 +1,4 @@
-"""EMA momentum with the Keller-Jordan Nesterov blend (SPEC section 0).
+"""EMA momentum with the Keller-Jordan Nesterov blend.
 
 Every seed system keeps its momentum as an exponential moving average,
 ``m <- lerp(m, g, 1 - mu) = mu * m + (1 - mu) * g`` (not the SGD form

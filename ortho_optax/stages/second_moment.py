@@ -1,4 +1,4 @@
-"""Second-moment normalisation of orthogonalized updates (SPEC section 5.5).
+"""Second-moment normalisation of orthogonalized updates (NVIDIA ``AdaptiveMuon``).
 
 NVIDIA's ``AdaptiveMuon`` follows Newton-Schulz with an Adam-like second moment,
 in three flavours (none bias-corrected, as in the reference):

@@ -1,4 +1,4 @@
-"""The StableAdamW core of OAdamW (torch-optimi ``StableAdamW``; SPEC section 3.2-3.3).
+"""The StableAdamW core of OAdamW (torch-optimi ``StableAdamW``, jeb1399/OAdamW).
 
 Per tensor, with the 1-based step ``t`` and the (possibly orthogonalized) gradient ``g``::
 
@@ -130,10 +130,16 @@ def stable_adamw(
     def one(g, m, v, p):
       cdt = jnp.promote_types(g.dtype, jnp.float32)
       g32 = g.astype(cdt)
+      if jnp.iscomplexobj(g32):  # |g|^2, real, as optax's Adam does for complex parameters
+        rdt = jnp.finfo(cdt).dtype
+        g_sq, v_old = jnp.square(jnp.abs(g32)), jnp.real(v).astype(rdt)
+      else:
+        rdt = cdt
+        g_sq, v_old = g32 * g32, v.astype(cdt)
       m_new = m.astype(cdt) + (1 - b1_t) * (g32 - m.astype(cdt))
-      v_new = b2_t * v.astype(cdt) + (1 - b2_t) * g32 * g32
-      eps_sq = jnp.asarray(eps, cdt) ** 2
-      rms = jnp.sqrt(jnp.mean(g32 * g32 / jnp.maximum(v_new, eps_sq))) if g.size else 0.0
+      v_new = b2_t * v_old + (1 - b2_t) * g_sq
+      eps_sq = jnp.asarray(eps, rdt) ** 2
+      rms = jnp.sqrt(jnp.mean(g_sq / jnp.maximum(v_new, eps_sq))) if g.size else 0.0
       lr_t = lr / jnp.maximum(1.0, rms)
       step = m_new / (jnp.sqrt(v_new) + eps)
       if decay_on:
