@@ -183,7 +183,8 @@ def _optax_configured_muon(preconditioning, nesterov, consistent_rms=None, **ove
       weight_decay=0.0, compute_dtype="float32", backend="xla",
       adam_learning_rate=lr, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
       adam_nesterov=nesterov,
-      label_fn=routing.label_by_path(lambda path, leaf: "ortho" if leaf.ndim == 2 else "adam"))
+      label_fn=oo.label_by_path(lambda path, leaf: "ortho" if leaf.ndim == 2 and not
+                                jnp.iscomplexobj(leaf) else "adam"))
   if consistent_rms is not None:
     kwargs.update(scale_mode="spectral", extra_scale_factor=consistent_rms)
   if preconditioning == "aol":
