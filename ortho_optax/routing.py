@@ -384,6 +384,52 @@ def resolve_labels(params, label_fn=None, dimension_numbers=None):
   return label_fn
 
 
+def checked_labels(label_fn, dimension_numbers=None) -> Callable[[Any], Any]:
+  """The ``param_labels`` callable of the optimizers' :func:`optax.multi_transform`.
+
+  ``label_fn`` (or the default rules) with every non floating-point leaf labelled
+  ``"frozen"``: a user label that sends an integer / bool leaf to ``"ortho"`` or
+  ``"adam"`` would otherwise hit a matrix-view error or AdamW's integer arithmetic.
+  A label pytree may be a prefix of the parameters (its label covers the subtree).
+
+  Args:
+    label_fn: ``None`` (:func:`default_label_fn`), a callable ``params -> labels`` or a
+      label pytree (or a prefix of one).
+    dimension_numbers: for the default labels (see :func:`default_label_fn`).
+
+  Returns:
+    ``labels(params) -> pytree of labels`` with the structure of ``params``.
+
+  Raises:
+    ValueError: (when called) for an unknown label, or a complex leaf labelled
+      ``"ortho"`` (the orthogonalizers are real-only), naming the path.
+  """
+
+  def labels(params):
+    given = resolve_labels(params, label_fn, dimension_numbers)
+
+    def subtree(prefix, label, sub):
+      def one(path, leaf):
+        leaf = _leaf_array(leaf)
+        where = matrix_view.path_str(tuple(prefix) + tuple(path)) or "<root>"
+        if label not in LABELS:
+          raise ValueError(f"label {label!r} for '{where}' is not one of {LABELS}.")
+        if not _is_floating(leaf):
+          return FROZEN
+        if label == ORTHO and _is_complex(leaf):
+          raise ValueError(
+              f"'{where}' is complex ({leaf.dtype}) but labelled 'ortho': the "
+              "orthogonalizers take real floating-point matrices only. Label it 'adam' "
+              "(optax.adamw handles complex parameters).")
+        return label
+      return jax.tree_util.tree_map_with_path(one, sub, is_leaf=_is_variable)
+
+    return jax.tree_util.tree_map_with_path(subtree, given, params,
+                                            is_leaf=lambda x: x is None)
+
+  return labels
+
+
 def routing_report(params, label_fn=None, dimension_numbers=None) -> str:
   """A dry-run table: where each leaf goes, why, and how it is viewed as a matrix.
 
@@ -486,6 +532,6 @@ def dims_path_dict(dims_tree) -> dict:
 __all__ = [
     "ADAM", "EMBEDDING_NAMES", "FROZEN", "LABELS", "NON_MATRIX_NAMES", "NORM_NAMES", "ORTHO",
     "OUTPUT_HEAD_NAMES", "default_label", "default_label_fn", "dims_from_model",
-    "dims_path_dict", "label_and_reason", "label_by_path", "label_from_model",
+    "checked_labels", "dims_path_dict", "label_and_reason", "label_by_path", "label_from_model",
     "resolve_labels", "routing_report",
 ]

@@ -25,6 +25,9 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+#: The error of a stage that needs the parameters when ``update`` got none.
+NO_PARAMS = ("This transformation needs the parameters: call update(updates, state, params).")
+
 #: Appended to errors about values that ``optax.inject_hyperparams`` turned into arrays.
 INJECT_HINT = (
     "Under optax.inject_hyperparams, keep it static: "
@@ -216,8 +219,7 @@ def check_dtype(name: str, value, *, allow_none: bool = True):
 
 
 __all__ = [
-    "DTYPE_NAMES", "INJECT_HINT", "check_bool", "check_choice", "check_dtype", "check_int",
-    "check_learning_rate", "check_non_negative", "check_positive", "check_range",
-    "check_static",
-    "is_array", "is_python_number",
+    "DTYPE_NAMES", "INJECT_HINT", "NO_PARAMS", "check_bool", "check_choice", "check_dtype",
+    "check_int", "check_learning_rate", "check_non_negative", "check_positive", "check_range",
+    "check_static", "is_array", "is_python_number",
 ]

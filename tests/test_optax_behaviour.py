@@ -199,6 +199,7 @@ def _optax_configured_muon(preconditioning, nesterov, consistent_rms=None, **ove
 @pytest.mark.parametrize("preconditioning,nesterov,consistent_rms", [
     ("frobenius", True, None), ("frobenius", False, None), ("aol", True, None),
     ("schatten", True, None), ("frobenius", True, 0.2)])
+@jax.default_matmul_precision("highest")  # float32 products on GPUs too (no TF32)
 def test_muon_configured_as_optax_contrib_muon_equals_it(preconditioning, nesterov,
                                                           consistent_rms):
   k = jax.random.split(jax.random.key(1), 5)
@@ -221,6 +222,7 @@ def test_muon_configured_as_optax_contrib_muon_equals_it(preconditioning, nester
     p_ref, p_ours = optax.apply_updates(p_ref, u_ref), optax.apply_updates(p_ours, u_ours)
 
 
+@jax.default_matmul_precision("highest")
 def test_optax_contrib_muon_dion_coefficients_and_weight_decay():
   params = {"w": jax.random.normal(jax.random.key(2), (6, 10))}
   ref = optax.contrib.muon(0.05, ns_coeffs="dion", weight_decay=0.1)

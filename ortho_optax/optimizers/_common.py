@@ -98,50 +98,12 @@ def with_adamw_fallback(
       routing.ADAM: adam_tx,
       routing.FROZEN: optax.set_to_zero(),
   }
-  labels = routing_labels(label_fn, dimension_numbers)
+  labels = routing.checked_labels(label_fn, dimension_numbers)
   tx = optax.multi_transform(transforms, labels)
   if name is None:
     return tx
   return optax.GradientTransformationExtraArgs(
       _warn_if_nothing_orthogonalized(tx.init, labels, name), tx.update)
-
-
-def routing_labels(label_fn, dimension_numbers=None) -> Callable[[Any], Any]:
-  """The ``param_labels`` callable of :func:`with_adamw_fallback`.
-
-  ``label_fn`` (or the default rules) with every non floating-point leaf labelled
-  ``"frozen"``: a user label that sends an integer / bool leaf to ``"ortho"`` or
-  ``"adam"`` would otherwise hit a matrix-view error or AdamW's integer arithmetic.
-  A label pytree may be a prefix of the parameters (its label covers the subtree).
-
-  Raises:
-    ValueError: (when called) for an unknown label, or a complex leaf labelled
-      ``"ortho"`` (the orthogonalizers are real-only), naming the path.
-  """
-
-  def labels(params):
-    given = routing.resolve_labels(params, label_fn, dimension_numbers)
-
-    def subtree(prefix, label, sub):
-      def one(path, leaf):
-        leaf = routing._leaf_array(leaf)  # pylint: disable=protected-access
-        where = matrix_view.path_str(tuple(prefix) + tuple(path)) or "<root>"
-        if label not in routing.LABELS:
-          raise ValueError(f"label {label!r} for '{where}' is not one of {routing.LABELS}.")
-        if not routing._is_floating(leaf):  # pylint: disable=protected-access
-          return routing.FROZEN
-        if label == routing.ORTHO and routing._is_complex(leaf):  # pylint: disable=protected-access
-          raise ValueError(
-              f"'{where}' is complex ({leaf.dtype}) but labelled 'ortho': the "
-              "orthogonalizers take real floating-point matrices only. Label it 'adam' "
-              "(optax.adamw handles complex parameters).")
-        return label
-      return jax.tree_util.tree_map_with_path(one, sub, is_leaf=routing._is_variable)  # pylint: disable=protected-access
-
-    return jax.tree_util.tree_map_with_path(subtree, given, params,
-                                            is_leaf=lambda x: x is None)
-
-  return labels
 
 
 def _warn_if_nothing_orthogonalized(init, labels, name):
@@ -259,5 +221,5 @@ def find_states(tree: Any, match) -> list[Any]:
 
 __all__ = [
     "check_adam", "float16_in_float32", "find_states", "masked_dimension_numbers",
-    "preset_signature", "routing_labels", "with_adamw_fallback",
+    "preset_signature", "with_adamw_fallback",
 ]

@@ -220,7 +220,7 @@ def auon_adam(
     out = jax.tree.map(lambda m, v: -step_size * m / (jnp.sqrt(v) + eps), mu, nu)
     if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
       if params is None:
-        raise ValueError(optax.NO_PARAMS_MSG)
+        raise ValueError(validation.NO_PARAMS)
       out = jax.tree.map(lambda u, p: u - lr * weight_decay * p, out, params)
     out = jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates)
     return out, AuonAdamState(count=count, mu=mu, nu=nu)

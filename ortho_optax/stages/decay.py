@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ortho_optax.validation import check_choice, check_learning_rate, check_non_negative
+from ortho_optax.validation import NO_PARAMS, check_choice, check_learning_rate, check_non_negative
 
 WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2", "palm")
 
@@ -94,7 +94,7 @@ def add_weight_decay(
     if _is_zero(weight_decay):
       return updates, WeightDecayState(count=count)
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS)
     wd = _value(weight_decay, state.count)
     updates = jax.tree.map(
         lambda g, p, m: (g + wd * p).astype(g.dtype) if m else g,
@@ -147,7 +147,7 @@ def scale_by_learning_rate_and_decay(
       updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
       return updates, WeightDecayState(count=count)
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS)
     wd = _value(weight_decay, state.count)
     if method == "decoupled":
       c = lr * wd

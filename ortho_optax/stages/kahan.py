@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ortho_optax.validation import check_dtype
+from ortho_optax.validation import NO_PARAMS, check_dtype
 
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -79,7 +79,7 @@ def kahan_summation(compensation_dtype: Optional[Any] = None) -> optax.GradientT
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS)
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = treedef.flatten_up_to(params)
     c_leaves = treedef.flatten_up_to(state.compensation)

@@ -124,7 +124,7 @@ def stable_adamw(
     b2_t = debias_beta(jnp.asarray(b2, jnp.float32), t)
     decay_on = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
     if decay_on and params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(validation.NO_PARAMS)
     wd_scale = weight_decay / max_lr if decouple_lr else weight_decay
 
     def one(g, m, v, p):
