@@ -1,6 +1,7 @@
 """Newton–Schulz coefficient tables and the rule that turns them into a per-step schedule.
 
-Every table here is copied digit for digit from the seed sources (see SPEC.md §0 and §5.2).
+Every table here is copied digit for digit from the seed sources (the papers and repositories
+below, and NVIDIA-NeMo/Emerging-Optimizers).
 A schedule is a tuple of ``steps`` quintic triples ``(a, b, c)``; each NS step maps the
 singular values of the normalised input through ``σ ↦ aσ + bσ³ + cσ⁵`` (``c = 0``: cubic).
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import numbers
 from typing import Sequence, Tuple, Union
+
+from ortho_optax.validation import check_choice, check_int
 
 Triple = Tuple[float, float, float]
 
@@ -97,7 +100,8 @@ PRESETS: dict[str, tuple[Triple, ...]] = {
 #: Aliases accepted for NVIDIA's names.
 ALIASES: dict[str, str] = {"simple": "muon"}
 
-#: How a table is extended when more steps than triples are requested (SPEC §5.1 step 4).
+#: How a table is extended when more steps than triples are requested (as NVIDIA
+#: Emerging-Optimizers does).
 DEFAULT_ORDERS: dict[str, str] = {
     "muon": "cycle",
     "quintic": "cycle",
@@ -172,13 +176,9 @@ def resolve_coefficients(
     https://kellerjordan.github.io/posts/muon/; Amsel, Persson, Musco, Gower, "The Polar
     Express", arXiv 2505.16932, 2025.
   """
-  if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
-    raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-  steps = int(steps)
-  if steps < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}.")
-  if order is not None and order not in ORDERS:
-    raise ValueError(f"order={order!r} is not one of {ORDERS} (or None for the preset default).")
+  steps = check_int("steps", steps, 1)
+  if order is not None:
+    check_choice("order", order, ORDERS)
 
   if isinstance(coefficients, str):
     name = ALIASES.get(coefficients, coefficients)

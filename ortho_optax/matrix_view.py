@@ -106,8 +106,8 @@ def to_matrices(
     axis order.
 
   References:
-    SPEC (matrix views of parameter leaves); NVIDIA-NeMo/Emerging-Optimizers and
-    microsoft/dion for the ``(batch, out, in)`` convention.
+    NVIDIA-NeMo/Emerging-Optimizers and microsoft/dion for the ``(batch, out, in)``
+    convention; optax.contrib.muon (``MuonDimensionNumbers``).
   """
   dims = validate_dims(dims, x.shape)
   ndim = x.ndim
@@ -187,8 +187,8 @@ def resolve_dims(tree, dimension_numbers=None):
     ValueError: for a leaf with no view, naming its path and shape and how to give one.
 
   References:
-    SPEC (matrix views of parameter leaves); NVIDIA-NeMo/Emerging-Optimizers and
-    microsoft/dion for the ``(batch, out, in)`` convention.
+    NVIDIA-NeMo/Emerging-Optimizers and microsoft/dion for the ``(batch, out, in)``
+    convention; optax.contrib.muon (``MuonDimensionNumbers``).
   """
   if callable(dimension_numbers) and not isinstance(dimension_numbers, MatrixDims):
     dimension_numbers = dimension_numbers(tree)
@@ -206,8 +206,9 @@ def resolve_dims(tree, dimension_numbers=None):
           f"Parameter '{name}' of shape {shape} (rank {len(shape)}) has no default matrix "
           "view: only rank-2 kernels (in, out) and conv kernels are inferred. Pass "
           "dimension_numbers with a MatrixDims(reduction_axes=..., output_axes=...) for it "
-          "(e.g. a stacked (layers, in, out) kernel is MatrixDims((1,), (2,))), or route it "
-          "to the AdamW branch with label_fn.")
+          "(e.g. a stacked (layers, in, out) kernel is MatrixDims((1,), (2,)); for the conv "
+          "kernels of a Flax NNX model, dimension_numbers=ortho_optax.dims_from_model(model)), "
+          "or route it to the AdamW branch with label_fn.")
     try:
       return validate_dims(dims, shape)
     except ValueError as e:

@@ -1,28 +1,40 @@
 """Which parameters are orthogonalized and which go to the AdamW fallback.
 
-Every optimizer of the library orthogonalizes only *hidden weight matrices*; biases,
-norm scales, scalars, embeddings and output heads go to an element-wise optimizer
-(AdamW, or OAdamW's StableAdamW core). The split is a pytree of string labels, the
+Every optimizer of the library orthogonalizes only *weight matrices*; biases, norm
+parameters, scalars, embeddings and output heads go to an element-wise optimizer (AdamW,
+or OAdamW's StableAdamW core). The split is a pytree of string labels, the
 ``param_labels`` of :func:`optax.multi_transform`:
 
-* ``"ortho"``: a hidden weight matrix, sent to the orthogonalized chain;
+* ``"ortho"``: a weight matrix, sent to the orthogonalized chain;
 * ``"adam"``: everything else that is trained, sent to the AdamW branch;
 * ``"frozen"``: leaves that are not floating point (integer / bool counters, PRNG key
   data, ``float0`` gradients): their update is set to zero
   (:func:`optax.set_to_zero`), so they are left untouched and never reach a
   floating-point formula.
 
-The default rules (:func:`default_label_fn`) read the leaf's *path*, never the rank
-alone: a leaf is ``"ortho"`` when its own name is a hidden-matrix name
-(:data:`HIDDEN_MATRIX_NAMES`: Flax ``kernel`` of Linear / Conv / Einsum /
-LinearGeneral, Haiku ``w``, Equinox / PyTorch-style ``weight``), its rank is >= 2, it is
-floating point, and no part of its path names an embedding (:data:`EMBEDDING_NAMES`,
-anything containing ``embed``) or an output head (:data:`OUTPUT_HEAD_NAMES`, anything
-ending in ``_head``). Everything else is ``"adam"`` (or ``"frozen"``). The label says
-nothing about orientation: a PyTorch / Equinox ``weight`` is ``(out, in)``, so pass
-``dimension_numbers=ortho_optax.TORCH_LAYOUT`` for such trees (the default view of a
-2-D leaf is Flax's ``(in, out)``).
-:func:`label_from_model` uses the module *types* of a Flax NNX model instead of names.
+The default rules (:func:`default_label_fn`), the ecosystem's rule (optax.contrib.muon and
+the seed systems orthogonalize every matrix) with the usual exceptions, read the leaf's
+rank, dtype and *path*:
+
+* a real floating-point leaf of rank 2 is ``"ortho"`` unless its path names an embedding
+  (:data:`EMBEDDING_NAMES`, any part containing ``embed``), an output head
+  (:data:`OUTPUT_HEAD_NAMES`, any part ending in ``_head``) or a normalisation layer
+  (:data:`NORM_NAMES`, any part containing ``norm``, ``ln`` / ``ln_f`` / ``ln_1``), or its
+  own name is a bias or norm parameter (:data:`NON_MATRIX_NAMES`: a bias or a norm scale
+  stacked over layers is 2-D too);
+* a leaf of rank >= 3 passes the same name tests and is ``"ortho"`` only when its matrix
+  view is known: a ``MatrixDims`` given for it in ``dimension_numbers`` or the default
+  view of a Flax conv kernel (:func:`ortho_optax.matrix_view.default_dims`); otherwise it
+  is ``"adam"`` and :func:`routing_report` says why;
+* rank 0 and 1 leaves and complex leaves (the orthogonalizers are real-only;
+  :func:`optax.adamw` handles complex parameters) are ``"adam"``; non floating-point
+  leaves are ``"frozen"``.
+
+The label says nothing about orientation: a PyTorch / Equinox ``weight`` is ``(out, in)``,
+so pass ``dimension_numbers=ortho_optax.TORCH_LAYOUT`` for such trees (the default view
+of a 2-D leaf is Flax's ``(in, out)``). :func:`label_from_model` uses the module *types*
+of a Flax NNX model instead of names. Optimizers warn once, at ``init``, when no leaf at
+all reaches the orthogonalized branch.
 
 Overriding: every optimizer takes ``label_fn``, anything :func:`optax.multi_transform`
 accepts as ``param_labels``: a callable ``params -> pytree of labels`` or the label
@@ -44,6 +56,7 @@ Leaves given as NNX ``Variable`` objects (``nnx.Optimizer`` calls ``init`` with 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import jax
@@ -56,12 +69,6 @@ ADAM = "adam"
 FROZEN = "frozen"
 #: All labels the fallback wrapper understands.
 LABELS = (ORTHO, ADAM, FROZEN)
-
-#: Leaf names of hidden weight matrices: Flax ``kernel`` (nnx / linen Linear, Conv,
-#: Einsum, LinearGeneral), Haiku ``w``, Equinox / PyTorch-style ``weight``. A leaf with
-#: one of these names (and rank >= 2) is orthogonalized unless its path is an
-#: embedding or an output head.
-HIDDEN_MATRIX_NAMES = ("kernel", "w", "weight")
 
 #: Path parts that mark an embedding table (compared lower-case). Any part that
 #: *contains* ``embed`` (``embedding``, ``value_embeds``, ``unembed``...) also counts,
@@ -81,6 +88,23 @@ OUTPUT_HEAD_NAMES = (
     "output_layer", "classifier", "readout", "out_head",
 )
 
+#: Path parts that mark a normalisation layer (compared lower-case). Any part that
+#: *contains* ``norm`` (``LayerNorm_0``, ``input_layernorm``, ``final_norm``, ``qk_norm``)
+#: also counts, and so does ``ln`` alone or followed by digits or ``_...`` (GPT-2's
+#: ``ln_f``, ``ln_1``; ``ln2``). Their parameters are element-wise gains and offsets,
+#: whatever their rank.
+NORM_NAMES = ("norm", "ln", "layernorm", "rmsnorm", "layer_norm", "rms_norm", "batchnorm",
+              "groupnorm", "ln_f")
+
+#: Leaf names that are never weight matrices, whatever their rank (a bias or a norm scale
+#: stacked over layers under ``scan`` is 2-D): biases and the element-wise parameters of
+#: normalisation layers (Flax ``scale`` / ``bias``, Haiku ``scale`` / ``offset``). Short
+#: names such as Haiku's ``b`` are not listed: a user's ``{"a": ..., "b": ...}`` matrices
+#: would be misread, and a 1-D bias goes to AdamW by its rank anyway.
+NON_MATRIX_NAMES = ("bias", "scale", "offset")
+
+_LN_PART = re.compile(r"^ln(\d+|_.*)?$")
+
 
 def _is_embedding_part(part: str) -> bool:
   p = part.lower()
@@ -93,6 +117,11 @@ def _is_head_part(part: str) -> bool:
   return p in OUTPUT_HEAD_NAMES or p.endswith("_head")
 
 
+def _is_norm_part(part: str) -> bool:
+  p = part.lower()
+  return p in NORM_NAMES or "norm" in p or bool(_LN_PART.match(p))
+
+
 def _leaf_array(leaf):
   """The array inside an NNX ``Variable`` (or the leaf itself)."""
   if _is_variable(leaf):
@@ -100,13 +129,25 @@ def _leaf_array(leaf):
   return leaf
 
 
-def _is_floating(leaf) -> bool:
+def _dtype(leaf):
   dtype = getattr(leaf, "dtype", None)
-  if dtype is None:  # Python scalars
-    return isinstance(leaf, float)
+  if dtype is None and isinstance(leaf, (float, complex)):  # Python scalars
+    return jnp.dtype(type(leaf))
+  return dtype
+
+
+def _is_floating(leaf) -> bool:
+  """Floating point or complex (anything an optimizer can update)."""
   try:
-    return bool(jnp.issubdtype(dtype, jnp.inexact))
-  except TypeError:  # float0 and other exotic dtypes
+    return bool(jnp.issubdtype(_dtype(leaf), jnp.inexact))
+  except TypeError:  # None, float0 and other exotic dtypes
+    return False
+
+
+def _is_complex(leaf) -> bool:
+  try:
+    return bool(jnp.issubdtype(_dtype(leaf), jnp.complexfloating))
+  except TypeError:
     return False
 
 
@@ -128,18 +169,48 @@ def path_parts(path) -> tuple[str, ...]:
   return tuple(s.split("/")) if s else ()
 
 
-def default_label(path: str, leaf) -> str:
-  """The default label of one leaf given its ``a/b/c`` path (see module docstring)."""
+def label_and_reason(path: str, leaf, dims=None) -> tuple[str, str]:
+  """The default label of one leaf and the reason for it (see the module docstring).
+
+  Args:
+    path: the leaf's ``a/b/c`` path (:func:`ortho_optax.matrix_view.path_str`).
+    leaf: the array, ``jax.ShapeDtypeStruct`` or NNX ``Variable``.
+    dims: the ``MatrixDims`` declared for it in ``dimension_numbers``, if any.
+
+  Returns:
+    ``(label, reason)``: ``label`` is ``"ortho"``, ``"adam"`` or ``"frozen"``; ``reason``
+    a short phrase for :func:`routing_report`.
+  """
   leaf = _leaf_array(leaf)
   if not _is_floating(leaf):
-    return FROZEN
+    return FROZEN, "not floating point"
+  if _is_complex(leaf):
+    return ADAM, "complex dtype (orthogonalizers are real-only; AdamW handles complex)"
+  ndim = _ndim(leaf)
+  if ndim < 2:
+    return ADAM, f"rank {ndim}"
   parts = tuple(path.split("/")) if path else ()
-  name = parts[-1].lower() if parts else ""
-  if _ndim(leaf) < 2 or name not in HIDDEN_MATRIX_NAMES:
-    return ADAM
-  if any(_is_embedding_part(p) or _is_head_part(p) for p in parts):
-    return ADAM
-  return ORTHO
+  for test, what in ((_is_embedding_part, "embedding"), (_is_head_part, "output head"),
+                     (_is_norm_part, "norm")):
+    named = next((p for p in parts if test(p)), None)
+    if named is not None:
+      return ADAM, f"{what} ('{named}' in the path)"
+  if parts and parts[-1].lower() in NON_MATRIX_NAMES:
+    return ADAM, f"'{parts[-1]}' is not a weight matrix"
+  if ndim == 2:
+    return ORTHO, "matrix"
+  if dims is not None:
+    return ORTHO, "matrix view from dimension_numbers"
+  if matrix_view.default_dims(path, tuple(leaf.shape)) is not None:
+    return ORTHO, "conv kernel"
+  return ADAM, (f"rank {ndim} with no known matrix view (to orthogonalize it, give it a "
+                "MatrixDims in dimension_numbers, e.g. ortho_optax.dims_from_model(model) "
+                "for NNX conv kernels)")
+
+
+def default_label(path: str, leaf, dims=None) -> str:
+  """The default label of one leaf given its ``a/b/c`` path (see module docstring)."""
+  return label_and_reason(path, leaf, dims)[0]
 
 
 def _map_leaves(fn: Callable[[str, Any], Any], tree):
@@ -148,12 +219,14 @@ def _map_leaves(fn: Callable[[str, Any], Any], tree):
       lambda p, x: fn(matrix_view.path_str(p), x), tree, is_leaf=_is_variable)
 
 
-def default_label_fn(params):
-  """Labels hidden weight matrices ``"ortho"``, other float leaves ``"adam"``.
+def default_label_fn(params, dimension_numbers=None):
+  """Labels weight matrices ``"ortho"``, other float leaves ``"adam"`` (module docstring).
 
   Args:
     params: a pytree of parameters or updates (plain arrays, ``nnx.State`` or
       ``nnx.Variable`` leaves).
+    dimension_numbers: as the optimizers take it; a leaf of rank >= 3 with a
+      ``MatrixDims`` here is a matrix (``None``: only conv kernels have a view).
 
   Returns:
     A pytree with the structure of ``params`` whose leaves are ``"ortho"``, ``"adam"``
@@ -162,9 +235,10 @@ def default_label_fn(params):
   References:
     K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
     https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
-    AdamW); SPEC / the seed repository (routing rules).
+    AdamW); optax.contrib.muon (every 2-D leaf, or leaves given dimension numbers).
   """
-  return _map_leaves(default_label, params)
+  dims = _dims_by_path(params, dimension_numbers)
+  return _map_leaves(lambda path, leaf: default_label(path, leaf, dims.get(path)), params)
 
 
 def label_by_path(rule: Callable[[str, Any], str]) -> Callable[[Any], Any]:
@@ -186,7 +260,7 @@ def label_by_path(rule: Callable[[str, Any], str]) -> Callable[[Any], Any]:
   References:
     K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
     https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
-    AdamW); SPEC / the seed repository (routing rules).
+    AdamW); optax.contrib.muon (every 2-D leaf, or leaves given dimension numbers).
   """
 
   def label_fn(params):
@@ -227,7 +301,7 @@ def label_from_model(model) -> Callable[[Any], Any]:
   References:
     K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
     https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
-    AdamW); SPEC / the seed repository (routing rules).
+    AdamW); optax.contrib.muon (every 2-D leaf, or leaves given dimension numbers).
   """
   from flax import nnx
 
@@ -280,7 +354,7 @@ def dims_from_model(model) -> Callable[[Any], Any]:
   References:
     K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
     https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
-    AdamW); SPEC / the seed repository (routing rules).
+    AdamW); optax.contrib.muon (every 2-D leaf, or leaves given dimension numbers).
   """
   from flax import nnx
 
@@ -301,17 +375,63 @@ def dims_from_model(model) -> Callable[[Any], Any]:
   return dims_fn
 
 
-def resolve_labels(params, label_fn=None):
+def resolve_labels(params, label_fn=None, dimension_numbers=None):
   """The label pytree: ``label_fn(params)``, the pytree ``label_fn`` itself, or defaults."""
   if label_fn is None:
-    return default_label_fn(params)
+    return default_label_fn(params, dimension_numbers)
   if callable(label_fn):
     return label_fn(params)
   return label_fn
 
 
+def checked_labels(label_fn, dimension_numbers=None) -> Callable[[Any], Any]:
+  """The ``param_labels`` callable of the optimizers' :func:`optax.multi_transform`.
+
+  ``label_fn`` (or the default rules) with every non floating-point leaf labelled
+  ``"frozen"``: a user label that sends an integer / bool leaf to ``"ortho"`` or
+  ``"adam"`` would otherwise hit a matrix-view error or AdamW's integer arithmetic.
+  A label pytree may be a prefix of the parameters (its label covers the subtree).
+
+  Args:
+    label_fn: ``None`` (:func:`default_label_fn`), a callable ``params -> labels`` or a
+      label pytree (or a prefix of one).
+    dimension_numbers: for the default labels (see :func:`default_label_fn`).
+
+  Returns:
+    ``labels(params) -> pytree of labels`` with the structure of ``params``.
+
+  Raises:
+    ValueError: (when called) for an unknown label, or a complex leaf labelled
+      ``"ortho"`` (the orthogonalizers are real-only), naming the path.
+  """
+
+  def labels(params):
+    given = resolve_labels(params, label_fn, dimension_numbers)
+
+    def subtree(prefix, label, sub):
+      def one(path, leaf):
+        leaf = _leaf_array(leaf)
+        where = matrix_view.path_str(tuple(prefix) + tuple(path)) or "<root>"
+        if label not in LABELS:
+          raise ValueError(f"label {label!r} for '{where}' is not one of {LABELS}.")
+        if not _is_floating(leaf):
+          return FROZEN
+        if label == ORTHO and _is_complex(leaf):
+          raise ValueError(
+              f"'{where}' is complex ({leaf.dtype}) but labelled 'ortho': the "
+              "orthogonalizers take real floating-point matrices only. Label it 'adam' "
+              "(optax.adamw handles complex parameters).")
+        return label
+      return jax.tree_util.tree_map_with_path(one, sub, is_leaf=_is_variable)
+
+    return jax.tree_util.tree_map_with_path(subtree, given, params,
+                                            is_leaf=lambda x: x is None)
+
+  return labels
+
+
 def routing_report(params, label_fn=None, dimension_numbers=None) -> str:
-  """A dry-run table: where each leaf goes and how it is viewed as a matrix.
+  """A dry-run table: where each leaf goes, why, and how it is viewed as a matrix.
 
   Args:
     params: the parameter pytree (arrays, ``jax.ShapeDtypeStruct`` or NNX state).
@@ -319,16 +439,16 @@ def routing_report(params, label_fn=None, dimension_numbers=None) -> str:
     dimension_numbers: as the optimizers take it (``None`` = Flax defaults).
 
   Returns:
-    A text table with columns path, shape, dtype, label, matrix view: ``(batch, out,
-    in)`` for ``"ortho"`` leaves, or the reason there is none (an error that
-    ``init`` would raise), and the totals per label.
+    A text table with columns path, shape, dtype, label, reason (the default rule that
+    decided, or ``label_fn``) and matrix view (``(batch, out, in)`` for ``"ortho"``
+    leaves, or the error ``init`` would raise), then the totals per label.
 
   References:
     K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
     https://kellerjordan.github.io/posts/muon/ (hidden matrices to Muon, the rest to
-    AdamW); SPEC / the seed repository (routing rules).
+    AdamW); optax.contrib.muon (every 2-D leaf, or leaves given dimension numbers).
   """
-  labels = resolve_labels(params, label_fn)
+  labels = resolve_labels(params, label_fn, dimension_numbers)
   flat_params = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]
   flat_labels = jax.tree_util.tree_leaves(labels, is_leaf=lambda x: x is None or _is_variable(x))
   flat_labels = [_leaf_array(lbl) for lbl in flat_labels]
@@ -337,43 +457,54 @@ def routing_report(params, label_fn=None, dimension_numbers=None) -> str:
         f"label_fn returned {len(flat_labels)} labels for {len(flat_params)} parameters.")
   dims_by_path = _dims_by_path(params, dimension_numbers)
 
-  rows = [("path", "shape", "dtype", "label", "matrix view (batch, out, in)")]
+  rows = [("path", "shape", "dtype", "label", "reason", "matrix view (batch, out, in)")]
   counts: dict[str, list[int]] = {}
   for (path, leaf), label in zip(flat_params, flat_labels):
     leaf = _leaf_array(leaf)
     name = matrix_view.path_str(path)
     shape = tuple(getattr(leaf, "shape", ()))
     dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
+    default, reason = label_and_reason(name, leaf, dims_by_path.get(name))
+    if label_fn is not None:
+      reason = "label_fn" + ("" if label == default else f" (default: {default}, {reason})")
     if label == ORTHO:
-      dims = dims_by_path.get(name)
-      if dims is None:
-        dims = matrix_view.default_dims(name, shape)
-      if dims is None:
-        view = "ERROR: no default view; pass dimension_numbers for it or route it to adam"
-      else:
-        try:
-          b, o, i = matrix_view.matrix_shape(shape, dims)
-          dims = matrix_view.validate_dims(dims, shape)
-          view = (f"({b}, {o}, {i}) out_axes={dims.output_axes} in_axes={dims.reduction_axes}"
-                  + (f" splits={dims.num_splits}" if dims.num_splits > 1 else ""))
-        except ValueError as e:
-          view = f"ERROR: {e}"
+      view = _view(name, shape, dims_by_path.get(name), leaf)
     elif label == ADAM:
       view = "- (element-wise)"
     elif label == FROZEN:
       view = "- (not floating point: update zero)"
     else:
       view = f"- (custom label {label!r})"
-    rows.append((name, str(shape), dtype, str(label), view))
+    rows.append((name, str(shape), dtype, str(label), reason, view))
     c = counts.setdefault(str(label), [0, 0])
     c[0] += 1
     c[1] += math.prod(shape)
-  widths = [max(len(r[k]) for r in rows) for k in range(4)]
-  lines = ["  ".join(r[k].ljust(widths[k]) for k in range(4)) + "  " + r[4] for r in rows]
-  lines.insert(1, "-" * (sum(widths) + 8 + len(rows[0][4])))
+  n = len(rows[0]) - 1
+  widths = [max(len(r[k]) for r in rows) for k in range(n)]
+  lines = ["  ".join(r[k].ljust(widths[k]) for k in range(n)) + "  " + r[n] for r in rows]
+  lines.insert(1, "-" * (sum(widths) + 2 * n + len(rows[0][n])))
   total = ", ".join(f"{lbl}: {n} leaves / {size:,} values" for lbl, (n, size) in counts.items())
+  if ORTHO not in counts:
+    total += " (nothing is orthogonalized)"
   lines.append(f"total: {total}")
   return "\n".join(lines)
+
+
+def _view(name, shape, dims, leaf) -> str:
+  """The matrix view of an ``"ortho"`` leaf, or the error ``init`` would raise."""
+  if _is_complex(leaf):
+    return "ERROR: complex leaf labelled 'ortho'; route it to 'adam'"
+  if dims is None:
+    dims = matrix_view.default_dims(name, shape)
+  if dims is None:
+    return "ERROR: no default view; pass dimension_numbers for it or route it to adam"
+  try:
+    b, o, i = matrix_view.matrix_shape(shape, dims)
+    dims = matrix_view.validate_dims(dims, shape)
+  except ValueError as e:
+    return f"ERROR: {e}"
+  return (f"({b}, {o}, {i}) out_axes={dims.output_axes} in_axes={dims.reduction_axes}"
+          + (f" splits={dims.num_splits}" if dims.num_splits > 1 else ""))
 
 
 def _dims_by_path(params, dimension_numbers) -> dict:
@@ -399,8 +530,8 @@ def dims_path_dict(dims_tree) -> dict:
 
 
 __all__ = [
-    "ADAM", "EMBEDDING_NAMES", "FROZEN", "HIDDEN_MATRIX_NAMES", "LABELS", "ORTHO",
+    "ADAM", "EMBEDDING_NAMES", "FROZEN", "LABELS", "NON_MATRIX_NAMES", "NORM_NAMES", "ORTHO",
     "OUTPUT_HEAD_NAMES", "default_label", "default_label_fn", "dims_from_model",
-    "dims_path_dict",
-    "label_by_path", "label_from_model", "resolve_labels", "routing_report",
+    "checked_labels", "dims_path_dict", "label_and_reason", "label_by_path", "label_from_model",
+    "resolve_labels", "routing_report",
 ]

@@ -1,6 +1,7 @@
 """Every public function of ``ortho_optax`` and ``ortho_optax.pallas`` has an optax-style
 docstring with ``Args:`` (when it takes parameters), ``Returns:`` and ``References:``."""
 
+import functools
 import inspect
 
 import pytest
@@ -15,8 +16,10 @@ def _public_functions(module, prefix):
   for name, obj in vars(module).items():
     if name.startswith("_") or inspect.isclass(obj) or not callable(obj):
       continue
-    # functools wrappers (e.g. ``lru_cache``) are callables, not function objects.
+    # functools wrappers (e.g. ``lru_cache``) are callables, not function objects, and
+    # presets are ``functools.partial`` objects of a function.
     target = inspect.unwrap(obj) if hasattr(obj, "__wrapped__") else obj
+    target = target.func if isinstance(target, functools.partial) else target
     if inspect.isfunction(target) and getattr(obj, "__module__", "").startswith(prefix):
       found[f"{module.__name__}.{name}"] = obj
   return found

@@ -223,7 +223,7 @@ def test_defaults_follow_the_references():
       0.02, 0.95, 0.01, 5)
   assert (m["nesterov"], m["coefficients"], m["scale_mode"], m["eps"]) == (
       True, "muon", "shape_scaling", 1e-7)
-  assert m["compute_dtype"] == jnp.bfloat16
+  assert jnp.dtype(m["compute_dtype"]) == jnp.bfloat16  # a name: not a schedule to optax
   # Turbo-Muon (SPEC 2.2-2.3) and its aux Adam.
   assert (t["learning_rate"], t["momentum"], t["weight_decay"], t["variant"], t["eps"]) == (
       0.02, 0.95, 0.0, "turbo", 1e-6)

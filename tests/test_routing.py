@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ortho_optax import routing
+from ortho_optax import routing, validation
 from ortho_optax.matrix_view import TORCH_LAYOUT, MatrixDims
 from ortho_optax.optimizers import _common
 
@@ -58,10 +58,15 @@ def test_default_label_fn_plain_dict():
       "out_proj": {"kernel": jnp.ones((4, 4))},  # attention output: hidden
       "output_proj": {"kernel": jnp.ones((4, 4))},  # documented head name
       "classifier_head": {"kernel": jnp.ones((4, 3))},
-      "w_matrix_without_kernel_name": jnp.ones((4, 4)),  # rank alone never decides
+      "w_matrix_without_kernel_name": jnp.ones((4, 4)),  # any 2-D leaf is a matrix
+      "stacked": {"kernel": jnp.ones((2, 4, 4))},  # rank 3, no view: AdamW
       "scalar": jnp.float32(1.0),
       "step": jnp.zeros((), jnp.int32),
       "int_table": {"kernel": jnp.zeros((3, 3), jnp.int32)},
+      "complex_w": jnp.ones((3, 3), jnp.complex64),
+      # Norm parameters stacked over layers are 2-D; so is a stacked bias.
+      "ln_f": {"scale": jnp.ones((2, 4))}, "LayerNorm_0": {"w": jnp.ones((2, 4))},
+      "layers": {"bias": jnp.ones((2, 4)), "offset": jnp.ones((2, 4))},
       # HF Flax BERT names: a hidden "output/dense" and nested embeddings.
       "attention": {"output": {"dense": {"kernel": jnp.ones((4, 4))}}},
       "embeddings": {"word_embeddings": {"embedding": jnp.ones((10, 4))}},
@@ -71,11 +76,26 @@ def test_default_label_fn_plain_dict():
       "Dense_0/kernel": "ortho", "Dense_0/bias": "adam", "conv/kernel": "ortho",
       "embed/embedding": "adam", "wpe/kernel": "adam", "head/kernel": "adam",
       "out_proj/kernel": "ortho", "output_proj/kernel": "adam",
-      "classifier_head/kernel": "adam", "w_matrix_without_kernel_name": "adam",
+      "classifier_head/kernel": "adam", "w_matrix_without_kernel_name": "ortho",
+      "stacked/kernel": "adam",
       "scalar": "adam", "step": "frozen", "int_table/kernel": "frozen",
+      "complex_w": "adam", "ln_f/scale": "adam", "LayerNorm_0/w": "adam",
+      "layers/bias": "adam", "layers/offset": "adam",
       "attention/output/dense/kernel": "ortho",
       "embeddings/word_embeddings/embedding": "adam",
   }
+  # A declared view makes the rank-3 leaf a matrix.
+  dims = {"stacked": {"kernel": MatrixDims((1,), (2,))}}
+  got = _labels_by_path(routing.default_label_fn(params, dims))
+  assert got["stacked/kernel"] == "ortho" and got["Dense_0/kernel"] == "ortho"
+
+
+def test_unnamed_matrices_are_orthogonalized():
+  # The shapes of a user's first try: no kernel / weight names at all.
+  for params in ({"w1": jnp.ones((64, 32)), "w2": jnp.ones((32, 16))},
+                 {"square": jnp.ones((18, 18))}, [jnp.ones((3, 5)), jnp.ones(5)]):
+    labels = jax.tree.leaves(routing.default_label_fn(params))
+    assert labels.count("ortho") == sum(jnp.ndim(x) == 2 for x in jax.tree.leaves(params))
 
 
 def test_nnx_state_variables_and_pure_arrays_get_the_same_labels():
@@ -137,8 +157,14 @@ def test_routing_report_lists_every_leaf_and_views():
   rep = routing.routing_report(params, dimension_numbers=dims)
   row = {line.split()[0]: line for line in rep.splitlines()[2:-1]}
   assert "(1, 6, 4)" in row["a/kernel"]
-  assert "ERROR" in row["b/kernel"] and "dimension_numbers" in row["b/kernel"]
+  # No view: AdamW, and the reason says how to orthogonalize it.
+  assert " adam " in row["b/kernel"] and "dimension_numbers" in row["b/kernel"]
   assert "(2, 3, 4)" in row["c/kernel"]
+  # A label_fn that sends it to "ortho" anyway: the error init would raise.
+  rep = routing.routing_report(params, label_fn=lambda p: jax.tree.map(lambda _: "ortho", p))
+  row = {line.split()[0]: line for line in rep.splitlines()[2:-1]}
+  assert "ERROR" in row["b/kernel"] and "dimension_numbers" in row["b/kernel"]
+  assert "label_fn (default: adam" in row["b/kernel"]
 
 
 def test_with_adamw_fallback_routes_and_accepts_schedules():
@@ -172,31 +198,62 @@ def test_masked_dimension_numbers_follows_paths():
 
 
 @pytest.mark.parametrize("check, args, match", [
-    (_common.check_non_negative, ("learning_rate", -1.0), "learning_rate=-1.0"),
-    (_common.check_positive, ("eps", 0.0), "eps=0.0"),
-    (_common.check_in_range, ("momentum", 1.5, 0.0, 1.0), r"\[0.0, 1.0\].*momentum=1.5"),
-    (_common.check_in_range, ("b2", 1.0, 0.0, 1.0), None),
-    (_common.check_choice, ("method", "svd", ("polar", "newton_schulz")), "'polar'"),
-    (_common.check_int, ("ns_steps", 2.5, 1), "ns_steps=2.5"),
-    (_common.check_int, ("ns_steps", 0, 1), ">= 1"),
-    (_common.check_non_negative, ("weight_decay", float("nan")), "nan"),
+    (validation.check_non_negative, ("learning_rate", -1.0), "learning_rate=-1.0"),
+    (validation.check_positive, ("eps", 0.0), "eps=0.0"),
+    (validation.check_range, ("momentum", 1.5, 0.0, 1.0), r"\[0.0, 1.0\].*momentum=1.5"),
+    (validation.check_choice, ("method", "svd", ("polar", "newton_schulz")), "'polar'"),
+    (validation.check_int, ("ns_steps", 2.5, 1), "ns_steps=2.5"),
+    (validation.check_int, ("ns_steps", 0, 1), ">= 1"),
+    (validation.check_int, ("ns_steps", jnp.array(5), 1), "static_args"),
+    (validation.check_non_negative, ("weight_decay", float("nan")), "nan"),
+    (validation.check_non_negative, ("weight_decay", float("inf")), "inf"),
+    (validation.check_non_negative, ("weight_decay", "0.1"), "'0.1'"),
+    (validation.check_non_negative, ("weight_decay", None), "None"),
+    (validation.check_non_negative, ("weight_decay", True), "True"),
+    (validation.check_bool, ("nesterov", "yes"), "nesterov='yes'"),
+    (validation.check_choice, ("kahan_sum", 1, (None, True, False)), "kahan_sum=1"),
 ])
 def test_validators_raise(check, args, match):
-  if match is None:  # check_in_range with an exclusive bound
-    with pytest.raises(ValueError):
-      _common.check_in_range(*args, high_inclusive=False)
-    return
   with pytest.raises(ValueError, match=match):
     check(*args)
 
 
-def test_validators_skip_arrays_and_schedules():
-  _common.check_non_negative("learning_rate", optax.constant_schedule(-1.0))
-  _common.check_non_negative("learning_rate", jnp.array(-1.0))
-  _common.check_in_range("momentum", jnp.array(3.0), 0.0, 1.0)
-  _common.check_positive("lr", 1)
+def test_validators_exclusive_bounds_and_schedules():
+  with pytest.raises(ValueError):
+    validation.check_range("b2", 1.0, 0.0, 1.0, high_open=True)
+  with pytest.raises(ValueError, match="step 0"):
+    validation.check_learning_rate(optax.constant_schedule(-1.0))
+  with pytest.raises(ValueError, match="step 1"):
+    validation.check_learning_rate(lambda step: 0.1 - step)  # negative from step 1 on
+  with pytest.raises(ValueError, match="nan"):
+    validation.check_learning_rate(lambda step: jnp.log(step - 1.0))
+  with pytest.raises(ValueError, match="schedule"):
+    validation.check_non_negative("weight_decay", optax.constant_schedule(0.1))
+
+
+def test_validators_skip_arrays_and_traced_schedules():
+  validation.check_non_negative("learning_rate", jnp.array(-1.0))
+  validation.check_range("momentum", jnp.array(3.0), 0.0, 1.0)
+  validation.check_positive("lr", 1)
+  validation.check_learning_rate(optax.warmup_cosine_decay_schedule(0.0, 0.1, 10, 100))
+
+  def needs_a_trace(step):  # a schedule that only works on arrays
+    return jnp.where(step.astype(jnp.int32) < 5, 0.1, 0.01)
+  validation.check_learning_rate(needs_a_trace)
   with pytest.raises(ValueError, match="adam_b2"):
     _common.with_adamw_fallback(optax.sgd(1.0), adam_b2=1.0)
+
+
+@pytest.mark.parametrize("spelling", ["bf16", "bfloat16", "F32", "float", jnp.float16,
+                                      np.dtype("float64")])
+def test_check_dtype_spellings(spelling):
+  assert jnp.issubdtype(validation.check_dtype("compute_dtype", spelling), jnp.floating)
+
+
+@pytest.mark.parametrize("bad", ["f33", jnp.int8, "complex64", jnp.array(0.0)])
+def test_check_dtype_rejects(bad):
+  with pytest.raises(ValueError, match="compute_dtype.*bf16"):
+    validation.check_dtype("compute_dtype", bad)
 
 
 def test_dims_from_model_views_conv_kernels_by_type():
@@ -212,7 +269,9 @@ def test_dims_from_model_views_conv_kernels_by_type():
   got = routing.dims_path_dict(dims(state))
   assert got["stem/kernel"] == MatrixDims((0, 1, 2), (3,))
   assert got["fc/kernel"] is None
-  # Without it the 4-D kernel has no default view; with it the report shows one.
-  assert "ERROR" in routing.routing_report(state).split("stem/kernel")[1].splitlines()[0]
+  # Without it the 4-D kernel has no default view (AdamW, and the report says how to
+  # give one); with it the kernel is orthogonalized and the report shows its view.
+  row = routing.routing_report(state).split("stem/kernel")[1].splitlines()[0]
+  assert " adam " in row and "dims_from_model" in row
   row = routing.routing_report(state, dimension_numbers=dims).split("stem/kernel")[1]
-  assert "(1, 8, 27)" in row.splitlines()[0]
+  assert " ortho " in row and "(1, 8, 27)" in row.splitlines()[0]

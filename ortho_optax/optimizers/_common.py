@@ -1,15 +1,10 @@
-"""Shared pieces of the optimizers: the AdamW fallback and hyperparameter checks.
-
-Validation helpers follow one policy (team brief): they check *Python numbers* only and
-raise a ``ValueError`` that names the hyperparameter, its value and what is allowed.
-Anything else (a ``jax.Array``, a NumPy array, a schedule, a tracer under
-``optax.inject_hyperparams``) is accepted as is, because it may only be known at run
-time.
-"""
+"""Shared pieces of the optimizers: the AdamW fallback, routing and preset signatures."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import inspect
+import warnings
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,26 +12,18 @@ import optax
 
 from ortho_optax import matrix_view
 from ortho_optax import routing
+from ortho_optax import validation
 
 
-from ortho_optax.validation import (  # noqa: F401  (re-exported for the optimizers)
-    check_choice,
-    check_in_range,
-    check_int,
-    check_learning_rate,
-    check_momentum,
-    check_non_negative,
-    check_positive,
-)
-
-
-def check_adam(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay) -> None:
-  """Validates the ``adam_*`` hyperparameters shared by every optimizer."""
-  check_learning_rate(adam_learning_rate, "adam_learning_rate")
-  check_in_range("adam_b1", adam_b1, 0.0, 1.0, high_inclusive=False)
-  check_in_range("adam_b2", adam_b2, 0.0, 1.0, high_inclusive=False)
-  check_non_negative("adam_eps", adam_eps)
-  check_non_negative("adam_weight_decay", adam_weight_decay)
+def check_adam(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay,
+               adam_nesterov=False) -> None:
+  """Validates the ``adam_*`` hyperparameters of the AdamW branch."""
+  validation.check_learning_rate(adam_learning_rate, "adam_learning_rate")
+  validation.check_range("adam_b1", adam_b1, 0.0, 1.0, high_open=True)
+  validation.check_range("adam_b2", adam_b2, 0.0, 1.0, high_open=True)
+  validation.check_non_negative("adam_eps", adam_eps)
+  validation.check_non_negative("adam_weight_decay", adam_weight_decay, schedule=True)
+  validation.check_bool("adam_nesterov", adam_nesterov)
 
 
 # ---------------------------------------------------------------------------------------
@@ -52,16 +39,20 @@ def with_adamw_fallback(
     adam_b2: float = 0.95,
     adam_eps: float = 1e-10,
     adam_weight_decay: float = 0.0,
+    adam_nesterov: bool = False,
     label_fn: Any = None,
+    dimension_numbers: Any = None,
     adam_tx: Optional[optax.GradientTransformation] = None,
-) -> optax.GradientTransformation:
-  """Sends hidden matrices to ``ortho_tx`` and every other parameter to AdamW.
+    name: Optional[str] = "with_adamw_fallback",
+) -> optax.GradientTransformationExtraArgs:
+  """Sends weight matrices to ``ortho_tx`` and every other parameter to AdamW.
 
   Built on :func:`optax.multi_transform` with the labels of
   :mod:`ortho_optax.routing`: ``"ortho"`` -> ``ortho_tx``, ``"adam"`` -> AdamW (or
   ``adam_tx``), ``"frozen"`` (non floating-point leaves) -> :func:`optax.set_to_zero`.
   ``ortho_tx`` only ever sees the ``"ortho"`` leaves (the others are
-  ``optax.MaskedNode``), so its stages may assume matrices.
+  ``optax.MaskedNode``), so its stages may assume matrices. ``init`` warns (once) when
+  no leaf is labelled ``"ortho"``.
 
   Args:
     ortho_tx: the orthogonalized chain (already including its learning rate).
@@ -69,16 +60,26 @@ def with_adamw_fallback(
     adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW hyperparameters
       (:func:`optax.adamw`; bias-corrected, ``eps`` outside the square root, decoupled
       decay multiplied by the learning rate).
+    adam_nesterov: NAdamW (:func:`optax.adamw` with ``nesterov=True``), as
+      optax.contrib.muon's AdamW branch uses with ``nesterov=True``.
     label_fn: ``None`` (:func:`ortho_optax.routing.default_label_fn`), a callable
-      ``params -> label pytree`` or the label pytree itself; labels ``"ortho"``,
-      ``"adam"`` and ``"frozen"``.
+      ``params -> label pytree`` or the label pytree (or a prefix of it); labels
+      ``"ortho"``, ``"adam"`` and ``"frozen"``.
+    dimension_numbers: the optimizer's matrix views, for the default labels (a leaf of
+      rank >= 3 with a ``MatrixDims`` is a matrix); unused with a ``label_fn``.
     adam_tx: replaces the AdamW branch entirely (e.g. AuON's custom Adam, or a
       :func:`optax.inject_hyperparams`-wrapped AdamW); the ``adam_*`` numbers are then
       ignored.
+    name: the optimizer's name in the warning; ``None`` turns the warning off (when the
+      two branches are the same optimizer).
 
   Returns:
-    An ``optax.GradientTransformation`` (a ``multi_transform``; its state is
+    An ``optax.GradientTransformationExtraArgs`` (a ``multi_transform``; its state is
     ``optax.MultiTransformState`` with ``inner_states["ortho" | "adam" | "frozen"]``).
+
+  Raises:
+    ValueError: for bad ``adam_*`` values; at ``init`` / ``update`` for a complex leaf
+      labelled ``"ortho"`` or an unknown label.
 
   References:
     K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
@@ -87,36 +88,64 @@ def with_adamw_fallback(
     arXiv 2502.16982, 2025.
   """
   if adam_tx is None:
-    check_adam(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay)
+    check_adam(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay,
+               adam_nesterov)
     adam_tx = float16_in_float32(optax.adamw(
         learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-        weight_decay=adam_weight_decay))
+        weight_decay=adam_weight_decay, nesterov=adam_nesterov))
   transforms = {
       routing.ORTHO: ortho_tx,
       routing.ADAM: adam_tx,
       routing.FROZEN: optax.set_to_zero(),
   }
-  return optax.multi_transform(transforms, _freeze_non_floating(label_fn))
+  labels = routing.checked_labels(label_fn, dimension_numbers)
+  tx = optax.multi_transform(transforms, labels)
+  if name is None:
+    return tx
+  return optax.GradientTransformationExtraArgs(
+      _warn_if_nothing_orthogonalized(tx.init, labels, name), tx.update)
 
 
-def _freeze_non_floating(label_fn):
-  """``label_fn`` with every non floating-point leaf labelled ``"frozen"``.
+def _warn_if_nothing_orthogonalized(init, labels, name):
+  """``init`` that warns, the first time only, when no leaf is labelled ``"ortho"``."""
+  warned = []
 
-  The default rules already do this; a user label pytree or callable that sends an
-  integer / bool leaf to ``"ortho"`` or ``"adam"`` would otherwise hit a matrix-view
-  error or AdamW's integer arithmetic. Integer leaves are always left untouched.
+  def init_fn(params):
+    state = init(params)
+    flat = jax.tree.leaves(labels(params))
+    if not warned and routing.ORTHO not in flat and routing.ADAM in flat:
+      warned.append(True)
+      warnings.warn(
+          f"{name}: no parameter reaches the orthogonalized branch; all "
+          f"{flat.count(routing.ADAM)} trainable leaves go to the AdamW branch. By default "
+          "real floating-point 2-D leaves (and N-D leaves with a matrix view) are "
+          "orthogonalized unless their path names an embedding, an output head or a norm. "
+          "See ortho_optax.routing_report(params) and pass label_fn or dimension_numbers "
+          "to route your matrices.", UserWarning, stacklevel=2)
+    return state
+
+  return init_fn
+
+
+def preset_signature(base: Callable[..., Any], exclude=()):
+  """Decorator: a preset's signature is its own arguments, then ``base``'s other ones.
+
+  The preset ``def preset(own args..., **base_kwargs)`` forwards the rest to ``base``;
+  its ``__signature__`` lists ``base``'s remaining arguments (minus ``exclude``, the ones
+  the preset sets itself) as keyword-only, so ``inspect.signature`` and
+  ``optax.inject_hyperparams`` see every argument and its default.
   """
-  base = routing.default_label_fn if label_fn is None else label_fn
 
-  def labels(params):
-    lab = base(params) if callable(base) else base
+  def decorate(fn):
+    own = inspect.signature(fn)
+    params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    taken = {p.name for p in params} | set(exclude)
+    rest = [p.replace(kind=p.KEYWORD_ONLY)
+            for p in inspect.signature(base).parameters.values() if p.name not in taken]
+    fn.__signature__ = own.replace(parameters=params + rest)
+    return fn
 
-    def one(label, leaf):
-      return label if routing._is_floating(routing._leaf_array(leaf)) else routing.FROZEN
-
-    return jax.tree.map(one, lab, params, is_leaf=lambda x: x is None)
-
-  return labels
+  return decorate
 
 
 def _to_float32_if_float16(x):
@@ -191,8 +220,6 @@ def find_states(tree: Any, match) -> list[Any]:
 
 
 __all__ = [
-    "check_adam", "check_choice", "check_in_range", "check_int", "check_learning_rate",
-    "check_momentum", "check_non_negative", "check_positive", "float16_in_float32",
-    "find_states", "masked_dimension_numbers",
-    "with_adamw_fallback",
+    "check_adam", "float16_in_float32", "find_states", "masked_dimension_numbers",
+    "preset_signature", "with_adamw_fallback",
 ]

@@ -1,16 +1,15 @@
-"""NVIDIA Emerging-Optimizers' AdaptiveMuon (SPEC 5.5): AdaMuon, NorMuon, NAMO."""
+"""NVIDIA Emerging-Optimizers' AdaptiveMuon: AdaMuon, NorMuon, NAMO."""
 
-from __future__ import annotations
-
-import inspect
+# No `from __future__ import annotations`: optax (its inject_hyperparams and its test suite)
+# reads the learning rate's annotation, optax.ScalarOrSchedule, from the signature.
+import functools
 from typing import Any, Optional
 
-import jax.numpy as jnp
 import optax
 
 from ortho_optax.optimizers import _common
-from ortho_optax.optimizers.muon import orthogonalized_chain, validate_common, with_kahan
-from ortho_optax.stages.second_moment import SECOND_MOMENT_METHODS, scale_by_second_moment
+from ortho_optax.optimizers.muon import orthogonalized_chain, with_kahan
+from ortho_optax.stages.second_moment import scale_by_second_moment
 
 
 def adaptive_muon(
@@ -26,7 +25,7 @@ def adaptive_muon(
     coefficients: Any = "quintic",
     preconditioning: str = "frobenius",
     ns_eps: float = 1e-7,
-    compute_dtype: Any = jnp.bfloat16,
+    compute_dtype: Any = "bfloat16",
     scale_mode: str = "spectral",
     extra_scale_factor: float = 1.0,
     mu_dtype: Optional[Any] = None,
@@ -95,18 +94,10 @@ def adaptive_muon(
     with Orthogonalized Momentum" (NAMO), arXiv 2602.17080, 2026;
     NVIDIA-NeMo/Emerging-Optimizers ``adaptive_muon.py``.
   """
-  _common.check_choice("moment2_method", moment2_method, SECOND_MOMENT_METHODS)
   if moment2_method == "namo" and weight_decay_method == "l2":
     raise ValueError(
         "moment2_method='namo' cannot be combined with weight_decay_method='l2' (NAMO tracks "
         "the raw gradient's norm); use 'decoupled', 'independent' or 'palm'.")
-  _common.check_in_range("beta2", beta2, 0.0, 1.0, high_inclusive=False)
-  _common.check_non_negative("eps", eps)
-  validate_common(
-      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
-      weight_decay_method=weight_decay_method, ns_steps=ns_steps, coefficients=coefficients,
-      preconditioning=preconditioning, scale_mode=scale_mode,
-      extra_scale_factor=extra_scale_factor, eps=ns_eps, backend=backend)
   dims = _common.masked_dimension_numbers(dimension_numbers)
 
   def second_moment(momentum_tx, orth_tx):
@@ -122,85 +113,48 @@ def adaptive_muon(
       backend=backend, second_moment=second_moment)
   return with_kahan(_common.with_adamw_fallback(
       ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn), kahan_sum)
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn,
+      dimension_numbers=dimension_numbers, name=f"adaptive_muon({moment2_method!r})"),
+      kahan_sum)
 
 
-def _fixed_method(method: str, summary: str):
-  """``adaptive_muon`` with ``moment2_method`` fixed, keeping a real signature.
+_PRESET_DOC = """{summary}
 
-  The signature (``__signature__``) is ``adaptive_muon``'s minus ``moment2_method``,
-  so ``optax.inject_hyperparams`` and ``inspect`` see the true arguments.
-  """
-  sig = inspect.signature(adaptive_muon)
-  new_sig = sig.replace(parameters=[
-      p for p in sig.parameters.values() if p.name != "moment2_method"])
+``adaptive_muon(moment2_method={method!r}, ...)`` (a ``functools.partial``): every other
+argument and default (NVIDIA's) as :func:`adaptive_muon`.{extra}
 
-  def factory(*args, **kwargs) -> optax.GradientTransformation:
-    bound = new_sig.bind(*args, **kwargs)
-    return adaptive_muon(moment2_method=method, **bound.arguments)
+Args:
+  **kwargs: the arguments of :func:`adaptive_muon` except ``moment2_method``.
 
-  factory.__signature__ = new_sig
-  factory.__name__ = factory.__qualname__ = method
-  factory.__doc__ = (
-      f"{summary}\n\n  ``adaptive_muon(moment2_method={method!r}, ...)``: same arguments and "
-      "defaults (NVIDIA's) as :func:`adaptive_muon`, without ``moment2_method``.\n")
-  return factory
+Returns:
+  An ``optax.GradientTransformation`` whose orthogonalized branch's state holds a
+  :class:`ortho_optax.stages.second_moment.SecondMomentState`.
 
-
-adamuon = _fixed_method(
-    "adamuon", "AdaMuon: Muon with an elementwise second moment of the orthogonalized update.")
-normuon = _fixed_method(
-    "normuon", "NorMuon: Muon with per-row (per-column for wide matrices) second-moment "
-    "normalisation, rescaled to the update's Frobenius norm.")
-namo = _fixed_method(
-    "namo", "NAMO: Muon scaled by ||U||_F / sqrt(EMA of ||g||_F^2) (norm-adaptive step size).")
-
-_PRESET_ARGS = """
-  Args:
-    learning_rate: lr of the orthogonalized branch, a number or schedule (default 3e-4).
-    momentum: EMA coefficient in ``[0, 1)`` (default 0.95).
-    weight_decay: decay coefficient >= 0 (default 0.01).
-    beta2: second-moment EMA coefficient in ``[0, 1)`` (default 0.95).
-    eps: second-moment epsilon (default 1e-8).
-    nesterov: Nesterov blend (default ``False``, as in the reference).
-    weight_decay_method: ``"decoupled"`` (default), ``"independent"``, ``"l2"`` or
-      ``"palm"``.{l2_note}
-    ns_steps, coefficients, preconditioning, compute_dtype, backend: Newton-Schulz
-      (defaults 5, ``"quintic"``, ``"frobenius"``, ``jnp.bfloat16``, ``"auto"``), as in
-      :func:`ortho_optax.optimizers.muon.muon`.
-    ns_eps: Newton-Schulz normalisation epsilon (default 1e-7).
-    scale_mode, extra_scale_factor, mu_dtype: as in :func:`~ortho_optax.optimizers.muon.muon`
-      (defaults ``"spectral"``, 1.0, ``None``).
-    adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW branch for
-      non-matrix leaves (defaults 3e-4, 0.9, 0.95, 1e-10, 0.0).
-    label_fn, dimension_numbers: routing and matrix views (``None``: the defaults).
-    kahan_sum: Kahan-compensated summation for bf16/fp16 parameters (default ``False``).
-
-  Returns:
-    An ``optax.GradientTransformation``, the same as
-    ``adaptive_muon(moment2_method={method!r}, ...)``: the orthogonalized branch's state
-    holds a :class:`ortho_optax.stages.second_moment.SecondMomentState`.
-
-  Raises:
-    ValueError: for invalid hyperparameters{raises_note}.
-
-  References:
-    {references}
-    NVIDIA-NeMo/Emerging-Optimizers ``adaptive_muon.py``; K. Jordan et al., "Muon",
-    2024, https://kellerjordan.github.io/posts/muon/.
+References:
+  {references}
+  NVIDIA-NeMo/Emerging-Optimizers ``adaptive_muon.py``.
 """
 
 
-def _preset_doc(tx, references, l2_note="", raises_note=""):
-  tx.__doc__ += _PRESET_ARGS.format(method=tx.__name__, references=references,
-                                    l2_note=l2_note, raises_note=raises_note)
+def _preset(method: str, summary: str, references: str, extra: str = ""):
+  preset = functools.partial(adaptive_muon, moment2_method=method)
+  preset.__doc__ = _PRESET_DOC.format(summary=summary, method=method, extra=extra,
+                                      references=references)
+  preset.__module__ = __name__
+  return preset
 
 
-_preset_doc(adamuon, """C. Si, D. Zhang, W. Shen, "AdaMuon: Adaptive Muon Optimizer",
-    arXiv 2507.11005, 2025;""")
-_preset_doc(normuon, """Z. Li et al., "NorMuon: Making Muon more efficient and scalable",
-    arXiv 2510.05491, 2025;""")
-_preset_doc(namo, """M. Zhang, Y. Liu, H. Schaeffer, "Adam Improves Muon: Adaptive Moment
-    Estimation with Orthogonalized Momentum", arXiv 2602.17080, 2026;""",
-            l2_note=" ``\"l2\"`` is rejected (NAMO tracks the raw gradient's norm).",
-            raises_note=", including ``weight_decay_method=\"l2\"``")
+adamuon = _preset(
+    "adamuon", "AdaMuon: Muon with an elementwise second moment of the orthogonalized update.",
+    'C. Si, D. Zhang, W. Shen, "AdaMuon: Adaptive Muon Optimizer", arXiv 2507.11005, 2025;')
+normuon = _preset(
+    "normuon", "NorMuon: Muon with per-row (per-column for wide matrices) second-moment "
+    "normalisation, rescaled to the update's Frobenius norm.",
+    'Z. Li et al., "NorMuon: Making Muon more efficient and scalable", arXiv 2510.05491, '
+    "2025;")
+namo = _preset(
+    "namo", "NAMO: Muon scaled by ||U||_F / sqrt(EMA of ||g||_F^2) (norm-adaptive step size).",
+    'M. Zhang, Y. Liu, H. Schaeffer, "Adam Improves Muon: Adaptive Moment Estimation with '
+    'Orthogonalized Momentum", arXiv 2602.17080, 2026;',
+    extra=" ``weight_decay_method=\"l2\"`` is rejected (NAMO tracks the raw gradient's "
+    "norm).")

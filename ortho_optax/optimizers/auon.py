@@ -1,4 +1,4 @@
-"""AuON and HybridAuON (ryyzn9/AuON; SPEC sections 1.2, 1.3, 1.5).
+"""AuON and HybridAuON (ryyzn9/AuON).
 
 AuON, per hidden matrix (any rank: it is element-wise plus one whole-tensor norm)::
 
@@ -10,7 +10,7 @@ AuON, per hidden matrix (any rank: it is element-wise plus one whole-tensor norm
 
 Since ``G / (r + 1e-8)`` does not depend on ``p``, the decay and the step are returned as
 one optax update ``-(lr G / (r + 1e-8) + lr wd p)``. A zero ``G`` gives a zero step
-(``r = 1``), which is the reference's skip. As the SPEC notes, ``r`` is within ~2% of 1 for
+(``r = 1``), which is the reference's skip. ``r`` is within ~2% of 1 for
 realistic tensors: AuON *as implemented* is SGD with EMA-Nesterov momentum, decoupled
 decay and a small cosh brake; the port computes ``r`` exactly.
 
@@ -19,8 +19,8 @@ Every other parameter (biases, norms, embeddings, head) goes to AdamW (``adam_*`
 *uncorrected* ``sqrt(v)``).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: optax (its inject_hyperparams and its test suite)
+# reads the learning rate's annotation, optax.ScalarOrSchedule, from the signature.
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
+from ortho_optax import validation
 from ortho_optax.optimizers import _common
 from ortho_optax.stages import decay as decay_stages
 from ortho_optax.stages import momentum as momentum_stages
@@ -37,13 +38,6 @@ from ortho_optax.stages import orthogonalize as orth_stages
 
 def _ndim_at_least_2(tree):
   return jax.tree.map(lambda x: getattr(x, "ndim", 0) >= 2, tree)
-
-
-def _check_auon(learning_rate, momentum, weight_decay, gamma):
-  _common.check_learning_rate(learning_rate)
-  _common.check_in_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
-  _common.check_non_negative("weight_decay", weight_decay)
-  _common.check_non_negative("gamma", gamma)
 
 
 def auon(
@@ -75,8 +69,9 @@ def auon(
       branch (non-matrix leaves).
     adam_tx: replaces the AdamW branch (e.g. :func:`auon_adam`, the reference's Adam).
     label_fn: routing (:func:`ortho_optax.routing.default_label_fn` when ``None``).
-    dimension_numbers: accepted for API uniformity; AuON needs no matrix view (its
-      norm is over the whole tensor), so it is unused.
+    dimension_numbers: only for the default routing (a leaf of rank >= 3 with a
+      ``MatrixDims`` is a matrix); AuON itself needs no matrix view (its norm is over the
+      whole tensor).
     backend: accepted for API uniformity (no Newton-Schulz here); unused.
     mu_dtype: dtype of the momentum buffer (``None``: the parameter dtype).
 
@@ -88,8 +83,7 @@ def auon(
     arXiv 2509.24320, 2025; ryyzn9/AuON ``auon/optimizer.py::AuON``
     (commit bba2e82).
   """
-  _check_auon(learning_rate, momentum, weight_decay, gamma)
-  del dimension_numbers, backend
+  del backend
   ortho_tx = optax.chain(
       momentum_stages.ema_momentum(momentum, nesterov=True, mu_dtype=mu_dtype),
       orth_stages.scale_by_cosh_norm(gamma),
@@ -98,7 +92,7 @@ def auon(
   return _common.with_adamw_fallback(
       ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn,
-      adam_tx=adam_tx)
+      dimension_numbers=dimension_numbers, adam_tx=adam_tx, name="auon")
 
 
 def hybrid_auon(
@@ -108,7 +102,7 @@ def hybrid_auon(
     gamma: float = 1.5,
     ns_steps: int = 5,
     *,
-    compute_dtype: Optional[Any] = jnp.float32,
+    compute_dtype: Optional[Any] = "float32",
     adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
     adam_b1: float = 0.9,
     adam_b2: float = 0.95,
@@ -149,11 +143,11 @@ def hybrid_auon(
     ``auon/optimizer.py::HybridAuON`` (commit bba2e82); K. Jordan et al., "Muon", 2024,
     https://kellerjordan.github.io/posts/muon/.
   """
-  _check_auon(learning_rate, momentum, weight_decay, gamma)
-  _common.check_int("ns_steps", ns_steps, 1)
+  validation.check_int("ns_steps", ns_steps, 1)  # named `steps` by the stage
   orth = orth_stages.orthogonalize(
       "newton_schulz", steps=ns_steps, coefficients="muon", preconditioning="frobenius",
-      eps=1e-7, compute_dtype=compute_dtype, backend=backend,
+      eps=1e-7, compute_dtype=validation.check_dtype("compute_dtype", compute_dtype),
+      backend=backend,
       dimension_numbers=_common.masked_dimension_numbers(dimension_numbers))
   ortho_tx = optax.chain(
       momentum_stages.ema_momentum(momentum, nesterov=True, mu_dtype=mu_dtype),
@@ -164,7 +158,7 @@ def hybrid_auon(
   return _common.with_adamw_fallback(
       ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn,
-      adam_tx=adam_tx)
+      dimension_numbers=dimension_numbers, adam_tx=adam_tx, name="hybrid_auon")
 
 
 class AuonAdamState(NamedTuple):
@@ -206,11 +200,11 @@ def auon_adam(
   References:
     ryyzn9/AuON ``auon/adam.py::Adam``; Kingma & Ba, "Adam", 2015 (Algorithm 1 note).
   """
-  _common.check_learning_rate(learning_rate)
-  _common.check_in_range("b1", b1, 0.0, 1.0, high_inclusive=False)
-  _common.check_in_range("b2", b2, 0.0, 1.0, high_inclusive=False)
-  _common.check_non_negative("eps", eps)
-  _common.check_non_negative("weight_decay", weight_decay)
+  validation.check_learning_rate(learning_rate)
+  validation.check_range("b1", b1, 0.0, 1.0, high_open=True)
+  validation.check_range("b2", b2, 0.0, 1.0, high_open=True)
+  validation.check_non_negative("eps", eps)
+  validation.check_non_negative("weight_decay", weight_decay)
 
   def init_fn(params):
     return AuonAdamState(count=jnp.zeros([], jnp.int32), mu=otu.tree_zeros_like(params),
@@ -226,7 +220,7 @@ def auon_adam(
     out = jax.tree.map(lambda m, v: -step_size * m / (jnp.sqrt(v) + eps), mu, nu)
     if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
       if params is None:
-        raise ValueError(optax.NO_PARAMS_MSG)
+        raise ValueError(validation.NO_PARAMS)
       out = jax.tree.map(lambda u, p: u - lr * weight_decay * p, out, params)
     out = jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates)
     return out, AuonAdamState(count=count, mu=mu, nu=nu)

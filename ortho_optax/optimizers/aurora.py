@@ -1,4 +1,4 @@
-"""Aurora and Riemannian Aurora (tilde-research/aurora-release; SPEC sections 4.2-4.3).
+"""Aurora and Riemannian Aurora (tilde-research/aurora-release).
 
 Per hidden matrix ``W`` with gradient ``G`` (PyTorch view ``(out, in)`` = ``(r, c)``)::
 
@@ -22,8 +22,8 @@ Wrap the whole optimizer in ``optax.apply_if_finite`` as well to skip the AdamW 
 on bad gradients too.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: optax (its inject_hyperparams and its test suite)
+# reads the learning rate's annotation, optax.ScalarOrSchedule, from the signature.
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
+from ortho_optax import validation
 from ortho_optax.optimizers import _common
 from ortho_optax.stages import decay as decay_stages
 from ortho_optax.stages import momentum as momentum_stages
@@ -97,14 +98,6 @@ def skip_nonfinite_updates(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_aurora(learning_rate, weight_decay, momentum, eps):
-  _common.check_learning_rate(learning_rate)
-  _common.check_non_negative("weight_decay", weight_decay)
-  _common.check_in_range("momentum", momentum, 0.0, 1.0, low_inclusive=False,
-                         high_inclusive=False)
-  _common.check_positive("eps", eps)
-
-
 def _aurora_branch(orth, learning_rate, weight_decay, momentum, nesterov, dims, mu_dtype):
   chain = optax.chain(
       momentum_stages.ema_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
@@ -123,7 +116,7 @@ def aurora(
     pp_iterations: int = 2,
     pp_beta: float = 0.5,
     eps: float = 1e-7,
-    compute_dtype: Optional[Any] = jnp.bfloat16,
+    compute_dtype: Optional[Any] = "bfloat16",
     *,
     adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
     adam_b1: float = 0.9,
@@ -144,9 +137,9 @@ def aurora(
   ``pp_beta``). The result is scaled by ``sqrt(max(1, out/in))``.
 
   Args:
-    learning_rate: ``eta > 0`` (a number) or a schedule.
+    learning_rate: ``eta >= 0`` (a number) or a schedule.
     weight_decay: decoupled decay ``>= 0``.
-    momentum: ``mu`` in ``(0, 1)``.
+    momentum: ``mu`` in ``[0, 1)``.
     nesterov: feed the Nesterov blend (``True``) or the buffer itself.
     pp_iterations: row-balancing passes, an int ``>= 1`` (1 = polar of the
       row-normalised matrix).
@@ -169,21 +162,18 @@ def aurora(
     "Aurora: A Leverage-Aware Spectral Optimizer", arXiv 2606.27715, 2026 (Tilde
     Research); tilde-research/aurora-release ``src/aurora.py::aurora`` (commit 3d79a5c).
   """
-  _check_aurora(learning_rate, weight_decay, momentum, eps)
-  if learning_rate is not None and not callable(learning_rate):
-    _common.check_positive("learning_rate", learning_rate)
-  _common.check_int("pp_iterations", pp_iterations, 1)
-  _common.check_positive("pp_beta", pp_beta)
+  validation.check_static(pp_iterations=pp_iterations)
   dims = _common.masked_dimension_numbers(dimension_numbers)
   orth = orth_stages.orthogonalize(
       "aurora", pp_iterations=pp_iterations, pp_beta=pp_beta, eps=eps,
-      compute_dtype=compute_dtype, backend=backend, dimension_numbers=dims)
+      compute_dtype=validation.check_dtype("compute_dtype", compute_dtype), backend=backend,
+      dimension_numbers=dims)
   ortho_tx = _aurora_branch(orth, learning_rate, weight_decay, momentum, nesterov, dims,
                             mu_dtype)
   return _common.with_adamw_fallback(
       ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn,
-      adam_tx=adam_tx)
+      dimension_numbers=dimension_numbers, adam_tx=adam_tx, name="aurora")
 
 
 def riemannian_aurora(
@@ -196,7 +186,7 @@ def riemannian_aurora(
     riemannian_eta: float = 0.1,
     retraction_steps: int = 2,
     eps: float = 1e-7,
-    compute_dtype: Optional[Any] = jnp.bfloat16,
+    compute_dtype: Optional[Any] = "bfloat16",
     *,
     adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
     adam_b1: float = 0.9,
@@ -221,10 +211,10 @@ def riemannian_aurora(
   Args:
     learning_rate, weight_decay, momentum, nesterov, eps, compute_dtype: as
       :func:`aurora`.
-    outer_steps: ascent steps, an int ``>= 1``.
-    cg_steps: maximum CG iterations, an int ``>= 1``.
-    riemannian_eta: ascent step size ``> 0``.
-    retraction_steps: retraction passes, an int ``>= 1``.
+    outer_steps: ascent steps, an int ``>= 0`` (0: the plain polar factor).
+    cg_steps: maximum CG iterations, an int ``>= 0``.
+    riemannian_eta: ascent step size ``>= 0``.
+    retraction_steps: retraction passes, an int ``>= 0``.
     adam_*, adam_tx, label_fn, dimension_numbers, backend, mu_dtype: as :func:`aurora`.
 
   Returns:
@@ -234,24 +224,20 @@ def riemannian_aurora(
     "Aurora: A Leverage-Aware Spectral Optimizer", arXiv 2606.27715, 2026 (Tilde
     Research); tilde-research/aurora-release ``src/riemannian_aurora.py`` (commit 3d79a5c).
   """
-  _check_aurora(learning_rate, weight_decay, momentum, eps)
-  if learning_rate is not None and not callable(learning_rate):
-    _common.check_positive("learning_rate", learning_rate)
-  _common.check_int("outer_steps", outer_steps, 1)
-  _common.check_int("cg_steps", cg_steps, 1)
-  _common.check_positive("riemannian_eta", riemannian_eta)
-  _common.check_int("retraction_steps", retraction_steps, 1)
+  validation.check_static(outer_steps=outer_steps, cg_steps=cg_steps,
+                          retraction_steps=retraction_steps)
   dims = _common.masked_dimension_numbers(dimension_numbers)
   orth = orth_stages.orthogonalize(
       "riemannian_aurora", outer_steps=outer_steps, cg_steps=cg_steps,
       riemannian_eta=riemannian_eta, retraction_steps=retraction_steps, eps=eps,
-      compute_dtype=compute_dtype, backend=backend, dimension_numbers=dims)
+      compute_dtype=validation.check_dtype("compute_dtype", compute_dtype), backend=backend,
+      dimension_numbers=dims)
   ortho_tx = _aurora_branch(orth, learning_rate, weight_decay, momentum, nesterov, dims,
                             mu_dtype)
   return _common.with_adamw_fallback(
       ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn,
-      adam_tx=adam_tx)
+      dimension_numbers=dimension_numbers, adam_tx=adam_tx, name="riemannian_aurora")
 
 
 def nonfinite_count(state) -> jnp.ndarray:
@@ -269,7 +255,7 @@ def nonfinite_count(state) -> jnp.ndarray:
     ValueError: when ``state`` holds no :class:`SkipNonFiniteState`.
 
   References:
-    tilde-research/aurora-release (its non-finite step guard); SPEC / the seed repository.
+    tilde-research/aurora-release (its non-finite step guard).
   """
   branches = [s.inner_states["ortho"] for s in _find_branch_states(state)]
   for subtree in branches or [state]:

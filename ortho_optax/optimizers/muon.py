@@ -1,4 +1,4 @@
-"""Muon (Keller Jordan; the AuON repository's baseline, SPEC 1.4) and its chain builder.
+"""Muon (Keller Jordan; the AuON repository's baseline) and its chain builder.
 
 Every orthogonalized optimizer of this module family is one chain::
 
@@ -17,22 +17,19 @@ the structural ones (step counts, names, dtypes, callables) must be static::
   state.hyperparams["learning_rate"] = 0.01  # later, e.g. from a controller
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: optax (its inject_hyperparams and its test suite)
+# reads the learning rate's annotation, optax.ScalarOrSchedule, from the signature.
 import inspect
 from typing import Any, Callable, Optional
 
-import jax.numpy as jnp
 import optax
 
-from ortho_optax import coefficients as coefficients_lib
+from ortho_optax import validation
 from ortho_optax.optimizers import _common
-from ortho_optax.stages.decay import WEIGHT_DECAY_METHODS, weight_decay_stages
+from ortho_optax.stages.decay import weight_decay_stages
 from ortho_optax.stages.kahan import kahan_summation
 from ortho_optax.stages.momentum import ema_momentum
-from ortho_optax.stages.scale import SCALE_MODES, scale_by_shape
-
-PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+from ortho_optax.stages.scale import scale_by_shape
 
 
 def inject_static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
@@ -52,29 +49,11 @@ def inject_static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
     static_args=...)``.
 
   References:
-    ``optax.inject_hyperparams`` (its ``static_args``); SPEC / the seed repository.
+    ``optax.inject_hyperparams`` (its ``static_args``).
   """
   sig = inspect.signature(factory)
   return tuple(name for name, p in sig.parameters.items()
                if not (isinstance(p.default, float) and not isinstance(p.default, bool)))
-
-
-def validate_common(*, learning_rate, momentum, weight_decay, weight_decay_method, ns_steps,
-                    coefficients, preconditioning, scale_mode, extra_scale_factor, eps,
-                    backend) -> None:
-  """Construction-time checks shared by the Muon-family optimizers (Python values only)."""
-  _common.check_learning_rate(learning_rate)
-  _common.check_in_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
-  _common.check_non_negative("weight_decay", weight_decay)
-  _common.check_choice("weight_decay_method", weight_decay_method, WEIGHT_DECAY_METHODS)
-  _common.check_int("ns_steps", ns_steps, minimum=1)
-  _common.check_choice("preconditioning", preconditioning, PRECONDITIONINGS)
-  _common.check_choice("scale_mode", scale_mode, SCALE_MODES)
-  _common.check_non_negative("extra_scale_factor", extra_scale_factor)
-  _common.check_non_negative("eps", eps)
-  _common.check_choice("backend", backend, ("auto", "xla", "pallas"))
-  # Unknown preset names, malformed tables, cubic5 with steps != 5, ...
-  coefficients_lib.resolve_coefficients(coefficients, ns_steps)
 
 
 def with_kahan(tx: optax.GradientTransformation, kahan_sum: bool) -> optax.GradientTransformation:
@@ -82,8 +61,7 @@ def with_kahan(tx: optax.GradientTransformation, kahan_sum: bool) -> optax.Gradi
 
   The compensated sum covers both branches; it keeps buffers for bf16/fp16 leaves only.
   """
-  if kahan_sum not in (True, False):
-    raise ValueError(f"kahan_sum must be True or False, got kahan_sum={kahan_sum!r}.")
+  validation.check_bool("kahan_sum", kahan_sum)
   return optax.chain(tx, kahan_summation()) if kahan_sum else tx
 
 
@@ -104,6 +82,7 @@ def orthogonalized_chain(
     mu_dtype,
     dimension_numbers,
     backend: str,
+    bias_correction: bool = False,
     second_moment: Optional[Callable[..., optax.GradientTransformation]] = None,
 ) -> optax.GradientTransformation:
   """The orthogonalized branch (no routing), see the module docstring.
@@ -111,16 +90,23 @@ def orthogonalized_chain(
   ``second_moment(momentum_tx, orthogonalize_tx)`` may wrap the momentum and
   orthogonalization stages (NAMO needs both; see
   :func:`ortho_optax.stages.second_moment.scale_by_second_moment`).
-  ``dimension_numbers`` must already be usable on a masked sub-tree.
+  ``dimension_numbers`` must already be usable on a masked sub-tree. Every argument is
+  checked by the stage that owns it; ``compute_dtype`` is resolved here
+  (:func:`ortho_optax.validation.check_dtype`, so names such as ``"bf16"`` work).
   """
   # Imported here: the orthogonalize stage may import optimizers-level helpers.
   from ortho_optax.stages.orthogonalize import orthogonalize
 
+  # The stage calls it `steps`; the error names the optimizer's argument.
+  validation.check_int("ns_steps", ns_steps, 1)
+
   first, last = weight_decay_stages(learning_rate, weight_decay, weight_decay_method)
-  momentum_tx = ema_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype)
+  momentum_tx = ema_momentum(momentum, nesterov=nesterov, bias_correction=bias_correction,
+                             mu_dtype=mu_dtype)
   orth_tx = orthogonalize(
       "newton_schulz", steps=ns_steps, coefficients=coefficients,
-      preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype, backend=backend,
+      preconditioning=preconditioning, eps=eps,
+      compute_dtype=validation.check_dtype("compute_dtype", compute_dtype), backend=backend,
       dimension_numbers=dimension_numbers)
   if second_moment is None:
     middle = (momentum_tx, orth_tx)
@@ -143,7 +129,7 @@ def muon(
     extra_scale_factor: float = 1.0,
     weight_decay: float = 0.01,
     weight_decay_method: str = "decoupled",
-    compute_dtype: Any = jnp.bfloat16,
+    compute_dtype: Any = "bfloat16",
     eps: float = 1e-7,
     mu_dtype: Optional[Any] = None,
     adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
@@ -155,11 +141,13 @@ def muon(
     dimension_numbers: Any = None,
     backend: str = "auto",
     kahan_sum: bool = False,
+    bias_correction: bool = False,
+    adam_nesterov: bool = False,
 ) -> optax.GradientTransformation:
   r"""Muon: Nesterov EMA momentum, Newton-Schulz orthogonalization, shape scaling.
 
   Defaults are Keller Jordan's Muon as in the AuON repository's baseline
-  (SPEC 1.4): lr 0.02, momentum 0.95 with the Nesterov blend, 5 Newton-Schulz
+  (``auon/muon.py``): lr 0.02, momentum 0.95 with the Nesterov blend, 5 Newton-Schulz
   steps with the ``(3.4445, -4.7750, 2.0315)`` triple on ``X / (||X||_F + 1e-7)``
   in bfloat16, update scaled by ``sqrt(max(1, out/in))``, decoupled weight
   decay 0.01 (``p <- p (1 - lr wd) - lr sqrt(max(1, out/in)) O``). For each
@@ -168,10 +156,15 @@ def muon(
     m <- mu m + (1 - mu) g;   U = (1 - mu) g + mu m  (or m)
     O = NS(U);   p <- p - lr * (scale(out, in) * extra_scale_factor * O) - decay
 
-  Hidden matrices (per ``label_fn``, default
-  :func:`ortho_optax.routing.default_label_fn`) take this path; everything else
-  goes to AdamW with the ``adam_*`` hyperparameters (defaults of Turbo-Muon's
-  auxiliary Adam / modded-nanogpt: lr 3e-4, betas (0.9, 0.95), eps 1e-10, no decay).
+  Weight matrices (per ``label_fn``, default
+  :func:`ortho_optax.routing.default_label_fn`: every real 2-D leaf except embeddings,
+  output heads and norms) take this path; everything else goes to AdamW with the
+  ``adam_*`` hyperparameters (defaults of Turbo-Muon's auxiliary Adam / modded-nanogpt:
+  lr 3e-4, betas (0.9, 0.95), eps 1e-10, no decay).
+
+  ``bias_correction=True, adam_nesterov=True`` (with optax's other defaults) make this
+  ``optax.contrib.muon``; the README's "Coming from optax.contrib.muon" gives the whole
+  mapping.
 
   Args:
     learning_rate: lr of the orthogonalized branch; a number or an ``optax.Schedule``.
@@ -190,9 +183,11 @@ def muon(
     weight_decay: decay coefficient (>= 0).
     weight_decay_method: ``"decoupled"``, ``"independent"``, ``"l2"`` or ``"palm"``
       (see :mod:`ortho_optax.stages.decay`).
-    compute_dtype: dtype of the Newton-Schulz iterations (``None``: the update's).
+    compute_dtype: dtype of the Newton-Schulz iterations, a dtype or a name such as
+      ``"bfloat16"`` / ``"f32"`` (``None``: the update's).
     eps: Frobenius-normalisation epsilon (AOL row-sum clamp for ``"aol"``).
-    mu_dtype: dtype of the momentum buffer (``None``: the parameter's).
+    mu_dtype: dtype of the momentum buffer, a dtype or a name (``None``: the
+      parameter's).
     adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay: the AdamW
       branch (``optax.adamw``).
     label_fn: parameter routing (``params -> labels "ortho"|"adam"|"frozen"``) or
@@ -203,31 +198,34 @@ def muon(
     backend: Newton-Schulz backend, ``"auto"``, ``"xla"`` or ``"pallas"``.
     kahan_sum: append Kahan-compensated summation (for bf16/fp16 parameters; a
       no-op for float32 leaves). The updates then need ``params``.
+    bias_correction: debias the momentum by ``1 - momentum^t`` (the bias-corrected
+      Nesterov form of ``optax.contrib.muon``; off in the seeds), see
+      :func:`ortho_optax.stages.momentum.ema_momentum`.
+    adam_nesterov: NAdamW in the AdamW branch (``optax.contrib.muon`` uses it when
+      ``nesterov=True``).
 
   Returns:
     An ``optax.GradientTransformation`` (an ``optax.multi_transform``, chained with
     the Kahan stage when ``kahan_sum``).
 
   Raises:
-    ValueError: for invalid Python-number hyperparameters or unknown names.
+    ValueError: at construction, for a hyperparameter of the wrong type or out of
+      range (a schedule is checked at steps 0 and 1) or an unknown name, naming the
+      value and the choices.
 
   References:
     Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024.
-    ryyzn9/AuON ``auon/muon.py``.
+    ryyzn9/AuON ``auon/muon.py``; optax ``optax/contrib/_muon.py``.
   """
-  validate_common(
-      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
-      weight_decay_method=weight_decay_method, ns_steps=ns_steps, coefficients=coefficients,
-      preconditioning=preconditioning, scale_mode=scale_mode,
-      extra_scale_factor=extra_scale_factor, eps=eps, backend=backend)
   dims = _common.masked_dimension_numbers(dimension_numbers)
   ortho_tx = orthogonalized_chain(
       learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
-      weight_decay=weight_decay, weight_decay_method=weight_decay_method, ns_steps=ns_steps,
-      coefficients=coefficients, preconditioning=preconditioning, eps=eps,
-      compute_dtype=compute_dtype, scale_mode=scale_mode,
-      extra_scale_factor=extra_scale_factor, mu_dtype=mu_dtype, dimension_numbers=dims,
-      backend=backend)
+      bias_correction=bias_correction, weight_decay=weight_decay,
+      weight_decay_method=weight_decay_method, ns_steps=ns_steps, coefficients=coefficients,
+      preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype,
+      scale_mode=scale_mode, extra_scale_factor=extra_scale_factor, mu_dtype=mu_dtype,
+      dimension_numbers=dims, backend=backend)
   return with_kahan(_common.with_adamw_fallback(
       ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn), kahan_sum)
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, adam_nesterov=adam_nesterov,
+      label_fn=label_fn, dimension_numbers=dimension_numbers, name="muon"), kahan_sum)

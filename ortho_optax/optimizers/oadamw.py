@@ -1,4 +1,4 @@
-"""OAdamW: Newton-Schulz on the raw gradient, then StableAdamW (jeb1399/OAdamW; SPEC 3).
+"""OAdamW: Newton-Schulz on the raw gradient, then StableAdamW (jeb1399/OAdamW).
 
 Hidden matrices (label ``"ortho"``) are orthogonalized *before* the Adam moments::
 
@@ -27,16 +27,16 @@ Differences from the reference, all deliberate:
   float32 ones, as in the reference); ``False`` leaves it out. The reference applies the
   weight decay to ``p`` outside the compensated sum; here the decay is part of the
   compensated update. The reference's Kahan + ``update_proj_gap > 1`` corruption of the
-  NS cache (SPEC 3.5) is not reproduced.
+  NS cache is not reproduced.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: optax (its inject_hyperparams and its test suite)
+# reads the learning rate's annotation, optax.ScalarOrSchedule, from the signature.
 from typing import Any, Optional
 
-import jax.numpy as jnp
 import optax
 
+from ortho_optax import validation
 from ortho_optax.optimizers import _common
 from ortho_optax.stages import kahan as kahan_stages
 from ortho_optax.stages import orthogonalize as orth_stages
@@ -56,7 +56,7 @@ def oadamw(
     ns_steps: int = 5,
     update_proj_gap: int = 1,
     *,
-    compute_dtype: Optional[Any] = jnp.float32,
+    compute_dtype: Optional[Any] = "float32",
     label_fn: Any = None,
     dimension_numbers: Any = None,
     backend: str = "auto",
@@ -95,10 +95,10 @@ def oadamw(
     jeb1399/OAdamW ``oadamw.py`` (commit 867bef6) with torch-optimi 0.3.3
     ``StableAdamW``; Wortsman et al., 2023; Jordan et al., "Muon", 2024.
   """
-  if kahan_sum not in (None, True, False):
-    raise ValueError(f"kahan_sum must be None, True or False, got kahan_sum={kahan_sum!r}.")
-  _common.check_int("ns_steps", ns_steps, 1)
-  _common.check_int("update_proj_gap", update_proj_gap, 1)
+  validation.check_choice("kahan_sum", kahan_sum, (None, True, False))
+  validation.check_bool("muon", muon)
+  validation.check_int("ns_steps", ns_steps, 1)  # named `steps` by the stage
+  validation.check_static(update_proj_gap=update_proj_gap)
 
   def core():
     stage = stable_adamw_stages.stable_adamw(
@@ -111,13 +111,16 @@ def oadamw(
   if muon:
     orth = orth_stages.orthogonalize(
         "newton_schulz", steps=ns_steps, coefficients="muon", preconditioning="frobenius",
-        eps=1e-7, compute_dtype=compute_dtype, backend=backend,
+        eps=1e-7, compute_dtype=validation.check_dtype("compute_dtype", compute_dtype),
+        backend=backend,
         update_proj_gap=update_proj_gap,
         dimension_numbers=_common.masked_dimension_numbers(dimension_numbers))
     ortho_tx = optax.chain(orth, core())
   else:
     ortho_tx = core()
-  return _common.with_adamw_fallback(ortho_tx, adam_tx=core(), label_fn=label_fn)
+  return _common.with_adamw_fallback(
+      ortho_tx, adam_tx=core(), label_fn=label_fn, dimension_numbers=dimension_numbers,
+      name="oadamw" if muon else None)
 
 
 __all__ = ["oadamw"]

@@ -1,6 +1,6 @@
 """Learning rate and weight decay: the last stage(s) of every orthogonalized chain.
 
-NVIDIA Emerging-Optimizers names four weight-decay methods (SPEC 5.3); all seed
+NVIDIA Emerging-Optimizers names four weight-decay methods; all seed
 systems use one of them (AuON, AuON-Muon, Turbo-Muon, Aurora: ``"decoupled"``):
 
 ===============  ==========================================  ======================
@@ -32,11 +32,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ortho_optax.validation import check_choice, check_range
+from ortho_optax.validation import NO_PARAMS, check_choice, check_learning_rate, check_non_negative
 
 WEIGHT_DECAY_METHODS = ("decoupled", "independent", "l2", "palm")
-_NO_PARAMS = ("This transformation needs the parameters: call update(updates, state, "
-              "params).")
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
@@ -85,7 +83,7 @@ def add_weight_decay(
     ``OrthogonalizedOptimizer``); Liu et al., "Muon is Scalable for LLM Training",
     arXiv 2502.16982, 2025.
   """
-  check_range("weight_decay", weight_decay, 0.0, float("inf"))
+  check_non_negative("weight_decay", weight_decay, schedule=True)
 
   def init_fn(params):
     del params
@@ -96,7 +94,7 @@ def add_weight_decay(
     if _is_zero(weight_decay):
       return updates, WeightDecayState(count=count)
     if params is None:
-      raise ValueError(_NO_PARAMS)
+      raise ValueError(NO_PARAMS)
     wd = _value(weight_decay, state.count)
     updates = jax.tree.map(
         lambda g, p, m: (g + wd * p).astype(g.dtype) if m else g,
@@ -133,8 +131,8 @@ def scale_by_learning_rate_and_decay(
     ``OrthogonalizedOptimizer``); Liu et al., "Muon is Scalable for LLM Training",
     arXiv 2502.16982, 2025.
   """
-  check_range("learning_rate", learning_rate, 0.0, float("inf"))
-  check_range("weight_decay", weight_decay, 0.0, float("inf"))
+  check_learning_rate(learning_rate)
+  check_non_negative("weight_decay", weight_decay, schedule=True)
   check_choice("weight_decay_method", method, WEIGHT_DECAY_METHODS)
   no_decay = method == "l2" or _is_zero(weight_decay)
 
@@ -149,7 +147,7 @@ def scale_by_learning_rate_and_decay(
       updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
       return updates, WeightDecayState(count=count)
     if params is None:
-      raise ValueError(_NO_PARAMS)
+      raise ValueError(NO_PARAMS)
     wd = _value(weight_decay, state.count)
     if method == "decoupled":
       c = lr * wd
@@ -197,11 +195,10 @@ def weight_decay_stages(
     ``OrthogonalizedOptimizer``); Liu et al., "Muon is Scalable for LLM Training",
     arXiv 2502.16982, 2025.
   """
-  check_choice("weight_decay_method", method, WEIGHT_DECAY_METHODS)
   if method == "l2":
-    first = add_weight_decay(weight_decay, mask)
-  else:
-    check_range("weight_decay", weight_decay, 0.0, float("inf"))
-    first = optax.identity()
+    # The decay is all in the first stage; the last one only scales by the learning rate.
+    return (add_weight_decay(weight_decay, mask),
+            scale_by_learning_rate_and_decay(learning_rate, 0.0, method))
+  first = optax.identity()
   last = scale_by_learning_rate_and_decay(learning_rate, weight_decay, method, mask)
   return first, last

@@ -1,4 +1,4 @@
-"""EMA momentum with the Keller-Jordan Nesterov blend (SPEC section 0).
+"""EMA momentum with the Keller-Jordan Nesterov blend.
 
 Every seed system keeps its momentum as an exponential moving average,
 ``m <- lerp(m, g, 1 - mu) = mu * m + (1 - mu) * g`` (not the SGD form
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
-from ortho_optax.validation import check_range
+from ortho_optax.validation import check_bool, check_dtype, check_range
 
 
 class EmaMomentumState(NamedTuple):
@@ -47,7 +47,7 @@ def ema_momentum(
     out = mu m_t / (1 - mu^{t+1}) + (1 - mu) g_t / (1 - mu^t)         (nesterov)
 
   the second being the standard bias-corrected Nesterov form (the one of
-  ``optax.scale_by_adam(nesterov=True)`` and Turbo-Muon's Optax port). Only the
+  ``optax.scale_by_adam(nesterov=True)`` and ``optax.contrib.scale_by_muon``). Only the
   output is corrected; the stored buffer is the plain EMA.
 
   Args:
@@ -55,17 +55,25 @@ def ema_momentum(
       (e.g. under ``optax.inject_hyperparams``).
     nesterov: use the Nesterov blend instead of the buffer itself.
     bias_correction: debias the output by ``1 - mu^t`` (see above).
-    mu_dtype: dtype of the buffer; ``None`` keeps the dtype of the updates. The
-      blend is computed before the buffer is cast, in the promoted dtype.
+    mu_dtype: dtype of the buffer (a dtype or a name such as ``"bf16"``); ``None``
+      keeps the dtype of the updates. The blend is computed before the buffer is cast,
+      in the promoted dtype.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`EmaMomentumState`.
+
+  Raises:
+    ValueError: for a ``momentum`` outside ``[0, 1)``, non-bool flags or a bad
+      ``mu_dtype``.
 
   References:
     Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024.
     Dozat, "Incorporating Nesterov Momentum into Adam", 2016.
   """
   check_range("momentum", momentum, 0.0, 1.0, high_open=True)
+  check_bool("nesterov", nesterov)
+  check_bool("bias_correction", bias_correction)
+  mu_dtype = check_dtype("mu_dtype", mu_dtype)
   mu_dtype = None if mu_dtype is None else jax.dtypes.canonicalize_dtype(mu_dtype)
 
   def init_fn(params):

@@ -1,4 +1,4 @@
-"""Shape-dependent scaling of orthogonalized updates (SPEC sections 1.4, 2.2, 5.4).
+"""Shape-dependent scaling of orthogonalized updates.
 
 An orthogonalized update has unit singular values whatever the matrix shape, so
 each seed system multiplies it by a factor of the matrix's ``(out, in)`` shape
@@ -15,7 +15,7 @@ import jax
 import optax
 
 from ortho_optax import matrix_view
-from ortho_optax.validation import check_choice
+from ortho_optax.validation import check_choice, check_non_negative
 
 SCALE_MODES = ("shape_scaling", "spectral", "unit_rms_norm", "consistent_rms", "none")
 
@@ -63,7 +63,7 @@ def scale_by_shape(
 
   Where references differ (documented, not copied):
 
-  * Turbo-Muon (SPEC 2.2 step 5) computes ``sqrt(max(1, size(-2)/size(-1)))``
+  * Turbo-Muon (``SingleDeviceTurboMuon``) computes ``sqrt(max(1, size(-2)/size(-1)))``
     from the ORIGINAL gradient's last two axes, so a 4-D conv kernel
     ``(out, in, kh, kw)`` gets ``sqrt(max(1, kh/kw))`` instead of the factor of
     the ``(out, in*kh*kw)`` matrix it orthogonalized. Here the honest factor
@@ -71,7 +71,7 @@ def scale_by_shape(
     ``sqrt(max(1, kh/kw)) / sqrt(max(1, out/(in*kh*kw)))`` through
     ``extra_scale_factor`` (for the golden's ``(18, 2, 3, 2)`` kernel both are
     ``sqrt(1.5)``, ratio 1).
-  * AuON's Muon baseline (SPEC 1.4) scales by the last two axes of any leaf; for
+  * AuON's Muon baseline (``auon/muon.py``) scales by the last two axes of any leaf; for
     a batched ``(B, out, in)`` leaf viewed with ``MatrixDims((2,), (1,))`` that is
     the same factor as here. A different view (e.g. folding B into rows) would
     change it, which is the point of explicit :class:`MatrixDims`.
@@ -94,6 +94,8 @@ def scale_by_shape(
     (Scion), 2025.
   """
   check_choice("scale_mode", mode, SCALE_MODES)
+  check_non_negative("extra_scale_factor", extra_scale_factor)
+  check_non_negative("consistent_rms", consistent_rms)
 
   def init_fn(params):
     del params

@@ -1,4 +1,4 @@
-"""Second-moment normalisation of orthogonalized updates (SPEC section 5.5).
+"""Second-moment normalisation of orthogonalized updates (NVIDIA ``AdaptiveMuon``).
 
 NVIDIA's ``AdaptiveMuon`` follows Newton-Schulz with an Adam-like second moment,
 in three flavours (none bias-corrected, as in the reference):
@@ -166,14 +166,16 @@ def scale_by_second_moment(
     else:
       u, o, inner = updates, updates, ()
 
+    o_leaves, treedef = jax.tree.flatten(o)
+    nu_leaves = treedef.flatten_up_to(state.nu)
     if method == "adamuon":
       def one(o, v):
         of = o.astype(v.dtype)
         v = v + (1 - beta2) * (jnp.square(of) - v)
         return (of / (jnp.sqrt(v) + eps)).astype(o.dtype), v
-      pairs = jax.tree.map(one, o, state.nu)
+      pairs = [one(*args) for args in zip(o_leaves, nu_leaves)]
     else:
-      dims = matrix_view.resolve_dims(o, dimension_numbers)
+      dims = treedef.flatten_up_to(matrix_view.resolve_dims(o, dimension_numbers))
       if method == "normuon":
         def one(o, v, d):
           om, restore = matrix_view.to_matrices(o.astype(v.dtype), d)
@@ -184,7 +186,7 @@ def scale_by_second_moment(
           out = om * jax.lax.rsqrt(jnp.maximum(vm, eps))
           out = out * (_frobenius(om) / jnp.maximum(_frobenius(out), eps))
           return restore(out).astype(o.dtype), restore_v(vm)
-        pairs = jax.tree.map(one, o, state.nu, dims)
+        pairs = [one(*args) for args in zip(o_leaves, nu_leaves, dims)]
       else:  # namo
         def one(o, u, g, v, d):
           om, restore = matrix_view.to_matrices(o.astype(v.dtype), d)
@@ -193,11 +195,13 @@ def scale_by_second_moment(
           v = v + (1 - beta2) * (jnp.sum(jnp.square(gm), axis=(-2, -1)) - v)
           alpha = _frobenius(um) / (jnp.sqrt(v)[:, None, None] + eps)
           return restore(alpha * om).astype(o.dtype), v
-        pairs = jax.tree.map(one, o, u, raw, state.nu, dims)
+        pairs = [one(*args) for args in zip(o_leaves, treedef.flatten_up_to(u),
+                                            treedef.flatten_up_to(raw), nu_leaves, dims)]
 
-    # pairs has o's structure with an (update, nu) tuple at each leaf: split it.
-    out, nu = jax.tree.transpose(
-        jax.tree.structure(o), jax.tree.structure((0, 0)), pairs)
+    # Flat lists (not a transpose of a pytree of pairs): an empty tree, such as a branch
+    # no parameter is routed to, has no leaves to transpose.
+    out = treedef.unflatten([p[0] for p in pairs])
+    nu = treedef.unflatten([p[1] for p in pairs])
     return out, SecondMomentState(inner_state=inner, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

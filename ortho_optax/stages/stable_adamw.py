@@ -1,4 +1,4 @@
-"""The StableAdamW core of OAdamW (torch-optimi ``StableAdamW``; SPEC section 3.2-3.3).
+"""The StableAdamW core of OAdamW (torch-optimi ``StableAdamW``, jeb1399/OAdamW).
 
 Per tensor, with the 1-based step ``t`` and the (possibly orthogonalized) gradient ``g``::
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
-from ortho_optax.optimizers import _common
+from ortho_optax import validation
 
 
 class StableAdamWState(NamedTuple):
@@ -93,11 +93,12 @@ def stable_adamw(
     vision-language models", 2023 (StableAdamW).
     Warner, torch-optimi ``StableAdamW`` (0.3.3), 2023; jeb1399/OAdamW.
   """
-  _common.check_learning_rate(learning_rate)
-  _common.check_in_range("b1", b1, 0.0, 1.0, high_inclusive=False)
-  _common.check_in_range("b2", b2, 0.0, 1.0, high_inclusive=False)
-  _common.check_positive("eps", eps)
-  _common.check_non_negative("weight_decay", weight_decay)
+  validation.check_learning_rate(learning_rate)
+  validation.check_range("b1", b1, 0.0, 1.0, high_open=True)
+  validation.check_range("b2", b2, 0.0, 1.0, high_open=True)
+  validation.check_positive("eps", eps)
+  validation.check_non_negative("weight_decay", weight_decay)
+  validation.check_bool("decouple_lr", decouple_lr)
   if decouple_lr:
     if max_lr is None:
       if callable(learning_rate):
@@ -105,7 +106,8 @@ def stable_adamw(
             "decouple_lr=True with a learning-rate schedule needs max_lr (the learning "
             "rate the weight decay is relative to), got max_lr=None.")
       max_lr = learning_rate
-    _common.check_positive("max_lr", max_lr)
+    validation.check_positive("max_lr", max_lr)
+  mu_dtype = validation.check_dtype("mu_dtype", mu_dtype)
   mu_dtype = None if mu_dtype is None else jax.dtypes.canonicalize_dtype(mu_dtype)
 
   def init_fn(params):
@@ -122,16 +124,22 @@ def stable_adamw(
     b2_t = debias_beta(jnp.asarray(b2, jnp.float32), t)
     decay_on = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
     if decay_on and params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(validation.NO_PARAMS)
     wd_scale = weight_decay / max_lr if decouple_lr else weight_decay
 
     def one(g, m, v, p):
       cdt = jnp.promote_types(g.dtype, jnp.float32)
       g32 = g.astype(cdt)
+      if jnp.iscomplexobj(g32):  # |g|^2, real, as optax's Adam does for complex parameters
+        rdt = jnp.finfo(cdt).dtype
+        g_sq, v_old = jnp.square(jnp.abs(g32)), jnp.real(v).astype(rdt)
+      else:
+        rdt = cdt
+        g_sq, v_old = g32 * g32, v.astype(cdt)
       m_new = m.astype(cdt) + (1 - b1_t) * (g32 - m.astype(cdt))
-      v_new = b2_t * v.astype(cdt) + (1 - b2_t) * g32 * g32
-      eps_sq = jnp.asarray(eps, cdt) ** 2
-      rms = jnp.sqrt(jnp.mean(g32 * g32 / jnp.maximum(v_new, eps_sq))) if g.size else 0.0
+      v_new = b2_t * v_old + (1 - b2_t) * g_sq
+      eps_sq = jnp.asarray(eps, rdt) ** 2
+      rms = jnp.sqrt(jnp.mean(g_sq / jnp.maximum(v_new, eps_sq))) if g.size else 0.0
       lr_t = lr / jnp.maximum(1.0, rms)
       step = m_new / (jnp.sqrt(v_new) + eps)
       if decay_on:
