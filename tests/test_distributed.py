@@ -265,13 +265,10 @@ HAS_EXPLICIT = all(hasattr(m, n) for m, n in (
     (jax, "typeof")))
 explicit_axes_only = pytest.mark.skipif(not HAS_EXPLICIT,
                                         reason="this JAX has no Explicit mesh axes")
-_NU_SHARDING = pytest.mark.xfail(
-    strict=True, reason="scale_by_second_moment's init builds nu from the parameter's "
-    "shape (replicated) while its update gives nu the parameter's sharding")
 # muon's state is momentum-shaped, normuon adds per-row second moments; "auto" runs the
 # update under auto_axes (its outputs take the input types, whatever init did).
 EXPLICIT_CASES = [("muon", "gather_whole"),
-                  pytest.param("normuon", "gather_whole", marks=_NU_SHARDING),
+                  ("normuon", "gather_whole"),
                   ("muon", "auto"), ("normuon", "auto")]
 
 

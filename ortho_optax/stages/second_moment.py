@@ -139,12 +139,18 @@ def scale_by_second_moment(
     dims = (matrix_view.resolve_dims(params, dimension_numbers)
             if method != "adamuon" else None)
 
+    # Built from the parameter (zeros_like, a reduction of it) rather than its shape, so
+    # the buffer has the parameter's sharding from init on, as the update gives it.
     def one(p, d=None):
       dtype = _stat_dtype(p.dtype)
       if method == "adamuon":
-        return jnp.zeros(p.shape, dtype)
+        return jnp.zeros_like(p, dtype)
       if method == "normuon":
-        return jnp.zeros(_normuon_buffer_shape(p.shape, d), dtype)
+        om, _ = matrix_view.to_matrices(jnp.zeros_like(p, dtype), d)
+        axis = -1 if _rowwise(p.shape, d) else -2
+        _, restore_v = matrix_view.to_matrices(
+            jnp.zeros(_normuon_buffer_shape(p.shape, d), dtype), d)
+        return restore_v(jnp.mean(om, axis=axis, keepdims=True))
       n_batch, _, _ = matrix_view.matrix_shape(p.shape, d)
       return jnp.zeros((n_batch,), dtype)
 
