@@ -5,6 +5,7 @@
   (the interrupted run saves in the background, ``async_checkpoints``).
 * Resuming says so; resuming without a checkpoint, or with another configuration, is an
   error naming what differs, raised before anything is written.
+* Two runs with the same seed are bit-identical (another seed is not).
 * A step directory orbax never committed is skipped with a warning (the previous
   checkpoint is used); orbax's temporary directories are never read; a damaged array
   store raises; only ``keep_checkpoints`` checkpoints are kept.
@@ -175,3 +176,14 @@ def test_config_differences_lists_model_fields():
   b = {"optimizer": "adamw", "model_config": {"model_dim": 64, "num_heads": 2}}
   assert config.differences(a, b) == [("model_dim", 32, 64), ("optimizer", "muon", "adamw")]
   assert config.differences(a, a) == []
+
+
+def test_trainer_is_bit_deterministic(full, tmp_path):
+  full_result, full_dir = full
+  again = train_lib.train(_cfg(out_dir=str(tmp_path)), progress=False)
+  assert _losses(again) == _losses(full_result)
+  a, b = _arrays(full_dir, STEPS), _arrays(tmp_path, STEPS)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  other = train_lib.train(_cfg(seed=1, checkpoint_every=0), progress=False)
+  assert _losses(other) != _losses(full_result)
