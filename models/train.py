@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from ortho_optax import distributed
+from ortho_optax import validation
 from ortho_optax.models import checkpoints as ckpt_lib
 from ortho_optax.models import data as data_lib
 from ortho_optax.models import gpt
@@ -48,7 +49,7 @@ from ortho_optax.models.config import (  # noqa: F401  (the trainer's public nam
 from ortho_optax.models.reports import machine_info, markdown_table, plot_losses, write_reports  # noqa: F401
 from ortho_optax.models.step import TrainStep, make_train_step  # noqa: F401
 
-_sort_key = reports.sort_key
+_sort_key = reports.sort_key  # the name benchmarks/tiny_sweep.py uses
 
 
 def make_mesh(cfg: TrainConfig):
@@ -360,7 +361,6 @@ def sweep_configs(base: TrainConfig, optimizers: Sequence[str], lr_mults: Sequen
     ValueError: for an unknown optimizer, a learning rate or multiplier that is not a
       finite number > 0, or a bad setting of any run.
   """
-  import ortho_optax.validation as validation  # pylint: disable=import-outside-toplevel
   if not optimizers:
     raise ValueError(f"{name('optimizer')}: give at least one optimizer.")
   for opt in optimizers:
