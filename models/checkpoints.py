@@ -76,6 +76,11 @@ def _problem(path: pathlib.Path) -> str | None:
   return None
 
 
+def read_meta(out_dir, step: int) -> dict:
+  """The ``meta`` JSON of checkpoint ``step`` (step, run configuration, loss history)."""
+  return json.loads((directory(out_dir) / str(step) / META / "metadata").read_text())
+
+
 class Checkpoints:
   """The checkpoints of one run (a thin layer over ``orbax.checkpoint.CheckpointManager``).
 
@@ -101,10 +106,6 @@ class Checkpoints:
     self._manager.save(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(nnx.to_pure_dict(state)),
         META: ocp.args.JsonSave(dict(meta, step=step))}))
-
-  def read_meta(self, step: int) -> dict:
-    """The ``meta`` JSON of checkpoint ``step`` (without reading the arrays)."""
-    return json.loads((self.directory / str(step) / META / "metadata").read_text())
 
   def restore(self, step: int, like: nnx.State) -> nnx.State:
     """The state of checkpoint ``step``, in the structure, dtypes and shardings of ``like``.
@@ -153,7 +154,7 @@ def resume_point(out_dir, record: dict, name: Callable[[str], str] = config_lib.
                      f"to resume; leave out {name('resume')} to start a new run (with "
                      f"{name('checkpoint_every')} N to write checkpoints).")
   step = steps[-1]
-  meta = json.loads((directory(out_dir) / str(step) / META / "metadata").read_text())
+  meta = read_meta(out_dir, step)
   diff = config_lib.differences(meta.get("run", {}), record)
   if diff:
     shown = "; ".join(f"{name(k)} {_short(a)} in the checkpoint, {_short(b)} now"
@@ -166,4 +167,4 @@ def resume_point(out_dir, record: dict, name: Callable[[str], str] = config_lib.
 
 def _short(value) -> str:
   text = json.dumps(value) if not isinstance(value, str) else value
-  return text if len(text) <= 24 else text[:12] + "…"
+  return text if len(text) <= 60 else text[:16] + "…"

@@ -340,7 +340,7 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None, progress: b
       "diverged_at": diverged_at,
       "machine": machine_info(),
   }
-  if cfg.out_dir:
+  if cfg.out_dir and jax.process_index() == 0:  # one writer when several hosts train
     write_reports(cfg.out_dir, [result], title=f"ortho-optax train: {label}")
   return result
 
@@ -414,6 +414,6 @@ def compare(base: TrainConfig, optimizers: Sequence[str], lr_mults: Sequence[flo
     opt = r["config"]["optimizer"]
     if opt not in best or reports.sort_key(r) < reports.sort_key(best[opt]):
       best[opt] = r
-  if base.out_dir:
+  if base.out_dir and jax.process_index() == 0:
     write_reports(base.out_dir, runs, title="ortho-optax compare", best=best)
   return {"runs": runs, "best": best}
