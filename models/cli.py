@@ -2,7 +2,8 @@
 
 Every value is checked before anything is trained or written; a bad one ends the command
 with one line, ``ortho-optax: error: ...`` naming the flag, the value and what is
-allowed, and exit status 2. Results go to ``--out``, by default
+allowed, and exit status 2 (a ``train`` run that diverges exits with 1, after writing its
+results). Results go to ``--out``, by default
 ``runs/<command>-<YYYYmmdd-HHMMSS>/``: ``results.json``, ``results.md`` (the table) and
 ``loss.png``.
 """
@@ -260,6 +261,10 @@ def main(argv=None) -> int:
     runs, best = out["runs"], out["best"]
   print(reports.markdown_table(runs, best))
   print(f"results: {cfg.out_dir}/ (results.json, results.md, loss.png)")
+  if args.command == "train" and runs[0]["diverged_at"] is not None:
+    print(f"ortho-optax: the run diverged (non-finite loss at step {runs[0]['diverged_at']})",
+          file=sys.stderr)
+    return 1
   return 0
 
 

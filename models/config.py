@@ -115,24 +115,23 @@ class TrainConfig:
     Raises:
       ValueError: naming the first bad value and what is allowed.
     """
-    check = validation
-    check.check_choice(name("preset"), self.preset, sorted(gpt.PRESETS))
-    check.check_choice(name("optimizer"), self.optimizer, opt_lib.OPTIMIZERS)
+    validation.check_choice(name("preset"), self.preset, sorted(gpt.PRESETS))
+    validation.check_choice(name("optimizer"), self.optimizer, opt_lib.OPTIMIZERS)
     for field, minimum in (("steps", 1), ("batch_size", 1), ("seed", 0), ("eval_every", 0),
                            ("eval_batches", 1), ("log_every", 1), ("checkpoint_every", 0),
                            ("keep_checkpoints", 1)):
-      check.check_int(name(field), getattr(self, field), minimum)
+      validation.check_int(name(field), getattr(self, field), minimum)
     for field in ("seq_len", "stop_after"):
       if getattr(self, field) is not None:
-        check.check_int(name(field), getattr(self, field), 1)
+        validation.check_int(name(field), getattr(self, field), 1)
     # Learning rates are finite and > 0; weight decay and warm-up finite and >= 0.
     lrs = ("adam_lr",) if self.lr is None else ("lr", "adam_lr")
     for field in lrs:
-      check.check_in_range(name(field), getattr(self, field), 0.0, math.inf,
-                           low_inclusive=False, high_inclusive=False)
+      validation.check_in_range(name(field), getattr(self, field), 0.0, math.inf,
+                                low_inclusive=False, high_inclusive=False)
     for field in ("weight_decay", "warmup_steps"):
-      check.check_in_range(name(field), getattr(self, field), 0.0, math.inf,
-                           high_inclusive=False)
+      validation.check_in_range(name(field), getattr(self, field), 0.0, math.inf,
+                                high_inclusive=False)
     w = self.warmup_steps
     if w >= 1 and w != int(w):
       raise ValueError(f"{name('warmup_steps')}={w!r}: a warm-up of one step or more is a "
@@ -140,9 +139,9 @@ class TrainConfig:
     if warmup_steps_of(self) > self.steps:
       raise ValueError(f"{name('warmup_steps')}={w!r} is longer than "
                        f"{name('steps')}={self.steps}.")
-    check.check_choice(name("schedule"), self.schedule, SCHEDULES)
-    check.check_in_range(name("final_lr_frac"), self.final_lr_frac, 0.0, 1.0)
-    check.check_choice(name("ortho_sharding"), self.ortho_sharding, distributed.STRATEGIES)
+    validation.check_choice(name("schedule"), self.schedule, SCHEDULES)
+    validation.check_in_range(name("final_lr_frac"), self.final_lr_frac, 0.0, 1.0)
+    validation.check_choice(name("ortho_sharding"), self.ortho_sharding, distributed.STRATEGIES)
     bad = sorted(set(self.model) - set(MODEL_OVERRIDES))
     if bad:
       raise ValueError(f"{name('model')}: unknown field(s) {bad}; valid: "

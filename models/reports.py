@@ -101,41 +101,48 @@ def markdown_table(runs: Sequence[dict], best: dict | None = None) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _smooth(losses: np.ndarray, steps: np.ndarray):
-  k = max(1, len(losses) // 50)
+def _smooth(losses: np.ndarray, steps: np.ndarray, points: int = 50):
+  k = max(1, len(losses) // points)
   return steps[k - 1:], np.convolve(losses, np.ones(k) / k, mode="valid")
 
 
 def plot_losses(runs: Sequence[dict], path, title: str = "") -> None:
-  """Loss curves to a PNG: the whole smoothed train loss, the second half of training
-  zoomed in (where the optimizers differ by a few hundredths), and validation."""
+  """Loss curves to a PNG: the whole smoothed train loss; the second half of training,
+  smoothed more and zoomed onto the best 70% of the runs (where optimizers differ by a few
+  hundredths; the others leave the panel at the top); and validation."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, (full, tail, val) = plt.subplots(1, 3, figsize=(16, 4.5))
-  tail_lo, tail_hi = math.inf, -math.inf
+  levels, lows, highs = [], [], []
   for i, r in enumerate(runs):
     c = r["config"]
     style = {"label": f"{c['optimizer']} lr={c['lr']:g}", "color": f"C{i % 10}",
              "linestyle": ("-", "--", ":", "-.")[(i // 10) % 4]}
     if r["train_loss"]:
       s, l = np.asarray(r["train_loss"], dtype=float).T
-      s, l = _smooth(l, s)
-      full.plot(s, l, **style)
+      full.plot(*_smooth(l, s), **style)
       half = s >= c["steps"] / 2
-      if half.any() and np.isfinite(l[half]).any():
-        tail.plot(s[half], l[half], **style)
-        tail_lo = min(tail_lo, np.nanmin(l[half]))
-        tail_hi = max(tail_hi, np.nanmax(l[half]))
+      if half.sum() > 1 and np.isfinite(l[half]).all():
+        ts, tl = _smooth(l[half], s[half], points=12)
+        tail.plot(ts, tl, **style)
+        levels.append(float(np.mean(tl)))
+        lows.append(float(np.min(tl)))
+        highs.append(float(np.max(tl)))
     if r["val_loss"]:
       s, l = np.asarray(r["val_loss"], dtype=float).T
       val.plot(s, l, marker="o", ms=3, **style)
   full.set(xlabel="step", ylabel="train loss (nats/token)", title="train loss (smoothed)")
   tail.set(xlabel="step", ylabel="train loss (nats/token)",
            title="second half of training, zoomed")
-  if math.isfinite(tail_lo) and tail_hi > tail_lo:
-    pad = 0.05 * (tail_hi - tail_lo)
-    tail.set_ylim(tail_lo - pad, tail_hi + pad)
+  if levels:
+    order = np.argsort(levels)
+    n = len(levels)
+    keep = order[:n if n <= 3 else int(round(0.7 * n))]
+    lo, hi = min(lows[i] for i in keep), max(highs[i] for i in keep)
+    if hi > lo:
+      pad = 0.05 * (hi - lo)
+      tail.set_ylim(lo - pad, hi + pad)
   val.set(xlabel="step", ylabel="validation loss (nats/token)", title="validation")
   for ax in (full, tail, val):
     ax.grid(alpha=0.3)
