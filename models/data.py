@@ -29,7 +29,10 @@ import glob as globlib
 import hashlib
 import os
 import pathlib
+import queue
 import sysconfig
+import threading
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -136,14 +139,18 @@ def _expand(patterns: str | list[str]) -> list[pathlib.Path]:
     hits = sorted(globlib.glob(os.path.expanduser(pat)))
     if not hits:
       raise FileNotFoundError(f"no file matches {pat!r}.")
-    files.extend(pathlib.Path(h) for h in hits)
+    paths = [pathlib.Path(h) for h in hits]
+    if all(p.is_dir() for p in paths):
+      raise ValueError(f"{pat!r} is a folder, not files: name the files or a glob, e.g. "
+                       f"{os.path.join(pat, '*.txt')!r}.")
+    files.extend(p for p in paths if not p.is_dir())
   return sorted(set(files))
 
 
 def load_text(patterns: str | list[str]) -> Dataset:
   """Byte-level tokens of text files (sorted by path), last 10% validation."""
   files = _expand(patterns)
-  data = b"".join(p.read_bytes() for p in files if p.is_file())
+  data = b"".join(p.read_bytes() for p in files)
   if not data:
     raise ValueError(f"the text files {[str(f) for f in files]} are empty.")
   train, val = _split(_bytes_to_tokens(data))
@@ -303,3 +310,79 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     idx = rows[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     window = np.asarray(tokens[idx], dtype=np.int32)
     yield window[:, :-1], window[:, 1:]
+
+
+class Prefetcher:
+  """The batches of ``steps``, placed on the device ahead of use by a background thread.
+
+  ``put(sampler(step))`` runs in the thread, at most ``depth`` steps ahead of the
+  consumer, so sampling and the host-to-device copies overlap the device's work instead
+  of sitting between two steps. The batches are those of ``sampler`` in step order
+  (a :class:`BatchSampler` is a pure function of the step, so a resumed run sees the same
+  ones). Use as an iterator; :meth:`close` (or a ``with`` block) stops the thread early.
+
+  Args:
+    sampler: ``step -> (inputs, targets)`` host arrays.
+    steps: the steps, in order.
+    put: ``(inputs, targets) -> device arrays`` (``jax.device_put`` or a sharded put).
+    depth: batches held ahead.
+  """
+
+  _DONE = object()
+
+  def __init__(self, sampler: Callable, steps: Iterable[int], put: Callable,
+               depth: int = 2):
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+
+    def work():
+      try:
+        for step in steps:
+          if self._stop.is_set():
+            return
+          item = put(*sampler(step))
+          while not self._offer(item):
+            if self._stop.is_set():
+              return
+        self._offer(self._DONE, block=True)
+      except BaseException as e:  # pylint: disable=broad-except
+        self._offer(e, block=True)  # raised in the consumer
+
+    self._thread = threading.Thread(target=work, name="batch-prefetch", daemon=True)
+    self._thread.start()
+
+  def _offer(self, item, block: bool = False) -> bool:
+    while True:
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        if self._stop.is_set() or not block:
+          return False
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item = self._queue.get()
+    if item is self._DONE:
+      self._queue.put(item)  # later calls stop too
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._stop.set()
+    while self._thread.is_alive():
+      try:
+        self._queue.get(timeout=0.1)
+      except queue.Empty:
+        pass
+    self._thread.join()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -25,11 +25,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from ortho_optax import validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,24 +69,7 @@ class GPTConfig:
   rope_base: float = 1024.0
 
   def __post_init__(self):
-    for name in ("vocab_size", "num_layers", "num_heads", "model_dim", "seq_len", "mlp_ratio"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or v < 1:
-        raise ValueError(f"GPTConfig.{name} must be a positive int, got {v!r}.")
-    if self.model_dim % self.num_heads:
-      raise ValueError(
-          f"model_dim={self.model_dim} must be a multiple of num_heads={self.num_heads}.")
-    if (self.model_dim // self.num_heads) % 4:
-      raise ValueError(
-          f"head_dim={self.model_dim // self.num_heads} must be a multiple of 4 (rotary).")
-    if self.attention not in ("auto", "cudnn", "xla"):
-      raise ValueError(
-          f"attention={self.attention!r}; valid choices: 'auto', 'cudnn', 'xla'.")
-    if self.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
-      raise ValueError(f"compute_dtype={self.compute_dtype!r}; valid choices: "
-                       "'auto', 'bfloat16', 'float16', 'float32'.")
-    if self.logit_softcap is not None and not self.logit_softcap > 0:
-      raise ValueError(f"logit_softcap must be > 0 or None, got {self.logit_softcap!r}.")
+    check_fields(dataclasses.asdict(self), lambda field: f"GPTConfig.{field}")
 
   @property
   def head_dim(self) -> int:
@@ -95,6 +80,43 @@ class GPTConfig:
     if self.compute_dtype == "auto":
       return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
     return jnp.dtype(self.compute_dtype)
+
+
+#: Integer fields of :class:`GPTConfig` (each >= 1).
+POSITIVE_INT_FIELDS = ("vocab_size", "num_layers", "num_heads", "model_dim", "seq_len",
+                       "mlp_ratio")
+ATTENTION_CHOICES = ("auto", "cudnn", "xla")
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+
+
+def check_fields(values: dict, name: Callable[[str], str] = str) -> None:
+  """Checks :class:`GPTConfig` field values (all of them or some overrides).
+
+  Args:
+    values: field name -> value.
+    name: how a field is named in the message (``GPTConfig.model_dim``, ``--model-dim``).
+
+  Raises:
+    ValueError: naming the field, its value and what is allowed.
+  """
+  for field in POSITIVE_INT_FIELDS:
+    if field in values:
+      validation.check_int(name(field), values[field], 1)
+  if "attention" in values:
+    validation.check_choice(name("attention"), values["attention"], ATTENTION_CHOICES)
+  if "compute_dtype" in values:
+    validation.check_choice(name("compute_dtype"), values["compute_dtype"], DTYPE_CHOICES)
+  cap = values.get("logit_softcap")
+  if cap is not None:
+    validation.check_positive(name("logit_softcap"), cap)
+  dim, heads = values.get("model_dim"), values.get("num_heads")
+  if dim is not None and heads is not None:
+    if dim % heads:
+      raise ValueError(f"{name('model_dim')}={dim} must be a multiple of "
+                       f"{name('num_heads')}={heads}.")
+    if (dim // heads) % 4:
+      raise ValueError(f"the head size {name('model_dim')}={dim} / {name('num_heads')}="
+                       f"{heads} = {dim // heads} must be a multiple of 4 (rotary positions).")
 
 
 PRESETS: dict[str, GPTConfig] = {
@@ -271,7 +293,11 @@ class GPT(nnx.Module):
     if tokens.shape[-1] > cfg.seq_len:
       raise ValueError(f"sequence length {tokens.shape[-1]} exceeds seq_len={cfg.seq_len}.")
     cos, sin = rotary_tables(cfg.head_dim, cfg.seq_len, cfg.rope_base)
-    x = rms_norm(self.embed(tokens))
+    # Gather the float32 rows, then cast (nnx.Embed casts the whole table first): the same
+    # values, but the gradient is a float32 scatter-add of the batch's rows instead of a
+    # bfloat16 one into a bfloat16 copy of the table, so repeated tokens (a byte corpus
+    # puts 32k positions on 256 rows) accumulate in float32.
+    x = rms_norm(jnp.take(self.embed.embedding[...], tokens, axis=0).astype(cfg.dtype))
     for block in self.blocks:
       x = block(x, cos, sin)
     x = rms_norm(x)

@@ -1,7 +1,7 @@
 """Optimizer registry for the GPT trainer: names -> ``optax.GradientTransformation``.
 
 ``adamw`` is :func:`optax.adamw` on every parameter. Every other name is the
-ortho-optax optimizer of that name (``ortho_optax.<name>``), which orthogonalizes the
+ortho-optax optimizer of that name (``ortho_optax.OPTIMIZERS[name]``), which orthogonalizes the
 hidden matrices and sends embeddings and the head to its AdamW branch (``adam_*``
 arguments). :data:`TINY_DEFAULTS` holds a tuned-by-sweep learning rate per optimizer for
 the ``tiny`` preset on the embedded corpus; the AdamW branch of the hybrid optimizers
@@ -11,15 +11,16 @@ matrices differ between optimizers.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any, Callable
 
 import optax
 
-#: Every name the trainer accepts.
-OPTIMIZERS = ("adamw", "muon", "turbo_muon", "auon", "hybrid_auon", "aurora",
-              "riemannian_aurora", "normuon", "adamuon", "namo", "adaptive_muon", "oadamw")
+import ortho_optax
+from ortho_optax import validation
+
+#: Every name the trainer accepts: ``adamw`` and the library's optimizers.
+OPTIMIZERS = ("adamw", *ortho_optax.OPTIMIZERS)
 
 #: ``compare`` with no ``--opt``: the main contenders (fast enough for 2 CPU cores).
 COMPARE_DEFAULT = ("adamw", "muon", "turbo_muon", "auon", "aurora", "normuon", "oadamw")
@@ -52,51 +53,19 @@ TINY_DEFAULTS: dict[str, float] = {
     "oadamw": 9e-3,  # swept 1e-3, 3e-3, 9e-3, 2.7e-2
 }
 
-# Where an optimizer may live until the lead exports it from ``ortho_optax``.
-_MODULES = ("ortho_optax", "ortho_optax.optimizers", "ortho_optax.optimizers.muon",
-            "ortho_optax.optimizers.turbo_muon", "ortho_optax.optimizers.adaptive_muon",
-            "ortho_optax.optimizers.auon", "ortho_optax.optimizers.aurora",
-            "ortho_optax.optimizers.oadamw")
-
-
 def resolve(name: str) -> Callable[..., optax.GradientTransformation]:
-  """The factory of optimizer ``name``.
+  """The factory of optimizer ``name``: :func:`optax.adamw` or ``ortho_optax.OPTIMIZERS[name]``.
 
   Raises:
     ValueError: for an unknown name (listing the valid ones).
-    ImportError: when the name is valid but ortho-optax does not provide it (yet).
   """
-  if name not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {name!r}; valid choices: {list(OPTIMIZERS)}.")
-  if name == "adamw":
-    return optax.adamw
-  for mod_name in _MODULES:
-    try:
-      mod = importlib.import_module(mod_name)
-    except ImportError:
-      continue
-    fn = getattr(mod, name, None)
-    if callable(fn) and not inspect.ismodule(fn):
-      return fn
-  raise ImportError(f"optimizer {name!r} is not available in this ortho-optax "
-                    f"(looked in {', '.join(_MODULES)}).")
-
-
-def available() -> list[str]:
-  """Registered names whose implementation can be imported now."""
-  out = []
-  for name in OPTIMIZERS:
-    try:
-      resolve(name)
-      out.append(name)
-    except ImportError:
-      pass
-  return out
+  validation.check_choice("optimizer", name, OPTIMIZERS)
+  return optax.adamw if name == "adamw" else ortho_optax.OPTIMIZERS[name]
 
 
 def default_lr(name: str) -> float:
-  if name not in TINY_DEFAULTS:
-    raise ValueError(f"unknown optimizer {name!r}; valid choices: {list(OPTIMIZERS)}.")
+  """The tuned peak learning rate of ``name`` for the ``tiny`` preset (:data:`TINY_DEFAULTS`)."""
+  validation.check_choice("optimizer", name, OPTIMIZERS)
   return TINY_DEFAULTS[name]
 
 

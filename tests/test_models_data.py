@@ -127,3 +127,36 @@ def test_too_short_corpora():
     next(data.eval_batches(np.arange(10), 2, 16, 4))
   batches = list(data.eval_batches(np.arange(1000), 4, 16, 100))
   assert all(x.shape == (4, 16) for x, _ in batches) and len(batches) == 15
+
+
+def test_a_text_folder_is_named_in_the_error(tmp_path):
+  (tmp_path / "a.txt").write_text("hello")
+  with pytest.raises(ValueError, match="is a folder, not files.*a.txt|is a folder, not files"):
+    data.load_dataset(f"text:{tmp_path}")
+  assert data.load_dataset(f"text:{tmp_path}/*.txt").train.size > 0
+
+
+def test_prefetcher_yields_the_sampler_batches_in_order_and_stops_early():
+  sampler = data.BatchSampler(np.arange(1000) % 251, 2, 8, seed=3)
+  put = lambda x, y: (x + 0, y + 0)  # any "device" placement
+  got = list(data.Prefetcher(sampler, range(5, 12), put, depth=2))
+  assert len(got) == 7
+  for step, (x, y) in zip(range(5, 12), got):
+    ex, ey = sampler(step)
+    np.testing.assert_array_equal(x, ex)
+    np.testing.assert_array_equal(y, ey)
+  with data.Prefetcher(sampler, range(10**9), put) as early:  # closed after two batches
+    next(early), next(early)
+  assert not early._thread.is_alive()  # pylint: disable=protected-access
+
+
+def test_prefetcher_raises_the_sampler_error_in_the_consumer():
+  def bad(step):
+    if step == 2:
+      raise ValueError("step 2 is broken")
+    return np.zeros(1), np.zeros(1)
+  batches = data.Prefetcher(bad, range(5), lambda x, y: (x, y))
+  next(batches), next(batches)
+  with pytest.raises(ValueError, match="step 2 is broken"):
+    next(batches)
+  batches.close()
