@@ -515,14 +515,17 @@ def _compile(lowered_step, lowered_update) -> tuple:
 def compile_all(runs: list[Run], n: int, args, save) -> None:
   """Lowers, compiles and runs the first steps of every run, in order.
 
-  Up to ``--compile-workers`` compilations overlap (the next configurations lower and
-  compile while the oldest one finishes); the runs are finished in order, so that every
-  process of a multi-process job executes the same programs in the same order. Failures,
-  non-finite losses and ``--compile-budget`` are recorded in the rows; ``save()`` runs
-  after every configuration.
+  The first configuration compiles alone: the kernels it autotunes (the model's matrix
+  products, the same in every configuration) are then in XLA's cache for the others.
+  After it, up to ``--compile-workers`` compilations overlap (the next configurations
+  lower and compile while the oldest one finishes); the runs are finished in order, so
+  that every process of a multi-process job executes the same programs in the same
+  order. Failures, non-finite losses and ``--compile-budget`` are recorded in the rows;
+  ``save()`` runs after every configuration.
   """
   start = time.perf_counter()
   pending = collections.deque()
+  first = True
 
   def finish_oldest():
     run, lowering_s, future = pending.popleft()
@@ -560,8 +563,9 @@ def compile_all(runs: list[Run], n: int, args, save) -> None:
         print(f"[N={n}] {run.layout} {run.name}: {run.row['error']}", flush=True)
         continue
       pending.append((run, lowering_s, pool.submit(_compile, step, update)))
-      while len(pending) >= args.compile_workers:
+      while pending and (first or len(pending) >= args.compile_workers):
         finish_oldest()
+      first = False
     while pending:
       finish_oldest()
 
@@ -644,9 +648,9 @@ def parse_args(argv):
                  help="per N, compile no further configuration once the compile phase "
                       "has taken this long (the rest are recorded as skipped)")
   p.add_argument("--compile-workers", type=int, default=1, metavar="K",
-                 help="compile up to K configurations at a time (default 1: each "
-                      "compile_s is that of a compilation alone, and on GPUs no two "
-                      "compilations autotune kernels on the device at once)")
+                 help="after the first configuration of each N, compile up to K at a "
+                      "time (default 1: each compile_s is that of a compilation alone, "
+                      "and on GPUs no two compilations autotune kernels at once)")
   p.add_argument("--multiprocess", action="store_true",
                  help="join a multi-process job first (ortho_optax.distributed."
                       "initialize_multiprocess; JAX_COORDINATOR_ADDRESS, "
