@@ -271,26 +271,36 @@ def test_too_many_devices_are_refused_before_building_anything(bench, capsys, mo
   assert f"only {jax.device_count()} devices" in capsys.readouterr().err
 
 
-def test_failures_and_the_compile_budget_are_recorded(bench, tmp_path, monkeypatch, capsys):
-  """Nothing compiles here: a factory that fails, then a budget already spent."""
+def test_failures_merges_and_the_compile_budget_are_recorded(bench, tmp_path, monkeypatch,
+                                                            capsys):
+  """Nothing compiles here: a factory that fails (twice, merged), then a budget spent."""
+  run = ["run 1"]
+
   def broken(dtype):
-    raise ValueError("cannot build this one")
+    raise ValueError(f"cannot build this one ({run[0]})")
   monkeypatch.setitem(bench.OPTIMIZERS, "optax.adamw", (broken, None))
-  common = [*TINY, "--sizes", "1", "2", "--out", str(tmp_path)]
-  assert bench.main([*common, "--optimizers", "optax.adamw"]) == 0
-  rows = json.loads((tmp_path / "bench_scaling.json").read_text())["rows"]
-  assert [(r["n"], r["layout"]) for r in rows] == [(1, "dp"), (2, "dp"), (2, "dp_fsdp")]
-  for r in rows:
-    assert r["error"] == "ValueError: cannot build this one", r
-    assert r["ms_per_step"] is None and r["scaling_efficiency"] is None
+  common = [*TINY, "--optimizers", "optax.adamw", "--out", str(tmp_path)]
+  assert bench.main([*common, "--sizes", "1", "2"]) == 0
   assert re.search(r"^\| 2 \| 1 x 2 \| optax.adamw \| – \| – \|.*cannot build this one",
                    capsys.readouterr().out, re.M)
+  run[0] = "run 2"
+  assert bench.main([*common, "--sizes", "2", "--merge"]) == 0
+  result = json.loads((tmp_path / "bench_scaling.json").read_text())
+  meta, rows = result["meta"], result["rows"]
+  assert [(r["n"], r["layout"], r["error"]) for r in rows] == [
+      (1, "dp", "ValueError: cannot build this one (run 1)"),
+      (2, "dp", "ValueError: cannot build this one (run 2)"),
+      (2, "dp_fsdp", "ValueError: cannot build this one (run 2)")]
+  assert [r["sizes"] for r in meta["runs"]] == [[1, 2], [2]] and meta["sizes"] == [1, 2]
+  assert meta["runs"][1]["command"] == meta["command"] and "--merge" in meta["command"]
+  assert all(r["ms_per_step"] is None and r["scaling_efficiency"] is None for r in rows)
 
-  assert bench.main([*common, "--optimizers", "muon/auto", "--compile-budget", "1e-9",
-                     "--kind-name", "budget"]) == 0
+  assert bench.main([*TINY, "--optimizers", "muon/auto", "--sizes", "1", "2",
+                     "--compile-budget", "1e-9", "--kind-name", "budget",
+                     "--out", str(tmp_path)]) == 0
   result = json.loads((tmp_path / "bench_scaling_budget.json").read_text())
   meta, rows = result["meta"], result["rows"]
-  assert meta["status"] == "done" and meta["compile_budget"] == 1e-9
+  assert meta["status"] == "done" and meta["compile_budget"] == 1e-9 and len(rows) == 3
   for r in rows:
     assert r["skipped"].startswith(f"not compiled: the compile phase of N={r['n']} took")
     assert r["compile_s"] is None and r["error"] is None
