@@ -736,6 +736,8 @@ def main(argv=None) -> int:
           "mfu": "6 x num_params x tokens_per_s / (n x peak_tflops x 1e12)",
           "bytes": "per device per step: max(operand, result) bytes of every collective "
                    "of the compiled HLO, x loop trip counts",
+          "peak_mem_gb": "compiled training step, per device: arguments + outputs + "
+                         "temporaries - aliases (memory_analysis), 1e9 bytes",
           "compile_cache": args.compile_cache, "compile_budget": args.compile_budget,
           "compile_workers": args.compile_workers,
           "status": "starting"}
