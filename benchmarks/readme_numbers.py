@@ -88,13 +88,17 @@ def user_loop(results: pathlib.Path) -> str:
             f"`benchmarks/results/{USER_LOOP.file}`.\n")
   rows = payload["rows"] if isinstance(payload, dict) else payload
   meta = payload if isinstance(payload, dict) else {}
-  machine = (meta.get("machine") or {}).get("device")
+  meta = meta.get("meta", meta)  # bench_user_loop.py writes {"meta": ..., "rows": ...}
+  machine = meta.get("device") or (meta.get("machine") or {}).get("device")
+  num = lambda v, fmt: "–" if v is None else format(v, fmt)
   lines = ["| optimizer | tokens / step | ms / step | vs optax.adamw | first step (compile) s "
            "| peak memory GB |", "|---|---|---|---|---|---|"]
   for r in rows:
-    rel = "–" if r["optimizer"] in ("adamw", "optax.adamw") else _pct(r["vs_adamw"])
-    lines.append(f"| `{r['optimizer']}` | {r['tokens_per_step']:,} | {r['ms_per_step']:.1f} | "
-                 f"{rel} | {r['compile_s']:.1f} | {r['peak_mem_gb']:.1f} |")
+    rel = ("–" if r["optimizer"] in ("adamw", "optax.adamw") or r["vs_adamw"] is None
+           else _pct(r["vs_adamw"]))
+    lines.append(f"| `{r['optimizer']}` | {r['tokens_per_step']:,} | "
+                 f"{num(r['ms_per_step'], '.1f')} | {rel} | {num(r['compile_s'], '.1f')} | "
+                 f"{num(r['peak_mem_gb'], '.1f')} |")
   date = meta.get("date") or (meta.get("machine") or {}).get("date")
   return "\n".join(lines) + "\n\n" + _caption(
       USER_LOOP, meta, machine=f"one {machine}" if machine else None, date=date,
