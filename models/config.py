@@ -127,11 +127,9 @@ class TrainConfig:
     # Learning rates are finite and > 0; weight decay and warm-up finite and >= 0.
     lrs = ("adam_lr",) if self.lr is None else ("lr", "adam_lr")
     for field in lrs:
-      validation.check_in_range(name(field), getattr(self, field), 0.0, math.inf,
-                                low_inclusive=False, high_inclusive=False)
+      validation.check_range(name(field), getattr(self, field), 0.0, low_open=True)
     for field in ("weight_decay", "warmup_steps"):
-      validation.check_in_range(name(field), getattr(self, field), 0.0, math.inf,
-                                high_inclusive=False)
+      validation.check_range(name(field), getattr(self, field), 0.0)
     w = self.warmup_steps
     if w >= 1 and w != int(w):
       raise ValueError(f"{name('warmup_steps')}={w!r}: a warm-up of one step or more is a "
@@ -140,7 +138,7 @@ class TrainConfig:
       raise ValueError(f"{name('warmup_steps')}={w!r} is longer than "
                        f"{name('steps')}={self.steps}.")
     validation.check_choice(name("schedule"), self.schedule, SCHEDULES)
-    validation.check_in_range(name("final_lr_frac"), self.final_lr_frac, 0.0, 1.0)
+    validation.check_range(name("final_lr_frac"), self.final_lr_frac, 0.0, 1.0)
     validation.check_choice(name("ortho_sharding"), self.ortho_sharding, distributed.STRATEGIES)
     bad = sorted(set(self.model) - set(MODEL_OVERRIDES))
     if bad:

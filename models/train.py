@@ -369,13 +369,11 @@ def sweep_configs(base: TrainConfig, optimizers: Sequence[str], lr_mults: Sequen
     if opt not in opt_lib.OPTIMIZERS:
       raise ValueError(f"{name('lr')} {opt}={lr:g}: {opt!r} is not an optimizer; valid "
                        f"choices: {', '.join(opt_lib.OPTIMIZERS)}.")
-    validation.check_in_range(f"{name('lr')} {opt}", lr, 0.0, math.inf,
-                              low_inclusive=False, high_inclusive=False)
+    validation.check_range(f"{name('lr')} {opt}", lr, 0.0, low_open=True)
   if not lr_mults:
     raise ValueError(f"{name('lr_mults')}: give at least one multiplier.")
   for mult in lr_mults:
-    validation.check_in_range(name("lr_mults"), mult, 0.0, math.inf, low_inclusive=False,
-                              high_inclusive=False)
+    validation.check_range(name("lr_mults"), mult, 0.0, low_open=True)
   cfgs = [dataclasses.replace(base, optimizer=opt, resume=False, checkpoint_every=0,
                               out_dir=None,
                               lr=(lrs or {}).get(opt, opt_lib.default_lr(opt)) * mult)
