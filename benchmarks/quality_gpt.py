@@ -27,7 +27,9 @@ Each run writes ``<out>/<block>/<name>.json`` after every evaluation (status
 most the run in progress. A run is skipped when a finished result of the same settings
 (the trainer's ``run_record``, data hash included) is in ``--out`` or ``--prior``: the
 same command run again continues where a cut call stopped. ``--budget-s`` starts no run
-that its estimated time would carry past that many seconds since the start.
+that its estimated time would carry past that many seconds since the start. A run that
+raises is recorded in ``<out>/errors/<name>.json`` and the block goes on (and exits 1);
+``<out>/status-<block>.json`` lists the runs that ran, were skipped, failed or are left.
 
 Every run file is the trainer's result dict (``config``, ``data`` with its sha256,
 ``train_loss`` and ``val_loss`` as ``[step, loss]``, ``final_val_loss``, ``timings``,
@@ -64,6 +66,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from typing import Iterable, Sequence
 
 import jax
@@ -379,8 +382,10 @@ def run_block(study: Study, specs: Sequence[RunSpec], out: pathlib.Path,
               dataset: data_lib.Dataset) -> dict:
   """Runs ``specs`` in order, skipping finished ones, within ``budget_s`` of ``start``.
 
+  A run that raises is recorded in ``<out>/errors/<name>.json`` and the block goes on.
+
   Returns:
-    ``{"ran": [...], "skipped": [...], "left": [...]}`` run names.
+    ``{"ran", "skipped", "failed", "left"}``: lists of run names.
   """
   corpus = corpus_info(study.data)
   known = load_runs([*prior, out])
@@ -391,7 +396,7 @@ def run_block(study: Study, specs: Sequence[RunSpec], out: pathlib.Path,
   for r in known:
     if setup_key(r) == key and measured_costs(r):
       measured.setdefault(r["study"]["optimizer"], []).append(measured_costs(r))
-  status = {"ran": [], "skipped": [], "left": []}
+  status = {"ran": [], "skipped": [], "failed": [], "left": []}
   for i, spec in enumerate(specs):
     cfg = study.config(spec, dataset)
     done = finished(known, spec, config_lib.run_record(cfg, dataset))
@@ -408,7 +413,16 @@ def run_block(study: Study, specs: Sequence[RunSpec], out: pathlib.Path,
               f"for the next call: {', '.join(status['left'])}. Run the same command again "
               "to continue.", flush=True)
         break
-    r = train_run(cfg, dataset, spec, out / spec.block / f"{spec.name}.json", corpus)
+    try:
+      r = train_run(cfg, dataset, spec, out / spec.block / f"{spec.name}.json", corpus)
+    except Exception as e:  # pylint: disable=broad-except
+      # One optimizer's failure (a compile error, memory) must not cost the others' runs.
+      error = f"{type(e).__name__}: {e}"
+      print(f"[{spec.name}] failed: {error}", flush=True)
+      write_json(out / "errors" / f"{spec.name}.json",
+                 {"run": spec.name, "error": error, "traceback": traceback.format_exc()})
+      status["failed"].append(spec.name)
+      continue
     if measured_costs(r):
       measured.setdefault(spec.optimizer, []).append(measured_costs(r))
     status["ran"].append(spec.name)
@@ -999,8 +1013,13 @@ def _lrs_flag(lrs: dict, optimizers: Sequence[str]) -> str:
 
 
 def _command(args, block_flags: str, common: str) -> str:
-  """One planned call: the block, the study's flags, the output and the time budget."""
-  parts = ["PYTHONPATH=$PWD python benchmarks/quality_gpt.py", block_flags, common,
+  """One planned call: the block, the study's flags, the output and the time budget.
+
+  The persistent compilation cache lets the runs of one optimizer share the evaluation's
+  compiled program, and a seed the step of another seed in the same call.
+  """
+  parts = ["JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache PYTHONPATH=$PWD python "
+           "benchmarks/quality_gpt.py", block_flags, common,
            f"--out $OUT/{pathlib.Path(RESULTS).name}", f"--budget-s {args.call_s:g}"]
   return " ".join(x for x in parts if x)
 
@@ -1211,9 +1230,9 @@ def main(argv=None) -> int:
              status | {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                        "elapsed_s": time.perf_counter() - start})
   print(f"{args.block}: {len(status['ran'])} ran, {len(status['skipped'])} finished already, "
-        f"{len(status['left'])} left" + (" (run the same command again)" if status["left"]
-                                        else "") + ".", flush=True)
-  return 0
+        f"{len(status['failed'])} failed, {len(status['left'])} left"
+        + (" (run the same command again)" if status["left"] else "") + ".", flush=True)
+  return 1 if status["failed"] else 0
 
 
 if __name__ == "__main__":

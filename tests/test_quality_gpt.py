@@ -66,7 +66,7 @@ def test_sweep_full_report_end_to_end(tmp_path, capsys):
   # The same command again trains nothing.
   capsys.readouterr()
   assert quality_gpt.main(sweep) == 0
-  assert "0 ran, 4 finished already" in capsys.readouterr().out
+  assert "0 ran, 4 finished already, 0 failed, 0 left." in capsys.readouterr().out
   assert _runs(out / "sweep") == runs
 
   # Full runs at each optimizer's best sweep lr.
@@ -103,6 +103,23 @@ def test_sweep_full_report_end_to_end(tmp_path, capsys):
   assert {o: p["lr"] for o, p in summary["lrs"].items()} == best
   muon = full[f"full-muon-lr{best['muon']:g}-seed0"]
   assert rows["muon"]["final_val_loss"] == muon["final_val_loss"]
+
+
+def test_a_failing_run_is_recorded_and_the_block_goes_on(tmp_path, monkeypatch):
+  def fail(cfg, *args):
+    raise RuntimeError(f"no memory for lr {cfg.lr}")
+
+  monkeypatch.setattr(quality_gpt, "train_run", fail)
+  out = tmp_path / "o"
+  argv = ["--block", "sweep", "--optimizers", "muon", "--lrs", "muon=0.02,0.06"] + TINY + [
+      "--prior", "--out", str(out)]
+  assert quality_gpt.main(argv) == 1
+  errors = sorted(p.name for p in (out / "errors").glob("*.json"))
+  assert errors == ["sweep-muon-lr0.02-seed0.json", "sweep-muon-lr0.06-seed0.json"]
+  assert "no memory for lr 0.06" in (out / "errors" / errors[1]).read_text()
+  status = json.loads((out / "status-sweep.json").read_text())
+  assert status["failed"] == ["sweep-muon-lr0.02-seed0", "sweep-muon-lr0.06-seed0"]
+  assert quality_gpt.load_runs([out]) == []  # an error file is not a run file
 
 
 def _run(block, opt, lr, seed, steps, loss, step_s, status="done"):
@@ -249,7 +266,8 @@ def test_plan_lists_parsable_calls_within_the_call_budget(capsys):
   assert sweeps and fulls and "--top 3 --seeds 1" in fulls[-1]
   planned = set()
   for c in commands:
-    argv = shlex.split(c.replace("$OUT", "/tmp/o").replace("$PWD", "."))[3:]
+    argv = shlex.split(c.replace("$OUT", "/tmp/o").replace("$PWD", "."))
+    argv = argv[argv.index("benchmarks/quality_gpt.py") + 1:]
     args = quality_gpt.build_parser().parse_args(argv)
     assert args.budget_s == quality_gpt.DEFAULT_CALL_S and args.out == "/tmp/o/quality_gpt"
     if args.block == "sweep":
