@@ -1,4 +1,4 @@
-"""Token data for the GPT: an embedded corpus, text files, FineWeb shards, HF streaming.
+"""Token data for the GPT: an embedded corpus, the standard library, text, FineWeb shards, HF.
 
 Every source ends as two 1-D integer token arrays (train, validation) plus a sha256 of
 the tokens that :func:`load_dataset` records, and :class:`BatchSampler` draws
@@ -13,6 +13,10 @@ Sources (the ``spec`` string of :func:`load_dataset`):
     90/10 (its last 10% is validation), so validation has both prose and code.
   ``"embedded:prose"`` / ``"embedded:code"``: one part only (``prose`` is the corpus of
     ANCHORS.md's tiny-model validation).
+  ``"stdlib[:lib|:full]"``: needs no download either, and is four times the embedded
+    corpus (8.4 MB on CPython 3.11 and 3.12; ``full`` adds the test suite where it is
+    installed, 30 MB): the running Python's standard-library sources, byte-level, split
+    into training and validation by file (:mod:`ortho_optax.models.corpus`).
   ``"text:<path or glob>[,<path or glob>...]"``: text files, byte-level, files sorted
     by path, concatenated, last 10% validation.
   ``"shards:<train glob>[;<val glob>]"``: modded-nanogpt / FineWeb token shards (256
@@ -128,6 +132,15 @@ def load_embedded(part: str = "all") -> Dataset:
     vals.append(va)
   train, val = np.concatenate(trains), np.concatenate(vals)
   name = "embedded" if part == "all" else f"embedded:{part}"
+  return Dataset(name, train, val, 256, _sha256(train, val))
+
+
+def load_stdlib(part: str = "lib") -> Dataset:
+  """The standard-library corpus of :func:`corpus.build_stdlib` as byte-level tokens."""
+  from ortho_optax.models import corpus  # pylint: disable=import-outside-toplevel
+  source = corpus.build_stdlib(part)
+  train, val = _bytes_to_tokens(source.train), _bytes_to_tokens(source.val)
+  name = "stdlib" if part == "lib" else f"stdlib:{part}"
   return Dataset(name, train, val, 256, _sha256(train, val))
 
 
@@ -248,6 +261,8 @@ def load_dataset(spec: str = "embedded", *, hf_max_bytes: int = 20_000_000) -> D
   kind, _, rest = spec.partition(":")
   if kind == "embedded":
     return load_embedded(rest or "all")
+  if kind == "stdlib":
+    return load_stdlib(rest or "lib")
   if kind == "text":
     return load_text(rest)
   if kind == "shards":
@@ -259,7 +274,8 @@ def load_dataset(spec: str = "embedded", *, hf_max_bytes: int = 20_000_000) -> D
   if any(ch in spec for ch in "*?/.") or os.path.exists(spec):
     return load_text(spec)
   raise ValueError(f"unknown data spec {spec!r}; valid: 'embedded[:prose|:code]', "
-                   "'text:<glob>', 'shards:<train glob>[;<val glob>]', 'hf:<name>'.")
+                   "'stdlib[:lib|:full]', 'text:<glob>', 'shards:<train glob>[;<val glob>]', "
+                   "'hf:<name>'.")
 
 
 class BatchSampler:
