@@ -276,12 +276,13 @@ def _segment_factor(gram, table, cubic):
     return q
   r = next_gram(r, z, abc)
 
-  # Unrolled, as ortho_optax.newton_schulz's XLA path: a loop on a GPU waits for the
-  # host every iteration.
-  for i in range(1, table.shape[0] - 1):
-    abc = table[i]
+  def body(carry, abc):
+    q, r = carry
     z = poly(r, abc)
-    q, r = step(q, r, z, abc), next_gram(r, z, abc)
+    return (step(q, r, z, abc), next_gram(r, z, abc)), None
+
+  if table.shape[0] > 2:
+    (q, r), _ = lax.scan(body, (q, r), table[1:-1])
   abc = table[-1]
   return step(q, r, poly(r, abc), abc)
 
@@ -306,14 +307,16 @@ def _xla_gram_newton_schulz(x, table, eps, *, preconditioning, compute_dtype, cu
     return _round_to(_mm(q, X, acc), X.dtype)
 
   # The first segment starts from the (preconditioned) first Gram matrix, the others
-  # from a fresh XXᵀ: the equal segments after the first, then the shorter tail.
+  # from a fresh XXᵀ: a scan over the equal segments after the first, then the shorter
+  # tail, so the program does not grow with steps.
   steps = table.shape[0]
   every = steps if restart_every is None else min(restart_every, steps)
   X = apply(_segment_factor(gram, table[:every], cubic), X)
   full, tail = steps // every - 1, steps % every
-  for j in range(full):
-    block = table[every * (j + 1):every * (j + 2)]
-    X = apply(_segment_factor(_gram(X), block, cubic), X)
+  if full:
+    def segment(X, block):
+      return apply(_segment_factor(_gram(X), block, cubic), X), None
+    X, _ = lax.scan(segment, X, table[every:every * (full + 1)].reshape(full, every, 3))
   if tail:
     X = apply(_segment_factor(_gram(X), table[steps - tail:], cubic), X)
   if transposed:

@@ -16,8 +16,8 @@ NVIDIA Emerging-Optimizers              ``coefficients=<type>, eps=1e-15``
 Aurora ``polar``                        ``coefficients="aurora", steps=12``
 ======================================  =====================================================
 
-The iteration runs over a traced ``(steps, 3)`` coefficient array, unrolled (a loop on a
-GPU waits for the host every iteration), so every table of one length shares a compilation.
+The iteration is a ``lax.scan`` over a ``(steps, 3)`` coefficient array, so the compiled
+program (and its memory) does not grow with ``steps``.
 
 References:
   Jordan et al., *Muon: An optimizer for hidden layers in neural networks*, 2024.
@@ -33,7 +33,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from ortho_optax.coefficients import Coefficients, resolve_coefficients
@@ -188,8 +187,7 @@ def _power_sigma_max(gram):
   m = g.shape[-1]
   # A fixed pseudo-random start: almost surely not orthogonal to the top eigenvector
   # (a constant vector can be, e.g. for [[1, -1], [-1, 1]]).
-  # (drawn on the host at trace time: a device RNG would be a loop in the program).
-  v0 = jnp.asarray(np.random.default_rng(0).standard_normal(m), acc)
+  v0 = jax.random.normal(jax.random.PRNGKey(0), (m,), dtype=acc)
   v = jnp.broadcast_to(v0, g.shape[:-1])
 
   def body(_, v):
@@ -198,8 +196,7 @@ def _power_sigma_max(gram):
     return jnp.where(n > 0, w / jnp.where(n > 0, n, 1), 0)
 
   v = body(0, v / jnp.linalg.norm(v0))
-  for i in range(1, SPECTRAL_POWER_ITERATIONS):  # unrolled: see _xla_newton_schulz
-    v = body(i, v)
+  v = lax.fori_loop(1, SPECTRAL_POWER_ITERATIONS, body, v)
   lam = jnp.linalg.norm(jnp.einsum("...ij,...j->...i", g, v), axis=-1)
   return jnp.sqrt(lam)[..., None, None]
 
@@ -438,11 +435,6 @@ def newton_schulz_many(
 
 
 
-# The steps are unrolled in Python rather than a lax.scan: on a GPU, XLA runs a loop with
-# the host deciding every iteration, so a loop-free program never stalls the device's
-# queue (seen in Riemannian Aurora's CG loop on an H200); a few steps add little to the
-# compilation. The table stays a traced argument, so tables of one length still share
-# one compilation.
 @functools.partial(jax.jit, static_argnames=("preconditioning", "compute_dtype", "cubic"))
 def _xla_newton_schulz(x, table, eps, *, preconditioning, compute_dtype, cubic):
   out_dtype = x.dtype
@@ -452,8 +444,10 @@ def _xla_newton_schulz(x, table, eps, *, preconditioning, compute_dtype, cubic):
     X, gram = _precondition_first_step(X, preconditioning, eps)
     X = _ns_step(X, gram, table[0], cubic)
     rest = table[1:]
-  for i in range(rest.shape[0]):
-    X = _ns_step(X, _gram(X), rest[i], cubic)
+  if rest.shape[0]:
+    def body(X, abc):
+      return _ns_step(X, _gram(X), abc, cubic), None
+    X, _ = lax.scan(body, X, rest)
   if transposed:
     X = _swap(X)
   return X.astype(out_dtype)

@@ -90,7 +90,7 @@ def _concatenate(pieces):
 
 
 class XlaNewtonSchulz:
-  """Newton–Schulz in XLA (the steps unrolled over a traced coefficient table), any platform.
+  """Newton–Schulz in XLA (``lax.scan`` over the coefficient table), any platform.
 
   Args:
     spec: what to compute.
