@@ -14,8 +14,9 @@ diff) when README.md is not what the results files give; the test suite runs it.
 Blocks (:data:`BLOCKS`): ``user_loop`` (``bench_user_loop_h200.json``, a plain user-written
 Flax loop per optimizer; says so when the file is not committed yet), ``gpt_step``
 (``bench_gpt``: the trainer's step), ``kernels`` (``bench_kernels`` profile: Newton–Schulz
-kernels vs XLA, with the Triton peers), ``tiny_compare`` (validation loss of the tiny GPT)
-and ``distributed`` (collective bytes per step).
+kernels vs XLA, with the Triton peers), ``tiny_compare`` (validation loss of the tiny GPT),
+``quality_gpt`` (validation loss of GPT-2 small on a GPU, ``quality_gpt.py``'s report) and
+``distributed`` (collective bytes per step).
 
   python benchmarks/readme_numbers.py            # rewrite README.md
   python benchmarks/readme_numbers.py --check    # exit 1 if README.md is stale
@@ -205,6 +206,43 @@ def tiny_compare(results: pathlib.Path) -> str:
            "`benchmarks/results/tiny_compare.md`.") + "\n"
 
 
+QUALITY = Source("quality_gpt/quality_gpt.json")
+
+
+def quality_gpt(results: pathlib.Path) -> str:
+  """GPT-2 small on one GPU: validation loss per step and per second (quality_gpt.py)."""
+  payload = _load(results, QUALITY)
+  summary = payload["summary"]
+  full = [r for r in payload["runs"] if r.startswith("full/")]
+  run = json.loads((results / "quality_gpt" / full[0]).read_text())
+  with open(results / "quality_gpt" / "status-full.json") as f:
+    command = json.load(f)["command"].replace("/root/out", "$OUT")
+  ref = summary["reference"]
+  lines = [f"| optimizer | lr | seeds | val loss | seed spread | steps to {ref}'s final "
+           f"({summary['target']:.3f}) | seconds to it | ms / step |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, r in sorted(summary["rows"].items(), key=lambda kv: kv[1]["final_val_loss"]):
+    lines.append(
+        f"| `{name}` | {r['lr']:g} | {len(r['seeds'])} | {r['final_val_loss']:.3f} | "
+        f"{r['seed_spread']:.3f} | {r['steps_to_reference']:.0f} ({r['step_ratio']:.2f}×) | "
+        f"{r['seconds_to_reference']:.1f} ({r['time_ratio']:.2f}×) | {r['step_ms']:.1f} |")
+  goals = summary["goals"]
+  verdict = lambda g: "met" if g["passed"] else "NOT met"
+  m = run["machine"]
+  return "\n".join(lines) + "\n\n" + _caption(
+      dataclasses.replace(QUALITY, command=command), None,
+      machine=f"one {m['device']}, JAX {m['jax']}", date=m["date"],
+      note=f"`small` preset (12 × 768, byte vocabulary), {run['config']['steps']} steps × "
+           f"{run['config']['batch_size']} × 1024 tokens of the standard-library corpus "
+           "(`--data stdlib`), warm-up then cosine, each optimizer at the best lr of a "
+           "250-step sweep (`--block sweep`); validation in nats/byte on held-out files. "
+           f"Goals: muon at {ref}'s final loss within 0.7 of its steps "
+           f"({verdict(goals['muon_step_ratio'])}), turbo_muon within 0.01 nats of muon "
+           f"({verdict(goals['turbo_gap'])}), the same order at equal wall-clock "
+           f"({verdict(goals['equal_time_order'])}). Report, plots and the sweep: "
+           "`benchmarks/results/quality_gpt/quality_gpt.md`.") + "\n"
+
+
 DISTRIBUTED = Source("distributed_bytes.json")
 
 
@@ -238,7 +276,7 @@ def distributed(results: pathlib.Path) -> str:
 
 BLOCKS: dict[str, Callable[[pathlib.Path], str]] = {
     "user_loop": user_loop, "gpt_step": gpt_step, "kernels": kernels,
-    "tiny_compare": tiny_compare, "distributed": distributed}
+    "tiny_compare": tiny_compare, "distributed": distributed, "quality_gpt": quality_gpt}
 
 
 def render(text: str, results: pathlib.Path = RESULTS) -> str:

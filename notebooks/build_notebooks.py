@@ -693,6 +693,52 @@ def comparison():
         ax.grid(alpha=0.3, axis="x")
         plt.show()
       '''),
+      md("""
+      ## GPT-2 small on a GPU: validation loss per step and per second
+
+      `benchmarks/quality_gpt.py` runs the trainer's GPT-2-small model (byte vocabulary) on the
+      standard-library corpus (`--data stdlib`) on one GPU: a short learning-rate sweep per
+      optimizer, full runs at the chosen rates, two seeds. Its CPU block writes
+      `benchmarks/results/quality_gpt/quality_gpt.json` (the summary) next to the run files;
+      this section plots them when the repository holds them (the run is too long for a CPU).
+      """),
+      code('''
+      STUDY = RESULTS_DIR / "quality_gpt" if RESULTS_DIR else None
+      if STUDY is None or not (STUDY / "quality_gpt.json").is_file():
+        print("no saved GPU study: run benchmarks/quality_gpt.py on a GPU (see its --plan)")
+      else:
+        study = json.loads((STUDY / "quality_gpt.json").read_text())
+        summary = study["summary"]
+        curves = {}  # optimizer -> [(steps, val loss, training seconds)] per seed
+        for rel in study["runs"]:
+          if not rel.startswith("full/"):
+            continue
+          run = json.loads((STUDY / rel).read_text())
+          steps, losses = np.asarray(run["val_loss"], dtype=float).T
+          curves.setdefault(run["study"]["optimizer"], []).append(
+              (steps, losses, np.asarray(run["val_seconds"], dtype=float)))
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+        for name, seeds in curves.items():
+          lr = summary["rows"][name]["lr"]
+          for i, (steps, losses, seconds) in enumerate(seeds):
+            label = f"{name} lr={lr:g}" if i == 0 else None
+            color = f"C{list(curves).index(name)}"
+            ax1.plot(steps, losses, color=color, alpha=0.8, label=label)
+            ax2.plot(seconds, losses, color=color, alpha=0.8, label=label)
+        for ax, xlabel in ((ax1, "step"), (ax2, "training seconds")):
+          ax.axhline(summary["target"], color="k", ls="--", lw=0.8,
+                     label=f"{summary['reference']}'s final loss")
+          ax.set(xlabel=xlabel, ylabel="validation loss (nats/token)", ylim=(None, 2.0))
+          ax.grid(alpha=0.3)
+        ax1.legend(fontsize=8)
+        fig.suptitle("GPT-2 small, one seed per line")
+        fig.tight_layout()
+        plt.show()
+        rows = [f"| {n} | {r['lr']:g} | {r['final_val_loss']:.4f} | {r['seed_spread']:.4f} |"
+                for n, r in sorted(summary["rows"].items(), key=lambda kv: kv[1]["final_val_loss"])]
+        display(Markdown("| optimizer | lr | validation loss (seeds averaged) | seed spread |\\n"
+                         "|---|---|---|---|\\n" + "\\n".join(rows)))
+      '''),
   ]
 
 
