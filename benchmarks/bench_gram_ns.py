@@ -1,6 +1,6 @@
 """Gram Newton–Schulz vs standard Newton–Schulz, kernels and XLA, bf16, one GPU, one run.
 
-Usage: python benchmarks/bench_gram_ns.py [--out PATH.json|DIR] [--restart-every 2]
+Usage: python benchmarks/bench_gram_ns.py [--out PATH.json|DIR] [--restarts 2[,3,none]]
                                           [--budget-s 220] [--trials 20] [--quick]
 
 For each shape and each configuration (``muon5``: Keller's coefficients, 5 steps,
@@ -10,7 +10,8 @@ implementations through the orthogonalizers the optimizers use
 
 * ``ns_kernels``: standard NS on the Hopper kernels (``backend="pallas"``);
 * ``gram_kernels``: Gram NS on the Hopper kernels for the stacks ``prefers_gram`` picks
-  (the wide ones here; a square stack of the ``gpt2_small`` group keeps the NS kernels);
+  (the wide ones here; a square stack of the ``gpt2_small`` group keeps the NS kernels),
+  one row per ``restart_every`` of ``--restarts`` (``none``: no restart);
 * ``ns_xla``: standard NS in XLA;
 * ``gram_xla``: Gram NS in XLA, the same choice of stacks.
 
@@ -140,7 +141,7 @@ def flop_ratio(stacks, config, restart_every):
   return gram / ns
 
 
-def run(shapes, restart_every, trials, budget_s, write):
+def run(shapes, restarts, trials, budget_s, write):
   rows = []
   t_start = time.perf_counter()
   kernels = pallas.is_available()
@@ -158,9 +159,12 @@ def run(shapes, restart_every, trials, budget_s, write):
       gauss = [g for g, _, _, _ in inputs]
       ill = [x for _, _, x, _ in inputs]
       base = {}
-      for impl in IMPLEMENTATIONS:
-        row = dict(shape=name, stacks=stacks, config=config, implementation=impl,
-                   restart_every=restart_every)
+      runs = [(impl, r) for impl in IMPLEMENTATIONS
+              for r in (restarts if impl.startswith("gram") else [None])]
+      for impl, restart_every in runs:
+        row = dict(shape=name, stacks=stacks, config=config, implementation=impl)
+        if impl.startswith("gram"):
+          row["restart_every"] = restart_every
         if impl.endswith("kernels") and not kernels:
           row["skipped"] = "no Hopper GPU (ortho_optax.pallas.is_available() is False)"
           rows.append(row)
@@ -189,15 +193,16 @@ def run(shapes, restart_every, trials, budget_s, write):
 
 
 def print_table(rows, meta):
-  log(f"\nGram NS vs NS, bf16, restart_every={meta['restart_every']}, {meta['device']} "
-      f"({meta['seconds']:.0f}s)")
-  head = (f"{'shape':>12} {'config':>6} {'implementation':>14} {'wall ms':>8} {'speedup':>7} "
-          f"{'flops':>5} {'dist gauss':>10} {'dist ill':>9}")
+  log(f"\nGram NS vs NS, bf16, {meta['device']} ({meta['seconds']:.0f}s); speedup over the "
+      f"standard NS of the same backend")
+  head = (f"{'shape':>12} {'config':>6} {'implementation':>14} {'restart':>7} {'wall ms':>8} "
+          f"{'speedup':>7} {'flops':>5} {'dist gauss':>10} {'dist ill':>9}")
   log(head)
   log("-" * len(head))
   fmt = lambda v, spec: format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
   for r in rows:
-    lead = f"{r['shape']:>12} {r['config']:>6} {r.get('implementation', ''):>14}"
+    lead = (f"{r['shape']:>12} {r['config']:>6} {r.get('implementation', ''):>14} "
+            f"{str(r.get('restart_every', '')):>7}")
     if "skipped" in r or "error" in r:
       log(f"{lead}  {'SKIPPED' if 'skipped' in r else 'ERROR'} {r.get('skipped', r.get('error'))}")
       continue
@@ -210,7 +215,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=os.environ.get("OUT", "."),
                  help="a .json path, or a folder for bench_gram_ns.json")
-  p.add_argument("--restart-every", type=int, default=2)
+  p.add_argument("--restarts", default="2",
+                 help="comma-separated restart_every values of the Gram rows, 'none' for none")
   p.add_argument("--trials", type=int, default=20)
   p.add_argument("--budget-s", type=float, default=220.0,
                  help="skip the shapes that would start after this many seconds")
@@ -218,7 +224,8 @@ def main():
   args = p.parse_args()
   path = args.out if args.out.endswith(".json") else os.path.join(args.out, "bench_gram_ns.json")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  meta = dict(restart_every=args.restart_every, trials=args.trials, configs=CONFIGS,
+  restarts = [None if r == "none" else int(r) for r in args.restarts.split(",") if r]
+  meta = dict(restarts=restarts, trials=args.trials, configs=CONFIGS,
               device=str(jax.devices()[0].device_kind), jax=jax.__version__)
   t0 = time.perf_counter()
 
@@ -227,7 +234,7 @@ def main():
       json.dump(dict(meta=dict(meta, seconds=time.perf_counter() - t0), rows=rows), f,
                 indent=1)
 
-  rows = run(QUICK_SHAPES if args.quick else SHAPES, args.restart_every, args.trials,
+  rows = run(QUICK_SHAPES if args.quick else SHAPES, restarts, args.trials,
              args.budget_s, write)
   meta["seconds"] = time.perf_counter() - t0
   write(rows)
