@@ -9,7 +9,7 @@ once and iterates on ``m × m`` matrices only::
     Z = bR + cR²                 # the step's polynomial, c = 0: Z = bR (no GEMM)
     Q ← aQ + QZ                  # Q ← (aI + Z) Q   (first step of a segment: Q = aI + Z)
     RZ = aR + R·Z                # R(aI + Z)
-    R ← a·RZ + Z·RZ              # (aI + Z) R (aI + Z)   (skipped after a segment's last step)
+    R ← a·RZ + RZ·Z              # R(aI + Z)², not after a segment's last step
 
 and applies ``Q`` to ``X`` at the end. In exact arithmetic it equals standard NS with the
 same coefficients step for step.
@@ -45,7 +45,8 @@ at ``n = 4m`` (a GPT's MLP) 1.29× / 1.5× fewer flops, at ``n = 8m`` 1.45× / 1
 at ``n = 1.5m`` either way, and at ``n = m`` Gram NS costs 1.1–1.2× MORE: square and nearly
 square matrices gain nothing (:func:`prefers_gram` is the dispatcher's rule). The ``m × m``
 products are also symmetric (``R``, ``Z``, ``(aI + Z)·RZ``), which kernels that compute one
-triangle halve again; XLA's dense GEMMs do not.
+triangle halve again (:mod:`ortho_optax.pallas.gram_ns`, the Hopper back end of
+``backend="pallas"|"auto"``); XLA's dense GEMMs do not.
 
 References:
   J. Zhang, N. Amsel, B. Chen, T. Dao, "Gram Newton-Schulz", 2026,
