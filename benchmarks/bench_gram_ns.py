@@ -1,24 +1,34 @@
-"""Gram Newton–Schulz vs standard Newton–Schulz on XLA, bf16, one GPU (one run, one table).
+"""Gram Newton–Schulz vs standard Newton–Schulz, kernels and XLA, bf16, one GPU, one run.
 
-Usage: python benchmarks/bench_gram_ns.py [--out DIR] [--coefficients quintic] [--steps 5]
-                                          [--restarts 2,3] [--quick]
+Usage: python benchmarks/bench_gram_ns.py [--out PATH.json|DIR] [--restarts 2[,3,none]]
+                                          [--budget-s 220] [--trials 20] [--quick]
 
-For each shape, ``ortho_optax.newton_schulz(backend="xla")`` and
-``ortho_optax.gram_newton_schulz`` (one row per ``restart_every`` of ``--restarts``, ``none``
-for no restart) at the same coefficients and steps, bf16 compute:
+For each shape and each configuration (``muon5``: Keller's coefficients, 5 steps,
+Frobenius; ``aol4``: Turbo-Muon's ``turbo_aol`` table, 4 steps, AOL), four
+implementations through the orthogonalizers the optimizers use
+(:mod:`ortho_optax.orthogonalizers`), bf16 compute:
 
-* ``wall_ms``: one jitted call, ``block_until_ready``, median of 30 after a warm-up (host
-  dispatch included);
-* ``loop_ms``: 10 calls inside one jitted ``fori_loop`` (output fed back), per call, median
-  of 5 (device time without dispatch gaps);
-* ``dist_gauss`` / ``dist_ill``: RMS distance ``‖out − UVᵀ‖_F / sqrt(m)`` to the exact polar
-  factor, for a Gaussian input (``UVᵀ`` from a float64 SVD on the host) and for an
-  ill-conditioned one built as ``U·diag(σ)·Vᵀ`` with σ log-spaced over 3 decades (``UVᵀ``
-  known exactly); stacks are measured on their first 4 matrices;
-* ``flop_ratio``: Gram NS / standard NS flops (:func:`gram_newton_schulz_flops`) and
-  ``prefers_gram``, the dispatcher's rule, for comparison with the measured ``speedup``.
+* ``ns_kernels``: standard NS on the Hopper kernels (``backend="pallas"``);
+* ``gram_kernels``: Gram NS on the Hopper kernels for the stacks ``prefers_gram`` picks
+  (the wide ones here; a square stack of the ``gpt2_small`` group keeps the NS kernels),
+  one row per ``restart_every`` of ``--restarts`` (``none``: no restart);
+* ``ns_xla``: standard NS in XLA;
+* ``gram_xla``: Gram NS in XLA, the same choice of stacks.
 
-Writes ``bench_gram_ns.json`` under ``--out`` (default ``$OUT`` or ``.``); the table last.
+Measured per row: ``wall_ms``, one jitted call with ``block_until_ready``, median of
+``--trials`` after two warm-up calls (host dispatch included); ``dist_gauss`` /
+``dist_ill``, the RMS distance ``‖out − UVᵀ‖_F / sqrt(m)`` of the first
+:data:`MEASURED` matrices to their exact polar factor, for a Gaussian input (``UVᵀ`` from a
+float64 SVD on the host) and an ill-conditioned one ``U·diag(σ)·Vᵀ`` with σ log-spaced over
+3 decades (``UVᵀ`` known); ``speedup``, ``ns_kernels``'s (``ns_xla``'s for the XLA rows)
+``wall_ms`` over this row's. Shapes: the issue's wide matrices 768×3072, 1024×4096 and
+2048×8192, GPT-2 small's 24×768×3072 MLP stack, and ``gpt2_small``: its two stacks
+(48×768² and 24×768×3072) in one call, as the optimizer runs them.
+
+Rows are appended to the JSON (``--out``: a ``.json`` path, or a folder for
+``bench_gram_ns.json``; default ``$OUT`` or ``.``) as they finish, so a run cut short keeps
+what it measured; shapes past ``--budget-s`` seconds are skipped. The table is printed
+last.
 """
 
 from __future__ import annotations
@@ -33,44 +43,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ortho_optax.coefficients import resolve_coefficients
+from ortho_optax import orthogonalizers as orth_lib
+from ortho_optax import pallas
 from ortho_optax.gram_newton_schulz import (
-    gram_newton_schulz,
     gram_newton_schulz_flops,
     newton_schulz_flops,
     prefers_gram,
 )
-from ortho_optax.newton_schulz import newton_schulz
 
-# (batch, m, n): the issue's wide shapes, GPT-2-small's stacks, and two calibration
-# shapes for prefers_gram (n = 2m and square).
-SHAPES = [(1, 768, 3072), (1, 1024, 4096), (1, 2048, 8192), (48, 768, 768), (24, 768, 3072),
-          (1, 2048, 4096), (1, 2048, 2048)]
-QUICK_SHAPES = [(1, 32, 128), (3, 16, 16)]
-MEASURED = 4  # matrices of a stack whose distance to the polar factor is measured
+#: name -> stacks ``[(batch, m, n), ...]`` run in one call.
+SHAPES = {
+    "768x3072": [(1, 768, 3072)],
+    "1024x4096": [(1, 1024, 4096)],
+    "2048x8192": [(1, 2048, 8192)],
+    "24x768x3072": [(24, 768, 3072)],
+    "gpt2_small": [(48, 768, 768), (24, 768, 3072)],
+}
+QUICK_SHAPES = {"32x128": [(1, 32, 128)], "tiny_gpt": [(3, 16, 16), (2, 16, 64)]}
+#: name -> (coefficients, steps, preconditioning, eps).
+CONFIGS = {
+    "muon5": ("muon", 5, "frobenius", 1e-7),
+    "aol4": ("turbo_aol", 4, "aol", 1e-6),
+}
+IMPLEMENTATIONS = ("ns_kernels", "gram_kernels", "ns_xla", "gram_xla")
+MEASURED = 2  # matrices of a stack whose distance to the polar factor is measured
 
 
 def log(*a):
   print(*a, flush=True)
 
 
-def make_inputs(batch, m, n, seed=0):
-  """``(gaussian, its polar factor, ill-conditioned, its polar factor)``, host float64
-  polar factors of the first :data:`MEASURED` matrices."""
+def make_inputs(batch, m, n, seed):
+  """``(gaussian, its polar factors, ill-conditioned, its polar factors)``: float32 stacks
+  and float64 host polar factors of the first :data:`MEASURED` matrices (the
+  ill-conditioned stack is the Gaussian one with those matrices replaced)."""
   rng = np.random.default_rng(seed)
   gauss = rng.standard_normal((batch, m, n), dtype=np.float32)
   k = min(batch, MEASURED)
   u, _, vt = np.linalg.svd(gauss[:k].astype(np.float64), full_matrices=False)
-  gauss_polar = u @ vt
+  ill = gauss.copy()
   sigma = np.logspace(0, -3, m)
-  ill, ill_polar = [], []
-  for i in range(batch):
+  ill_polar = []
+  for i in range(k):
     uu, _ = np.linalg.qr(rng.standard_normal((m, m)))
     vv, _ = np.linalg.qr(rng.standard_normal((n, m)))
-    ill.append(((uu * sigma) @ vv.T).astype(np.float32))
-    if i < k:
-      ill_polar.append(uu @ vv.T)
-  return jnp.asarray(gauss), gauss_polar, jnp.asarray(np.stack(ill)), np.stack(ill_polar)
+    ill[i] = ((uu * sigma) @ vv.T).astype(np.float32)
+    ill_polar.append(uu @ vv.T)
+  return jnp.asarray(gauss), u @ vt, jnp.asarray(ill), np.stack(ill_polar)
 
 
 def distance(out, polar):
@@ -78,109 +97,148 @@ def distance(out, polar):
   return float(np.sqrt(np.mean(np.sum((got - polar) ** 2, axis=(-2, -1)) / polar.shape[-2])))
 
 
-def wall_ms(fn, x, trials=30):
-  jax.block_until_ready(fn(x))
+def orthogonalizer(impl, config, restart_every):
+  coefficients, steps, preconditioning, eps = CONFIGS[config]
+  kw = dict(steps=steps, coefficients=coefficients, preconditioning=preconditioning,
+            eps=eps, compute_dtype=jnp.bfloat16,
+            backend="pallas" if impl.endswith("kernels") else "xla")
+  if impl.startswith("gram"):
+    return orth_lib.gram_newton_schulz_orthogonalizer(restart_every=restart_every, **kw)
+  return orth_lib.newton_schulz_orthogonalizer(**kw)
+
+
+def jitted(orth):
+  """One jitted call running every stack of the list through ``orth``, as the stage does."""
+  def run(xs):
+    stacks = [orth_lib.Stack(x, False, isinstance(orth, orth_lib.PallasNewtonSchulz)
+                             and orth.takes(x.shape, x.dtype)) for x in xs]
+    return orth.run_many(stacks)
+  return jax.jit(run)
+
+
+def wall_ms(fn, xs, trials):
+  for _ in range(2):
+    jax.block_until_ready(fn(xs))
   ts = []
   for _ in range(trials):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(x))
+    jax.block_until_ready(fn(xs))
     ts.append(time.perf_counter() - t0)
   return 1e3 * statistics.median(ts)
 
 
-def loop_ms(fn, x, reps=10, trials=5):
-  loop = jax.jit(lambda x: jax.lax.fori_loop(0, reps, lambda _, y: fn(y).astype(y.dtype), x))
-  jax.block_until_ready(loop(x))
-  ts = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    jax.block_until_ready(loop(x))
-    ts.append((time.perf_counter() - t0) / reps)
-  return 1e3 * statistics.median(ts)
+def flop_ratio(stacks, config, restart_every):
+  """Gram NS's flops over standard NS's (XLA counts), the stacks ``prefers_gram`` leaves
+  to standard NS counted as such."""
+  steps = CONFIGS[config][1]
+  gram = ns = 0
+  for batch, m, n in stacks:
+    plain = newton_schulz_flops(m, n, steps=steps)
+    ns += batch * plain
+    gram += batch * (gram_newton_schulz_flops(m, n, steps=steps, restart_every=restart_every)
+                     if prefers_gram(m, n, steps=steps, restart_every=restart_every)
+                     else plain)
+  return gram / ns
 
 
-def algorithms(coefficients, steps, restarts):
-  """``[(name, 'ns' or restart_every, jitted fn)]``."""
-  kw = dict(steps=steps, coefficients=coefficients, compute_dtype=jnp.bfloat16)
-  algos = [("newton_schulz", "ns", jax.jit(lambda x: newton_schulz(x, backend="xla", **kw)))]
-  for r in restarts:
-    algos.append((f"gram(restart_every={r})", r, jax.jit(
-        lambda x, r=r: gram_newton_schulz(x, restart_every=r, backend="xla", **kw))))
-  return algos
-
-
-def run(shapes, coefficients, steps, restarts):
-  cubic = all(t[2] == 0.0 for t in resolve_coefficients(coefficients, steps))
+def run(shapes, restarts, trials, budget_s, write):
   rows = []
-  for batch, m, n in shapes:
-    t0 = time.perf_counter()
-    gauss, gauss_polar, ill, ill_polar = make_inputs(batch, m, n)
-    base = None
-    for name, r, fn in algorithms(coefficients, steps, restarts):
-      row = dict(shape=[batch, m, n], algorithm=name)
-      try:
-        row["wall_ms"] = wall_ms(fn, gauss)
-        row["loop_ms"] = loop_ms(fn, gauss)
-        row["dist_gauss"] = distance(fn(gauss), gauss_polar)
-        row["dist_ill"] = distance(fn(ill), ill_polar)
-      except Exception as ex:  # keep the other rows
-        row["error"] = f"{type(ex).__name__}: {ex}"[:300]
-      if r == "ns":
-        base = row
-        row["flop_ratio"] = 1.0
-      else:
-        row["flop_ratio"] = (gram_newton_schulz_flops(m, n, steps=steps, restart_every=r,
-                                                      cubic=cubic)
-                             / newton_schulz_flops(m, n, steps=steps, cubic=cubic))
-        row["prefers_gram"] = prefers_gram(m, n, steps=steps, restart_every=r, cubic=cubic)
-        if base and "loop_ms" in base and "loop_ms" in row:
-          row["speedup"] = base["loop_ms"] / row["loop_ms"]
-      rows.append(row)
-      log(json.dumps(row))
-    log(f"# {batch}x{m}x{n} done in {time.perf_counter() - t0:.1f}s")
+  t_start = time.perf_counter()
+  kernels = pallas.is_available()
+  cache = {}
+  for config in CONFIGS:
+    for name, stacks in shapes.items():
+      if time.perf_counter() - t_start > budget_s:
+        rows.append(dict(shape=name, config=config, skipped=f"past --budget-s {budget_s}"))
+        write(rows)
+        continue
+      t0 = time.perf_counter()
+      if name not in cache:  # the host SVDs once per shape, shared by the configs
+        cache[name] = [make_inputs(*s, seed=i) for i, s in enumerate(stacks)]
+      inputs = cache[name]
+      gauss = [g for g, _, _, _ in inputs]
+      ill = [x for _, _, x, _ in inputs]
+      base = {}
+      runs = [(impl, r) for impl in IMPLEMENTATIONS
+              for r in (restarts if impl.startswith("gram") else [None])]
+      for impl, restart_every in runs:
+        row = dict(shape=name, stacks=stacks, config=config, implementation=impl)
+        if impl.startswith("gram"):
+          row["restart_every"] = restart_every
+        if impl.endswith("kernels") and not kernels:
+          row["skipped"] = "no Hopper GPU (ortho_optax.pallas.is_available() is False)"
+          rows.append(row)
+          continue
+        try:
+          fn = jitted(orthogonalizer(impl, config, restart_every))
+          row["wall_ms"] = wall_ms(fn, gauss, trials)
+          outs = fn(gauss)
+          # The distances of the last stack (the wide one of gpt2_small).
+          row["dist_gauss"] = distance(outs[-1], inputs[-1][1])
+          row["dist_ill"] = distance(fn(ill)[-1], inputs[-1][3])
+        except Exception as ex:  # keep the other rows
+          row["error"] = f"{type(ex).__name__}: {ex}"[:400]
+        if impl.startswith("gram"):
+          row["flop_ratio"] = flop_ratio(stacks, config, restart_every)
+        reference = "ns_kernels" if impl.endswith("kernels") else "ns_xla"
+        if impl.startswith("ns") and "wall_ms" in row:
+          base[impl] = row["wall_ms"]
+        if reference in base and "wall_ms" in row:
+          row["speedup"] = base[reference] / row["wall_ms"]
+        rows.append(row)
+        write(rows)
+        log(json.dumps(row))
+      log(f"# {name} {config} done in {time.perf_counter() - t0:.1f}s")
   return rows
 
 
 def print_table(rows, meta):
-  log(f"\nGram NS vs NS, XLA, bf16, {meta['coefficients']} x{meta['steps']} steps, "
-      f"{meta['device']}")
-  head = (f"{'shape':>16} {'algorithm':>24} {'wall ms':>8} {'loop ms':>8} {'speedup':>7} "
-          f"{'flops':>6} {'dist gauss':>10} {'dist ill':>9} {'prefers':>7}")
+  log(f"\nGram NS vs NS, bf16, {meta['device']} ({meta['seconds']:.0f}s); speedup over the "
+      f"standard NS of the same backend")
+  head = (f"{'shape':>12} {'config':>6} {'implementation':>14} {'restart':>7} {'wall ms':>8} "
+          f"{'speedup':>7} {'flops':>5} {'dist gauss':>10} {'dist ill':>9}")
   log(head)
   log("-" * len(head))
   fmt = lambda v, spec: format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
   for r in rows:
-    shape = "x".join(map(str, r["shape"]))
-    if "error" in r:
-      log(f"{shape:>16} {r['algorithm']:>24}  ERROR {r['error']}")
+    lead = (f"{r['shape']:>12} {r['config']:>6} {r.get('implementation', ''):>14} "
+            f"{str(r.get('restart_every', '')):>7}")
+    if "skipped" in r or "error" in r:
+      log(f"{lead}  {'SKIPPED' if 'skipped' in r else 'ERROR'} {r.get('skipped', r.get('error'))}")
       continue
-    log(f"{shape:>16} {r['algorithm']:>24} {fmt(r['wall_ms'], '8.3f')} "
-        f"{fmt(r['loop_ms'], '8.3f')} {fmt(r.get('speedup'), '7.2f')} "
-        f"{fmt(r['flop_ratio'], '6.2f')} {fmt(r['dist_gauss'], '10.4f')} "
-        f"{fmt(r['dist_ill'], '9.4f')} {str(r.get('prefers_gram', '-')):>7}")
+    log(f"{lead} {fmt(r['wall_ms'], '8.3f')} {fmt(r.get('speedup'), '7.2f')} "
+        f"{fmt(r.get('flop_ratio'), '5.2f')} {fmt(r['dist_gauss'], '10.4f')} "
+        f"{fmt(r['dist_ill'], '9.4f')}")
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", default=os.environ.get("OUT", "."))
-  p.add_argument("--coefficients", default="quintic")
-  p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--restarts", default="2,3",
-                 help="comma-separated restart_every values, 'none' for no restart")
+  p.add_argument("--out", default=os.environ.get("OUT", "."),
+                 help="a .json path, or a folder for bench_gram_ns.json")
+  p.add_argument("--restarts", default="2",
+                 help="comma-separated restart_every values of the Gram rows, 'none' for none")
+  p.add_argument("--trials", type=int, default=20)
+  p.add_argument("--budget-s", type=float, default=220.0,
+                 help="skip the shapes that would start after this many seconds")
   p.add_argument("--quick", action="store_true", help="tiny shapes (a CPU smoke test)")
   args = p.parse_args()
-  restarts = [r if r == "none" else int(r) for r in args.restarts.split(",") if r]
-  meta = dict(coefficients=args.coefficients, steps=args.steps, restarts=restarts,
+  path = args.out if args.out.endswith(".json") else os.path.join(args.out, "bench_gram_ns.json")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  restarts = [None if r == "none" else int(r) for r in args.restarts.split(",") if r]
+  meta = dict(restarts=restarts, trials=args.trials, configs=CONFIGS,
               device=str(jax.devices()[0].device_kind), jax=jax.__version__)
   t0 = time.perf_counter()
-  rows = run(QUICK_SHAPES if args.quick else SHAPES, args.coefficients, args.steps,
-             [None if r == "none" else r for r in restarts])
+
+  def write(rows):
+    with open(path, "w") as f:
+      json.dump(dict(meta=dict(meta, seconds=time.perf_counter() - t0), rows=rows), f,
+                indent=1)
+
+  rows = run(QUICK_SHAPES if args.quick else SHAPES, restarts, args.trials,
+             args.budget_s, write)
   meta["seconds"] = time.perf_counter() - t0
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "bench_gram_ns.json")
-  with open(path, "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  log(f"wrote {path} ({meta['seconds']:.0f}s)")
+  write(rows)
+  log(f"wrote {path}")
   print_table(rows, meta)
 
 

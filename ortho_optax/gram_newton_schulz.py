@@ -9,7 +9,7 @@ once and iterates on ``m × m`` matrices only::
     Z = bR + cR²                 # the step's polynomial, c = 0: Z = bR (no GEMM)
     Q ← aQ + QZ                  # Q ← (aI + Z) Q   (first step of a segment: Q = aI + Z)
     RZ = aR + R·Z                # R(aI + Z)
-    R ← a·RZ + Z·RZ              # (aI + Z) R (aI + Z)   (skipped after a segment's last step)
+    R ← a·RZ + RZ·Z              # R(aI + Z)², not after a segment's last step
 
 and applies ``Q`` to ``X`` at the end. In exact arithmetic it equals standard NS with the
 same coefficients step for step.
@@ -45,7 +45,8 @@ at ``n = 4m`` (a GPT's MLP) 1.29× / 1.5× fewer flops, at ``n = 8m`` 1.45× / 1
 at ``n = 1.5m`` either way, and at ``n = m`` Gram NS costs 1.1–1.2× MORE: square and nearly
 square matrices gain nothing (:func:`prefers_gram` is the dispatcher's rule). The ``m × m``
 products are also symmetric (``R``, ``Z``, ``(aI + Z)·RZ``), which kernels that compute one
-triangle halve again; XLA's dense GEMMs do not.
+triangle halve again (:mod:`ortho_optax.pallas.gram_ns`, the Hopper back end of
+``backend="pallas"|"auto"``); XLA's dense GEMMs do not.
 
 References:
   J. Zhang, N. Amsel, B. Chen, T. Dao, "Gram Newton-Schulz", 2026,
@@ -62,11 +63,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ortho_optax import validation
-from ortho_optax.coefficients import Coefficients, resolve_coefficients
+from ortho_optax import orthogonalizers, validation
+from ortho_optax.coefficients import Coefficients
 from ortho_optax.newton_schulz import (
-    PRECONDITIONINGS,
-    _accum_dtype,
+    _checked_input,
     _gram,
     _mm,
     _orient_and_precondition,
@@ -74,8 +74,6 @@ from ortho_optax.newton_schulz import (
     _round_to,
     _swap,
 )
-
-from ortho_optax.orthogonalizers import BACKENDS  # noqa: E402  (one list of backends)
 
 #: Steps between restarts (``X ← QX``, ``R ← XXᵀ``) by default.
 DEFAULT_RESTART_EVERY = 2
@@ -200,8 +198,11 @@ def gram_newton_schulz(
       the iteration stable in low precision; ``None``: never restart (one Gram matrix,
       fewest flops), which is unstable in bf16 on ill-conditioned inputs and even in
       float32 over long schedules (10 ``deepseekv4`` steps).
-    backend: ``"auto"`` or ``"xla"`` (the XLA path); ``"pallas"`` is not implemented yet
-      and raises.
+    backend: ``"xla"``, ``"pallas"`` (the Hopper kernels of
+      :func:`ortho_optax.pallas.gram_newton_schulz`; RuntimeError if unavailable) or
+      ``"auto"`` (the kernels on a Hopper GPU for bf16 compute, ``frobenius``/``aol``
+      preconditioning and a stack large enough for them to win, XLA otherwise), as for
+      :func:`ortho_optax.newton_schulz`.
 
   Returns:
     An array of ``x``'s shape and dtype. An all-zero matrix maps to zeros.
@@ -209,6 +210,7 @@ def gram_newton_schulz(
   Raises:
     ValueError: for ``x.ndim < 2``, a non-floating ``x`` or bad arguments (naming the value
       and the choices).
+    RuntimeError: ``backend="pallas"`` off a Hopper GPU.
 
   References:
     J. Zhang, N. Amsel, B. Chen, T. Dao, "Gram Newton-Schulz", 2026,
@@ -216,28 +218,16 @@ def gram_newton_schulz(
     https://github.com/Dao-AILab/gram-newton-schulz; K. Jordan et al., "Muon", 2024,
     https://kellerjordan.github.io/posts/muon/.
   """
-  validation.check_choice("preconditioning", preconditioning, PRECONDITIONINGS)
-  validation.check_choice("backend", backend, BACKENDS)
-  validation.check_non_negative("eps", eps)
-  _check_restart_every(restart_every)
-  triples = resolve_coefficients(coefficients, steps, order)
-  cdt = validation.check_dtype("compute_dtype", compute_dtype)
-  if backend == "pallas":
-    raise ValueError("gram_newton_schulz has no Pallas kernels yet: backend='pallas' is not "
-                     "available; use backend='auto' or 'xla'.")
-  x = jnp.asarray(x)
-  if x.ndim < 2:
-    raise ValueError(
-        f"gram_newton_schulz needs an array of rank >= 2 (matrices on the last two axes), "
-        f"got shape {x.shape}.")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"gram_newton_schulz needs a floating array, got dtype {x.dtype}.")
-  cdt = x.dtype if cdt is None else cdt
-  cubic = all(t[2] == 0.0 for t in triples)
-  table = jnp.asarray(triples, dtype=_accum_dtype(cdt))
-  return _xla_gram_newton_schulz(x, table, jnp.asarray(eps, _accum_dtype(x.dtype)),
-                                 preconditioning=preconditioning, compute_dtype=cdt,
-                                 cubic=cubic, restart_every=restart_every)
+  orth = orthogonalizers.gram_newton_schulz_orthogonalizer(
+      steps=steps, coefficients=coefficients, order=order, preconditioning=preconditioning,
+      eps=eps, compute_dtype=compute_dtype, backend=backend, restart_every=restart_every,
+      every_shape=True)
+  x = _checked_input(x, "gram_newton_schulz")
+  # The kernels' predicate takes the wide orientation, as in newton_schulz_many.
+  wide = x.shape[:-2] + (min(x.shape[-2:]), max(x.shape[-2:]))
+  on_kernels = (isinstance(orth, orthogonalizers.PallasNewtonSchulz)
+                and orth.takes(wide, x.dtype))
+  return orth.run_many([orthogonalizers.Stack(x, False, on_kernels)])[0]
 
 
 def _segment_factor(gram, table, cubic):

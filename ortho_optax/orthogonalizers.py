@@ -11,7 +11,13 @@ once, when the optimizer is built:
   stacks they win on (bf16, Frobenius or AOL preconditioning, large enough:
   :meth:`PallasNewtonSchulz.takes`); it builds those stacks in bf16 with TMA copies and
   runs each Newton–Schulz step of all of them as one grouped launch; the other stacks go
-  to its XLA parent;
+  to its XLA ``fallback``;
+* :class:`XlaGramNewtonSchulz` and :class:`PallasGramNewtonSchulz`: the same with Gram
+  Newton–Schulz (:mod:`ortho_optax.gram_newton_schulz`) for the stacks where it needs
+  fewer flops (:meth:`XlaGramNewtonSchulz.uses_gram`: wide and tall ones) and standard
+  Newton–Schulz for the others (square ones), on the Gram kernels
+  (:mod:`ortho_optax.pallas.gram_ns`) or the standard ones where the kernels take the
+  stack, in XLA elsewhere;
 * :class:`MatrixFunction`: a function of one stack (the exact SVD polar, Aurora's
   leverage-balanced polars), in XLA.
 
@@ -130,24 +136,35 @@ class XlaNewtonSchulz:
 
 class XlaGramNewtonSchulz(XlaNewtonSchulz):
   """Gram Newton–Schulz in XLA (:func:`ortho_optax.gram_newton_schulz.gram_newton_schulz`)
-  for the stacks it needs fewer flops on (:func:`~ortho_optax.gram_newton_schulz.prefers_gram`:
-  wide or tall ones), standard Newton–Schulz for the others (square ones).
+  for the stacks it needs fewer flops on (:meth:`uses_gram`), standard Newton–Schulz for
+  the others (square ones).
 
   Args:
     spec: what to compute (the same polynomial as standard Newton–Schulz).
     restart_every: steps between restarts (``None``: never), see
       :func:`~ortho_optax.gram_newton_schulz.gram_newton_schulz`.
+    every_shape: Gram Newton–Schulz for every stack, square ones included (the plain
+      function :func:`~ortho_optax.gram_newton_schulz.gram_newton_schulz`).
   """
 
-  def __init__(self, spec: NewtonSchulzSpec, *, restart_every):
+  def __init__(self, spec: NewtonSchulzSpec, *, restart_every, every_shape: bool = False):
     super().__init__(spec)
     self.restart_every = restart_every
+    self.every_shape = every_shape
+
+  def uses_gram(self, shape: Sequence[int]) -> bool:
+    """Whether a stack of ``shape`` ``(..., rows, cols)`` runs Gram Newton–Schulz: where
+    :func:`~ortho_optax.gram_newton_schulz.prefers_gram` says it needs fewer flops (the
+    kernels' one-triangle products change both counts alike), or always with
+    ``every_shape``."""
+    from ortho_optax.gram_newton_schulz import prefers_gram
+    return self.every_shape or prefers_gram(
+        shape[-2], shape[-1], steps=len(self.spec.triples), restart_every=self.restart_every,
+        cubic=self._cubic)
 
   def run(self, x: jax.Array, of_transpose: bool = False) -> jax.Array:
-    from ortho_optax.gram_newton_schulz import _xla_gram_newton_schulz, prefers_gram
-    m, n = x.shape[-2:]
-    if not prefers_gram(m, n, steps=len(self.spec.triples),
-                            restart_every=self.restart_every, cubic=self._cubic):
+    from ortho_optax.gram_newton_schulz import _xla_gram_newton_schulz
+    if not self.uses_gram(x.shape):
       return super().run(x, of_transpose)
     if of_transpose:
       x = _swap(lax.optimization_barrier(x))
@@ -175,6 +192,8 @@ class PallasNewtonSchulz(XlaNewtonSchulz):
     spec: what to compute.
     forced: ``backend="pallas"``: every stack the kernels can take goes to them, and it
       is an error if they cannot run here.
+    fallback: the orthogonalizer of the stacks the kernels do not take (default
+      :class:`XlaNewtonSchulz` of ``spec``).
 
   Raises:
     RuntimeError: ``forced`` off a Hopper GPU.
@@ -182,9 +201,11 @@ class PallasNewtonSchulz(XlaNewtonSchulz):
   """
   backend = "pallas"
 
-  def __init__(self, spec: NewtonSchulzSpec, *, forced: bool = False):
+  def __init__(self, spec: NewtonSchulzSpec, *, forced: bool = False,
+               fallback: XlaNewtonSchulz | None = None):
     super().__init__(spec)
     self.forced = forced
+    self.fallback = XlaNewtonSchulz(spec) if fallback is None else fallback
     if forced:
       from ortho_optax import pallas  # local: keeps the XLA path free of the GPU module
       if not pallas.is_available():
@@ -213,7 +234,7 @@ class PallasNewtonSchulz(XlaNewtonSchulz):
     pieces = list(pieces)
     shape = (sum(p.shape[0] for p in pieces),) + tuple(pieces[0].shape[1:])
     if not self.takes(shape, pieces[0].dtype):
-      return super().stack(pieces, of_transpose)
+      return self.fallback.stack(pieces, of_transpose)
     # Each piece is rounded to bf16 where it is produced (with the momentum, say) and the
     # stack is built in bf16: half the bytes of a float32 one, and the normalisation then
     # reads bf16, as Keller Jordan's G.bfloat16() / ‖G‖ does. The barriers keep XLA from
@@ -226,26 +247,27 @@ class PallasNewtonSchulz(XlaNewtonSchulz):
     return self.run_many([Stack(x, of_transpose, self.takes(x.shape, x.dtype))])[0]
 
   def run_many(self, stacks: Sequence[Stack]) -> list[jax.Array]:
-    from ortho_optax import pallas
     stacks = list(stacks)
     outs = [None] * len(stacks)
     kernel_idx = [i for i, s in enumerate(stacks) if s.on_kernels]
     for i, s in enumerate(stacks):
       if not s.on_kernels:
-        outs[i] = super().run(s.matrices, s.of_transpose)
+        outs[i] = self.fallback.run(s.matrices, s.of_transpose)
     if not kernel_idx:
       return outs
     prepared = [self._kernel_input(stacks[i]) for i in kernel_idx]
-    kernel_stacks = [p[0] for p in prepared]
-    aol = [p[1] for p in prepared]
-    triples, eps = self.spec.triples, self.spec.eps
-    if len(kernel_stacks) == 1:
-      results = [pallas.newton_schulz(kernel_stacks[0], triples, aol=aol[0], eps=eps)]
-    else:
-      results = pallas.newton_schulz_many(kernel_stacks, triples, aol=aol, eps=eps)
+    results = self._run_kernels([p[0] for p in prepared], [p[1] for p in prepared])
     for i, (_, _, restore), r in zip(kernel_idx, prepared, results):
       outs[i] = restore(r)
     return outs
+
+  def _run_kernels(self, xs: Sequence[jax.Array], aol: Sequence[bool]) -> list[jax.Array]:
+    """The kernels' results for bf16 ``(batch, m, n)`` stacks (m <= n), AOL per stack."""
+    from ortho_optax import pallas
+    triples, eps = self.spec.triples, self.spec.eps
+    if len(xs) == 1:
+      return [pallas.newton_schulz(xs[0], triples, aol=aol[0], eps=eps)]
+    return pallas.newton_schulz_many(xs, triples, aol=aol, eps=eps)
 
   def _kernel_input(self, stack: Stack):
     """``(bf16 (batch, m, n) stack with m <= n, AOL in the kernels?, restore)``;
@@ -273,6 +295,54 @@ class PallasNewtonSchulz(XlaNewtonSchulz):
       out = out.reshape(lead + X.shape[-2:])
       return (_swap(out) if transposed else out).astype(out_dtype)
     return kernel_stack, preconditioning == "aol", restore
+
+
+class PallasGramNewtonSchulz(PallasNewtonSchulz):
+  """Gram Newton–Schulz on the Hopper kernels where they win, XLA elsewhere.
+
+  The stacks the kernels take (:meth:`PallasNewtonSchulz.takes`) run Gram Newton–Schulz
+  on the Gram kernels (:func:`ortho_optax.pallas.gram_newton_schulz_many`) where
+  :meth:`uses_gram` says so (wide and tall stacks) and standard Newton–Schulz on the
+  standard kernels otherwise (square stacks: no gain); every other stack goes to the
+  :class:`XlaGramNewtonSchulz` fallback, which makes the same Gram-or-standard choice.
+
+  Args:
+    spec: what to compute.
+    restart_every: steps between restarts (``None``: never).
+    forced: as for :class:`PallasNewtonSchulz`.
+    every_shape: Gram Newton–Schulz for every stack, as for :class:`XlaGramNewtonSchulz`.
+
+  Raises:
+    RuntimeError, ValueError: those of :class:`PallasNewtonSchulz`.
+  """
+
+  def __init__(self, spec: NewtonSchulzSpec, *, restart_every, forced: bool = False,
+               every_shape: bool = False):
+    super().__init__(spec, forced=forced, fallback=XlaGramNewtonSchulz(
+        spec, restart_every=restart_every, every_shape=every_shape))
+    self.restart_every = restart_every
+
+  def uses_gram(self, shape: Sequence[int]) -> bool:
+    """:meth:`XlaGramNewtonSchulz.uses_gram`: one rule for the kernels and XLA."""
+    return self.fallback.uses_gram(shape)
+
+  def _run_kernels(self, xs, aol):
+    from ortho_optax import pallas
+    xs = list(xs)
+    gram = [i for i, x in enumerate(xs) if self.uses_gram(x.shape)]
+    standard = [i for i in range(len(xs)) if i not in gram]
+    outs = [None] * len(xs)
+    if gram:
+      results = pallas.gram_newton_schulz_many(
+          [xs[i] for i in gram], self.spec.triples, restart_every=self.restart_every,
+          aol=[aol[i] for i in gram], eps=self.spec.eps)
+      for i, r in zip(gram, results):
+        outs[i] = r
+    if standard:
+      results = super()._run_kernels([xs[i] for i in standard], [aol[i] for i in standard])
+      for i, r in zip(standard, results):
+        outs[i] = r
+    return outs
 
 
 def _tma_concatenate(pieces):
@@ -362,8 +432,48 @@ def newton_schulz_orthogonalizer(
   return PallasNewtonSchulz(spec, forced=backend == "pallas")
 
 
+def gram_newton_schulz_orthogonalizer(
+    *,
+    steps: int = 5,
+    coefficients="muon",
+    order: str | None = None,
+    preconditioning: str = "frobenius",
+    eps: float = 1e-7,
+    compute_dtype=jnp.bfloat16,
+    backend: str = "auto",
+    restart_every: int | None = 2,
+    every_shape: bool = False,
+) -> XlaGramNewtonSchulz | PallasGramNewtonSchulz:
+  """The Gram Newton–Schulz orthogonalizer of these arguments (see
+  :func:`ortho_optax.gram_newton_schulz.gram_newton_schulz` for their meaning).
+
+  ``backend="xla"`` gives :class:`XlaGramNewtonSchulz`; ``"auto"`` and ``"pallas"`` give
+  :class:`PallasGramNewtonSchulz` (as for :func:`newton_schulz_orthogonalizer`).
+  ``every_shape``: Gram Newton–Schulz for square stacks too.
+
+  Returns:
+    An orthogonalizer.
+
+  Raises:
+    ValueError: for bad arguments, naming the value and the choices.
+    RuntimeError: ``backend="pallas"`` off a Hopper GPU.
+  """
+  from ortho_optax.gram_newton_schulz import _check_restart_every
+  _check_restart_every(restart_every)
+  spec = newton_schulz_orthogonalizer(
+      steps=steps, coefficients=coefficients, order=order, preconditioning=preconditioning,
+      eps=eps, compute_dtype=compute_dtype, backend="xla").spec
+  validation.check_choice("backend", backend, BACKENDS)
+  if backend == "xla":
+    return XlaGramNewtonSchulz(spec, restart_every=restart_every, every_shape=every_shape)
+  return PallasGramNewtonSchulz(spec, restart_every=restart_every, forced=backend == "pallas",
+                                every_shape=every_shape)
+
+
 #: Orthogonalization methods of :func:`make_orthogonalizer`.
 METHODS = ("newton_schulz", "gram_newton_schulz", "polar", "aurora", "riemannian_aurora")
+#: The Newton–Schulz methods, the choices of the optimizers' ``orthogonalizer`` argument.
+NEWTON_SCHULZ_METHODS = ("newton_schulz", "gram_newton_schulz")
 
 
 def make_orthogonalizer(
@@ -389,8 +499,7 @@ def make_orthogonalizer(
 
   Returns:
     :func:`newton_schulz_orthogonalizer`'s for ``"newton_schulz"``,
-    :class:`XlaGramNewtonSchulz` for ``"gram_newton_schulz"`` (no kernels yet: it runs
-    on XLA whatever ``backend``, except that ``"pallas"`` is an error), else a
+    :func:`gram_newton_schulz_orthogonalizer`'s for ``"gram_newton_schulz"``, else a
     :class:`MatrixFunction` of :func:`ortho_optax.polar.polar`,
     :func:`~ortho_optax.polar.leverage_uniform_polar` or
     :func:`~ortho_optax.polar.riemannian_balanced_polar`.
@@ -407,15 +516,10 @@ def make_orthogonalizer(
         preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype,
         backend=backend)
   if method == "gram_newton_schulz":
-    from ortho_optax.gram_newton_schulz import _check_restart_every
-    if backend == "pallas":
-      raise ValueError("method='gram_newton_schulz' has no Pallas kernels yet: "
-                       "backend='pallas' is not available; use backend='auto' or 'xla'.")
-    _check_restart_every(restart_every)
-    xla = newton_schulz_orthogonalizer(
+    return gram_newton_schulz_orthogonalizer(
         steps=steps, coefficients=coefficients, order=order,
-        preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype, backend="xla")
-    return XlaGramNewtonSchulz(xla.spec, restart_every=restart_every)
+        preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype,
+        backend=backend, restart_every=restart_every)
   cdt = check_newton_schulz_args(preconditioning=preconditioning, backend=backend, eps=eps,
                                  compute_dtype=compute_dtype)
   if method == "polar":
@@ -443,7 +547,8 @@ def make_orthogonalizer(
 
 
 __all__ = [
-    "BACKENDS", "KERNEL_PRECONDITIONINGS", "METHODS", "MatrixFunction", "NewtonSchulzSpec",
-    "PallasNewtonSchulz", "Stack", "XlaGramNewtonSchulz", "XlaNewtonSchulz", "check_newton_schulz_args",
-    "make_orthogonalizer", "newton_schulz_orthogonalizer",
+    "BACKENDS", "KERNEL_PRECONDITIONINGS", "METHODS", "MatrixFunction", "NEWTON_SCHULZ_METHODS",
+    "NewtonSchulzSpec", "PallasGramNewtonSchulz", "PallasNewtonSchulz", "Stack",
+    "XlaGramNewtonSchulz", "XlaNewtonSchulz", "check_newton_schulz_args",
+    "gram_newton_schulz_orthogonalizer", "make_orthogonalizer", "newton_schulz_orthogonalizer",
 ]

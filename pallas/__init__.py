@@ -4,8 +4,11 @@
 Mosaic GPU Pallas backend); ``newton_schulz(x, coefficients, aol=..., eps=...)`` runs the
 quintic iteration on a bf16 ``(batch, m, n)`` stack (m <= n) with one-triangle symmetric
 GEMMs and fused epilogues (see :mod:`ortho_optax.pallas.ns` and
-:mod:`ortho_optax.pallas.matmul`). ``ortho_optax.newton_schulz(backend="pallas"|"auto")``
-is the public entry point; this module is its Hopper back end.
+:mod:`ortho_optax.pallas.matmul`), ``gram_newton_schulz(x, coefficients, ...)`` the same
+polynomial iterated on the ``m × m`` Gram matrix (:mod:`ortho_optax.pallas.gram_ns`).
+``ortho_optax.newton_schulz`` / ``ortho_optax.gram_newton_schulz`` with
+``backend="pallas"|"auto"`` are the public entry points; this module is their Hopper back
+end.
 """
 
 from __future__ import annotations
@@ -109,4 +112,56 @@ def newton_schulz_many(xs, coefficients, *, aol=False, eps: float = 1e-7):
   return ns.newton_schulz_many(xs, coefficients, aol=aol, eps=eps)
 
 
-__all__ = ["is_available", "newton_schulz", "newton_schulz_many", "prefers_kernels"]
+def gram_newton_schulz(x, coefficients, *, restart_every=2, aol: bool = False,
+                       eps: float = 1e-7):
+  """Gram Newton–Schulz on a bf16 ``(batch, m, n)`` stack (m <= n) with the Hopper kernels.
+
+  The steps run on the ``m × m`` Gram matrix with one-triangle symmetric GEMMs (see
+  :mod:`ortho_optax.pallas.gram_ns`); the result equals :func:`newton_schulz`'s in exact
+  arithmetic, with fewer flops for ``n`` well above ``m``.
+
+  Args:
+    x: bf16 stack, already Frobenius-normalised unless ``aol``.
+    coefficients: static tuple of ``(a, b, c)`` Python-float triples, one per step.
+    restart_every: steps between restarts (``X ← QX``, ``R ← XXᵀ``; ``None``: never).
+    aol: Turbo-Muon AOL preconditioning fused into the first Gram matrix.
+    eps: AOL row-sum clamp.
+
+  Returns:
+    bf16 ``(batch, m, n)``.
+
+  References:
+    J. Zhang, N. Amsel, B. Chen, T. Dao, "Gram Newton-Schulz", 2026,
+    https://github.com/Dao-AILab/gram-newton-schulz; Boissin et al., "Turbo-Muon",
+    arXiv 2512.04632, 2025 (AOL preconditioning).
+  """
+  from ortho_optax.pallas import gram_ns
+  return gram_ns.gram_newton_schulz(x, coefficients, restart_every=restart_every, aol=aol,
+                                    eps=eps)
+
+
+def gram_newton_schulz_many(xs, coefficients, *, restart_every=2, aol=False,
+                            eps: float = 1e-7):
+  """:func:`gram_newton_schulz` of several bf16 stacks, each GEMM one launch for all.
+
+  Args:
+    xs: bf16 ``(batch, m, n)`` stacks (m <= n), already Frobenius-normalised unless AOL.
+    coefficients: static tuple of ``(a, b, c)`` Python-float triples, one per step.
+    restart_every: steps between restarts (``None``: never).
+    aol: one flag per stack (or one for all): Turbo-Muon AOL in the first step.
+    eps: AOL row-sum clamp.
+
+  Returns:
+    The bf16 results, in order.
+
+  References:
+    J. Zhang, N. Amsel, B. Chen, T. Dao, "Gram Newton-Schulz", 2026,
+    https://github.com/Dao-AILab/gram-newton-schulz.
+  """
+  from ortho_optax.pallas import gram_ns
+  return gram_ns.gram_newton_schulz_many(xs, coefficients, restart_every=restart_every,
+                                         aol=aol, eps=eps)
+
+
+__all__ = ["gram_newton_schulz", "gram_newton_schulz_many", "is_available", "newton_schulz",
+           "newton_schulz_many", "prefers_kernels"]

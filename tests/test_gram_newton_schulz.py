@@ -216,7 +216,6 @@ def test_prefers_gram():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(preconditioning="nope"), "nope.*frobenius"),
     (dict(backend="cuda"), "cuda.*xla"),
-    (dict(backend="pallas"), "pallas.*'xla'"),
     (dict(coefficients="bogus"), "bogus"),
     (dict(steps=0), "steps"),
     (dict(eps=-1.0), "eps"),
@@ -229,6 +228,13 @@ def test_prefers_gram():
 def test_bad_arguments_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     gram_newton_schulz(_rand((4, 6)), **kwargs)
+
+
+def test_pallas_backend_off_a_hopper_gpu_raises():
+  if any(d.platform == "gpu" for d in jax.devices()):
+    pytest.skip("CPU-only behaviour")
+  with pytest.raises(RuntimeError, match="backend='pallas'.*'xla'"):
+    gram_newton_schulz(_rand((4, 6)), backend="pallas")
 
 
 def test_bad_inputs_raise():
@@ -258,7 +264,53 @@ def test_orthogonalize_stage_runs_gram_on_wide_stacks_and_standard_on_square(mon
   assert calls == [(2, 16, 64)]  # the two rectangular leaves, one wide stack; square: NS
   for k in upd:
     np.testing.assert_allclose(out[k], want[k], atol=1e-5, err_msg=k)
-  with pytest.raises(ValueError, match="no Pallas kernels"):
-    oo.orthogonalize("gram_newton_schulz", backend="pallas")
   with pytest.raises(ValueError, match="restart_every"):
     oo.orthogonalize("gram_newton_schulz", restart_every=0)
+
+
+def _ns_optimizers():
+  import ortho_optax as oo
+  return {"muon": oo.muon, "turbo_muon": oo.turbo_muon, "adamuon": oo.adamuon,
+          "normuon": oo.normuon, "namo": oo.namo, "oadamw": oo.oadamw,
+          "hybrid_auon": oo.hybrid_auon}
+
+
+@pytest.mark.parametrize("name", sorted(_ns_optimizers()))
+def test_optimizers_take_gram_newton_schulz(monkeypatch, name):
+  # orthogonalizer="gram_newton_schulz" runs Gram NS on the wide and tall matrices (the
+  # square one keeps standard NS) and, in float32, follows the default optimizer closely.
+  import importlib
+  gns_mod = importlib.import_module("ortho_optax.gram_newton_schulz")
+  calls = []
+  real = gns_mod._xla_gram_newton_schulz
+  monkeypatch.setattr(gns_mod, "_xla_gram_newton_schulz",
+                      lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+  factory = _ns_optimizers()[name]
+  keys = jax.random.split(jax.random.key(9), 4)
+  params = {"fc": _rand((16, 64), 1), "proj": _rand((64, 16), 2), "attn": _rand((16, 16), 3),
+            "bias": jnp.zeros((16,))}
+  kw = dict(compute_dtype="float32", backend="xla")
+  txs = [factory(**kw), factory(orthogonalizer="gram_newton_schulz", restart_every=2, **kw)]
+  states = [tx.init(params) for tx in txs]
+  for step in range(3):
+    grads = jax.tree.map(lambda p, k=keys[step]: jax.random.normal(k, p.shape), params)
+    ups = []
+    for i, tx in enumerate(txs):
+      up, states[i] = tx.update(grads, states[i], params)
+      ups.append(up)
+    for k in params:
+      np.testing.assert_allclose(ups[1][k], ups[0][k], rtol=1e-4, atol=1e-6,
+                                 err_msg=f"{name} {k} step {step}")
+  assert calls and all(sorted(s[-2:]) == [16, 64] for s in calls), calls
+
+
+@pytest.mark.parametrize("name", sorted(_ns_optimizers()))
+def test_optimizers_reject_a_bad_orthogonalizer(name):
+  factory = _ns_optimizers()[name]
+  with pytest.raises(ValueError, match="orthogonalizer.*'gram_nt'.*'gram_newton_schulz'"):
+    factory(orthogonalizer="gram_nt")
+  with pytest.raises(ValueError, match="restart_every"):
+    factory(orthogonalizer="newton_schulz", restart_every=0)
+  if name == "oadamw":
+    with pytest.raises(ValueError, match="orthogonalizer"):
+      factory(muon=False, orthogonalizer="polar")

@@ -393,3 +393,111 @@ def test_one_traced_kernel_per_gemm_shape_across_steps_stacks_and_calls(monkeypa
   jax.eval_shape(lambda x: ns_entry(x, steps=12, coefficients="aurora", backend="pallas"),
                  x.astype(jnp.float32))
   assert traced == []
+
+
+def _gram_reference_checks(out, x, triples, aol):
+  """``out`` (Gram kernels) against the float32 NS iteration, within 3x the bf16 one's
+  error, and close to the bf16 XLA Gram NS (a different summation order)."""
+  from ortho_optax.gram_newton_schulz import gram_newton_schulz
+  assert out.shape == x.shape and out.dtype == jnp.bfloat16
+  ref = ns.reference(x, triples, aol=aol, eps=1e-7)
+  ref_bf16 = ns.reference(x, triples, aol=aol, eps=1e-7, dtype=jnp.bfloat16)
+  assert _rel(out, ref) < max(3 * _rel(ref_bf16, ref), 1e-2)
+  xla = gram_newton_schulz(x, steps=len(triples), coefficients=list(triples), backend="xla",
+                           preconditioning="aol" if aol else "frobenius", eps=1e-7)
+  assert _rel(out, xla) < 3 * _rel(xla, ref) + 1e-2
+
+
+@needs_interpreter
+def test_gram_newton_schulz_in_cpu_interpreter_padded_aol_cubic_restart():
+  # 200 rows pad to 256: both 128-row blocks hold data, so the mirrored lower tiles of the
+  # symmetric products matter. restart_every=3 over 4 steps: a segment with a middle step
+  # (Q and W in one launch, then R's update), a restart, a one-step segment; step 2 cubic.
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  triples = TURBO_AOL[:1] + ((2.0, -1.5, 0.0),) + TURBO_AOL[1:] + TURBO_AOL[1:]
+  x = jax.random.normal(jax.random.key(7), (1, 200, 300), jnp.float32).astype(jnp.bfloat16)
+  with plgpu.force_gpu_interpret_mode():
+    out = opl.gram_newton_schulz(x, triples, restart_every=3, aol=True, eps=1e-7)
+  _gram_reference_checks(out, x, triples, aol=True)
+
+
+@needs_interpreter
+def test_gram_newton_schulz_many_in_cpu_interpreter():
+  # Two stacks of different shapes, AOL and Frobenius, grouped launches; 3 steps with
+  # restart_every=2. Each matches its own reference.
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  k1, k2 = jax.random.split(jax.random.key(8))
+  a = jax.random.normal(k1, (1, 160, 300), jnp.float32)
+  b = jax.random.normal(k2, (2, 60, 250), jnp.float32)
+  b = b / jnp.linalg.norm(b, axis=(1, 2), keepdims=True)
+  xa, xb = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  triples = TURBO_AOL + TURBO_AOL[:1]
+  with plgpu.force_gpu_interpret_mode():
+    outs = jax.jit(lambda u, v: opl.gram_newton_schulz_many(
+        [u, v], triples, restart_every=2, aol=[True, False], eps=1e-7))(xa, xb)
+  for out, x, aol in zip(outs, (xa, xb), (True, False)):
+    _gram_reference_checks(out, x, triples, aol)
+
+
+def _record_implementations(monkeypatch):
+  """Pretends to be on a Hopper GPU and records which implementation runs each stack
+  (shape as the implementation sees it); the kernels are replaced by identities."""
+  import importlib
+  from ortho_optax import orthogonalizers
+  gns_mod = importlib.import_module("ortho_optax.gram_newton_schulz")  # not the function
+  calls = []
+  monkeypatch.setattr(opl, "is_available", lambda: True)
+
+  def kernels(name):
+    def fake(xs, *args, **kwargs):
+      many = isinstance(xs, (list, tuple))
+      calls.extend((name, x.shape) for x in (xs if many else [xs]))
+      return list(xs) if many else xs
+    return fake
+
+  monkeypatch.setattr(opl, "gram_newton_schulz_many", kernels("gram_kernels"))
+  monkeypatch.setattr(opl, "newton_schulz_many", kernels("ns_kernels"))
+  monkeypatch.setattr(opl, "newton_schulz", kernels("ns_kernels"))
+  for module, attr, name in ((gns_mod, "_xla_gram_newton_schulz", "xla_gram"),
+                             (orthogonalizers, "_xla_newton_schulz", "xla_ns")):
+    real = getattr(module, attr)
+    monkeypatch.setattr(module, attr, lambda x, *a, _n=name, _r=real, **k: (
+        calls.append((_n, x.shape)), _r(x, *a, **k))[1])
+  return calls
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("auto", {"wide": "gram_kernels", "square": "ns_kernels", "small_wide": "xla_gram",
+              "small_square": "xla_ns"}),
+    ("pallas", {"wide": "gram_kernels", "square": "ns_kernels", "small_wide": "gram_kernels",
+                "small_square": "ns_kernels"}),
+    ("xla", {"wide": "xla_gram", "square": "xla_ns", "small_wide": "xla_gram",
+             "small_square": "xla_ns"}),
+])
+def test_gram_orthogonalizer_dispatch(monkeypatch, backend, expected):
+  # Wide stacks that prefers_gram picks run Gram NS, square ones standard NS; on the
+  # kernels where they take the stack (large enough, or forced), in XLA elsewhere.
+  from ortho_optax.stages.orthogonalize import orthogonalize
+  calls = _record_implementations(monkeypatch)
+  shapes = {"wide": (1024, 4096), "square": (2048, 2048), "small_wide": (64, 256),
+            "small_square": (64, 64)}
+  upd = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
+  tx = orthogonalize("gram_newton_schulz", backend=backend)
+  jax.eval_shape(lambda u: tx.update(u, tx.init(u))[0], upd)
+  got = {}
+  for name, shape in calls:
+    key = next(k for k, s in shapes.items() if sorted(shape[-2:]) == sorted(s))
+    got[key] = name
+  assert got == expected
+  assert len(calls) == len(shapes)  # each stack runs once, on one implementation
+
+
+def test_gram_newton_schulz_function_runs_gram_kernels_on_every_shape(monkeypatch):
+  # The plain function is Gram NS whatever the shape: square stacks too.
+  from ortho_optax.gram_newton_schulz import gram_newton_schulz
+  calls = _record_implementations(monkeypatch)
+  jax.eval_shape(lambda x: gram_newton_schulz(x, backend="pallas"),
+                 jnp.zeros((2, 256, 256), jnp.float32))
+  jax.eval_shape(lambda x: gram_newton_schulz(x, backend="pallas"),
+                 jnp.zeros((512, 256), jnp.float32))
+  assert calls == [("gram_kernels", (2, 256, 256)), ("gram_kernels", (1, 256, 512))]

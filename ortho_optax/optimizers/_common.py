@@ -15,6 +15,34 @@ from ortho_optax import routing
 from ortho_optax import validation
 
 
+def newton_schulz_stage(orthogonalizer: str = "newton_schulz", *, restart_every=2,
+                        **stage_kwargs) -> optax.GradientTransformation:
+  """The orthogonalize stage of a Newton–Schulz optimizer, with the method it names.
+
+  Args:
+    orthogonalizer: ``"newton_schulz"`` or ``"gram_newton_schulz"``
+      (:data:`ortho_optax.orthogonalizers.NEWTON_SCHULZ_METHODS`).
+    restart_every: Gram Newton–Schulz's restart period (an int >= 1 or ``None``; unused
+      by ``"newton_schulz"``).
+    **stage_kwargs: the other arguments of
+      :func:`ortho_optax.stages.orthogonalize.orthogonalize`.
+
+  Returns:
+    The stage.
+
+  Raises:
+    ValueError: for an unknown ``orthogonalizer`` (naming the value and the choices) and
+      whatever the stage rejects.
+  """
+  # Local: the orthogonalize stage imports optimizer-level helpers.
+  from ortho_optax.gram_newton_schulz import _check_restart_every
+  from ortho_optax.orthogonalizers import NEWTON_SCHULZ_METHODS
+  from ortho_optax.stages.orthogonalize import orthogonalize
+  validation.check_choice("orthogonalizer", orthogonalizer, NEWTON_SCHULZ_METHODS)
+  _check_restart_every(restart_every)  # a bad value is an error even where it is unused
+  return orthogonalize(orthogonalizer, restart_every=restart_every, **stage_kwargs)
+
+
 def check_adam(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay,
                adam_nesterov=False) -> None:
   """Validates the ``adam_*`` hyperparameters of the AdamW branch."""
@@ -221,5 +249,5 @@ def find_states(tree: Any, match) -> list[Any]:
 
 __all__ = [
     "check_adam", "float16_in_float32", "find_states", "masked_dimension_numbers",
-    "preset_signature", "with_adamw_fallback",
+    "newton_schulz_stage", "preset_signature", "with_adamw_fallback",
 ]

@@ -38,6 +38,8 @@ def adaptive_muon(
     dimension_numbers: Any = None,
     backend: str = "auto",
     kahan_sum: bool = False,
+    orthogonalizer: str = "newton_schulz",
+    restart_every: Optional[int] = 2,
 ) -> optax.GradientTransformation:
   r"""Muon followed by a second-moment normalisation (NVIDIA ``AdaptiveMuon``).
 
@@ -78,6 +80,8 @@ def adaptive_muon(
     label_fn, dimension_numbers: routing and matrix views.
     kahan_sum: Kahan-compensated summation for bf16/fp16 parameters (see
       :func:`ortho_optax.optimizers.muon.muon`).
+    orthogonalizer, restart_every: ``"newton_schulz"`` or ``"gram_newton_schulz"`` and the
+      latter's restart period, as in :func:`ortho_optax.optimizers.muon.muon`.
 
   Returns:
     An ``optax.GradientTransformation``. The orthogonalized branch's state holds a
@@ -110,7 +114,8 @@ def adaptive_muon(
       coefficients=coefficients, preconditioning=preconditioning, eps=ns_eps,
       compute_dtype=compute_dtype, scale_mode=scale_mode,
       extra_scale_factor=extra_scale_factor, mu_dtype=mu_dtype, dimension_numbers=dims,
-      backend=backend, second_moment=second_moment)
+      backend=backend, second_moment=second_moment, orthogonalizer=orthogonalizer,
+      restart_every=restart_every)
   return with_kahan(_common.with_adamw_fallback(
       ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, label_fn=label_fn,

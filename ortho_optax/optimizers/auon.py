@@ -113,6 +113,8 @@ def hybrid_auon(
     dimension_numbers: Any = None,
     backend: str = "auto",
     mu_dtype: Optional[Any] = None,
+    orthogonalizer: str = "newton_schulz",
+    restart_every: Optional[int] = 2,
 ) -> optax.GradientTransformation:
   """HybridAuON: AuON with a Newton-Schulz orthogonalization before the cosh brake.
 
@@ -133,6 +135,8 @@ def hybrid_auon(
     dimension_numbers: per-leaf :class:`ortho_optax.MatrixDims` (``None``: Flax
       ``(in, out)`` for 2-D leaves); a pytree given for the full parameter tree works.
     backend: Newton-Schulz backend, ``"auto"``, ``"xla"`` or ``"pallas"``.
+    orthogonalizer, restart_every: ``"newton_schulz"`` or ``"gram_newton_schulz"`` and the
+      latter's restart period, as in :func:`ortho_optax.optimizers.muon.muon`.
 
   Returns:
     An ``optax.GradientTransformation`` (an ``optax.multi_transform``).
@@ -144,10 +148,10 @@ def hybrid_auon(
     https://kellerjordan.github.io/posts/muon/.
   """
   validation.check_int("ns_steps", ns_steps, 1)  # named `steps` by the stage
-  orth = orth_stages.orthogonalize(
-      "newton_schulz", steps=ns_steps, coefficients="muon", preconditioning="frobenius",
-      eps=1e-7, compute_dtype=validation.check_dtype("compute_dtype", compute_dtype),
-      backend=backend,
+  orth = _common.newton_schulz_stage(
+      orthogonalizer, restart_every=restart_every, steps=ns_steps, coefficients="muon",
+      preconditioning="frobenius", eps=1e-7,
+      compute_dtype=validation.check_dtype("compute_dtype", compute_dtype), backend=backend,
       dimension_numbers=_common.masked_dimension_numbers(dimension_numbers))
   ortho_tx = optax.chain(
       momentum_stages.ema_momentum(momentum, nesterov=True, mu_dtype=mu_dtype),

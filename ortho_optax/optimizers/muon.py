@@ -84,9 +84,12 @@ def orthogonalized_chain(
     backend: str,
     bias_correction: bool = False,
     second_moment: Optional[Callable[..., optax.GradientTransformation]] = None,
+    orthogonalizer: str = "newton_schulz",
+    restart_every: Optional[int] = 2,
 ) -> optax.GradientTransformation:
   """The orthogonalized branch (no routing), see the module docstring.
 
+  ``orthogonalizer`` names the Newton–Schulz method (:func:`_common.newton_schulz_stage`).
   ``second_moment(momentum_tx, orthogonalize_tx)`` may wrap the momentum and
   orthogonalization stages (NAMO needs both; see
   :func:`ortho_optax.stages.second_moment.scale_by_second_moment`).
@@ -94,17 +97,14 @@ def orthogonalized_chain(
   checked by the stage that owns it; ``compute_dtype`` is resolved here
   (:func:`ortho_optax.validation.check_dtype`, so names such as ``"bf16"`` work).
   """
-  # Imported here: the orthogonalize stage may import optimizers-level helpers.
-  from ortho_optax.stages.orthogonalize import orthogonalize
-
   # The stage calls it `steps`; the error names the optimizer's argument.
   validation.check_int("ns_steps", ns_steps, 1)
 
   first, last = weight_decay_stages(learning_rate, weight_decay, weight_decay_method)
   momentum_tx = ema_momentum(momentum, nesterov=nesterov, bias_correction=bias_correction,
                              mu_dtype=mu_dtype)
-  orth_tx = orthogonalize(
-      "newton_schulz", steps=ns_steps, coefficients=coefficients,
+  orth_tx = _common.newton_schulz_stage(
+      orthogonalizer, restart_every=restart_every, steps=ns_steps, coefficients=coefficients,
       preconditioning=preconditioning, eps=eps,
       compute_dtype=validation.check_dtype("compute_dtype", compute_dtype), backend=backend,
       dimension_numbers=dimension_numbers)
@@ -143,6 +143,8 @@ def muon(
     kahan_sum: bool = False,
     bias_correction: bool = False,
     adam_nesterov: bool = False,
+    orthogonalizer: str = "newton_schulz",
+    restart_every: Optional[int] = 2,
 ) -> optax.GradientTransformation:
   r"""Muon: Nesterov EMA momentum, Newton-Schulz orthogonalization, shape scaling.
 
@@ -203,6 +205,14 @@ def muon(
       :func:`ortho_optax.stages.momentum.ema_momentum`.
     adam_nesterov: NAdamW in the AdamW branch (``optax.contrib.muon`` uses it when
       ``nesterov=True``).
+    orthogonalizer: the Newton-Schulz method, ``"newton_schulz"`` (standard) or
+      ``"gram_newton_schulz"``: the same polynomial iterated on the Gram matrix of the
+      ``m × n`` matrices where that needs fewer flops (``n >= 3.5m`` at the default
+      restart period; square ones keep standard Newton-Schulz), see
+      :func:`ortho_optax.gram_newton_schulz.gram_newton_schulz`. The same result in exact
+      arithmetic.
+    restart_every: Gram Newton-Schulz's restart period (an int >= 1 or ``None``: never;
+      unused by ``"newton_schulz"``).
 
   Returns:
     An ``optax.GradientTransformation`` (an ``optax.multi_transform``, chained with
@@ -215,7 +225,8 @@ def muon(
 
   References:
     Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024.
-    ryyzn9/AuON ``auon/muon.py``; optax ``optax/contrib/_muon.py``.
+    ryyzn9/AuON ``auon/muon.py``; optax ``optax/contrib/_muon.py``; J. Zhang, N. Amsel,
+    B. Chen, T. Dao, "Gram Newton-Schulz", 2026 (Dao-AILab/gram-newton-schulz).
   """
   dims = _common.masked_dimension_numbers(dimension_numbers)
   ortho_tx = orthogonalized_chain(
@@ -224,7 +235,8 @@ def muon(
       weight_decay_method=weight_decay_method, ns_steps=ns_steps, coefficients=coefficients,
       preconditioning=preconditioning, eps=eps, compute_dtype=compute_dtype,
       scale_mode=scale_mode, extra_scale_factor=extra_scale_factor, mu_dtype=mu_dtype,
-      dimension_numbers=dims, backend=backend)
+      dimension_numbers=dims, backend=backend, orthogonalizer=orthogonalizer,
+      restart_every=restart_every)
   return with_kahan(_common.with_adamw_fallback(
       ortho_tx, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, adam_nesterov=adam_nesterov,

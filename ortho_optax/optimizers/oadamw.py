@@ -38,8 +38,8 @@ import optax
 
 from ortho_optax import validation
 from ortho_optax.optimizers import _common
+from ortho_optax.orthogonalizers import NEWTON_SCHULZ_METHODS
 from ortho_optax.stages import kahan as kahan_stages
-from ortho_optax.stages import orthogonalize as orth_stages
 from ortho_optax.stages import stable_adamw as stable_adamw_stages
 
 
@@ -61,6 +61,8 @@ def oadamw(
     dimension_numbers: Any = None,
     backend: str = "auto",
     mu_dtype: Optional[Any] = None,
+    orthogonalizer: str = "newton_schulz",
+    restart_every: Optional[int] = 2,
 ) -> optax.GradientTransformation:
   """OAdamW: orthogonalized-gradient StableAdamW.
 
@@ -86,6 +88,8 @@ def oadamw(
       ``(in, out)`` for 2-D leaves); a pytree for the full parameter tree works.
     backend: Newton-Schulz backend (``"auto"``, ``"xla"``, ``"pallas"``).
     mu_dtype: dtype of the moments (``None``: the parameter dtype, as the reference).
+    orthogonalizer, restart_every: ``"newton_schulz"`` or ``"gram_newton_schulz"`` and the
+      latter's restart period, as in :func:`ortho_optax.optimizers.muon.muon`.
 
   Returns:
     An ``optax.GradientTransformation`` (an ``optax.multi_transform`` with branches
@@ -97,6 +101,8 @@ def oadamw(
   """
   validation.check_choice("kahan_sum", kahan_sum, (None, True, False))
   validation.check_bool("muon", muon)
+  # Checked with muon=False too: a bad name is an error whether or not it is used.
+  validation.check_choice("orthogonalizer", orthogonalizer, NEWTON_SCHULZ_METHODS)
   validation.check_int("ns_steps", ns_steps, 1)  # named `steps` by the stage
   validation.check_static(update_proj_gap=update_proj_gap)
 
@@ -109,8 +115,9 @@ def oadamw(
     return optax.chain(stage, kahan_stages.kahan_summation())
 
   if muon:
-    orth = orth_stages.orthogonalize(
-        "newton_schulz", steps=ns_steps, coefficients="muon", preconditioning="frobenius",
+    orth = _common.newton_schulz_stage(
+        orthogonalizer, restart_every=restart_every, steps=ns_steps, coefficients="muon",
+        preconditioning="frobenius",
         eps=1e-7, compute_dtype=validation.check_dtype("compute_dtype", compute_dtype),
         backend=backend,
         update_proj_gap=update_proj_gap,

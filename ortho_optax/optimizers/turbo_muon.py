@@ -64,8 +64,8 @@ def turbo_muon(
     compute_dtype: Newton-Schulz dtype (``None``: the update's).
     **muon_kwargs: every other argument of :func:`ortho_optax.optimizers.muon.muon`
       (``scale_mode``, ``adam_*``, ``label_fn``, ``dimension_numbers``, ``backend``,
-      ``kahan_sum``, ...; not ``coefficients`` / ``preconditioning``, set by
-      ``variant``), with muon's defaults.
+      ``kahan_sum``, ``orthogonalizer``, ``restart_every``, ...; not ``coefficients`` /
+      ``preconditioning``, set by ``variant``), with muon's defaults.
 
   Returns:
     An ``optax.GradientTransformation``.

@@ -75,18 +75,19 @@ def orthogonalize(
   Args:
     method: ``"newton_schulz"`` (:func:`~ortho_optax.newton_schulz.newton_schulz`),
       ``"gram_newton_schulz"`` (the same polynomial iterated on the Gram matrix for wide
-      and tall stacks, :func:`~ortho_optax.gram_newton_schulz.gram_newton_schulz`; square
-      stacks keep standard Newton–Schulz),
+      and tall stacks, :func:`~ortho_optax.gram_newton_schulz.gram_newton_schulz`, on
+      the Gram kernels of :mod:`ortho_optax.pallas.gram_ns` where the kernels take the
+      stack; square stacks keep standard Newton–Schulz),
       ``"polar"`` (exact SVD, :func:`~ortho_optax.polar.polar`), ``"aurora"``
       (leverage-uniform polar, :func:`~ortho_optax.polar.leverage_uniform_polar`) or
       ``"riemannian_aurora"`` (:func:`~ortho_optax.polar.riemannian_balanced_polar`).
     steps: NS steps; ``None`` = the method's default (5 for the Newton–Schulz methods, Aurora's
       12 polar iterations for the Aurora methods; unused by ``polar``).
-    coefficients: NS coefficient preset or table (``newton_schulz`` only; the Aurora
+    coefficients: NS coefficient preset or table (the Newton–Schulz methods; the Aurora
       methods always use Aurora's ``(2, −1.5, 0.5)``).
     order: coefficient order (``None``: the preset's default).
     preconditioning: ``"frobenius"`` | ``"aol"`` | ``"schatten"`` | ``"spectral"``
-      (``newton_schulz`` only).
+      (the Newton–Schulz methods).
     eps: NS normalisation epsilon; the row-norm clamp of the Aurora methods.
     compute_dtype: dtype of the iterations (``None``: the update's dtype).
     backend: ``"auto"`` | ``"xla"`` | ``"pallas"``.
