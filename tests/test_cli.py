@@ -57,6 +57,12 @@ BAD = [
     ("train --preset huge", ["--preset", "huge", "tiny"]),
     ("train --vocab-size 100", ["--data", "256", "--vocab-size"]),
     ("train --seq-len 500000", ["--data", "training split", "--seq-len", "500000"]),
+    ("train --stop-after 0", ["--stop-after", "0", ">= 1"]),
+    ("train --init-timeout 5", ["--init-timeout", "only with --multihost"]),
+    ("train --init-timeout 5 --heartbeat-timeout 5", ["--init-timeout and --heartbeat-timeout",
+                                                      "only with --multihost"]),
+    ("train --multihost --init-timeout 0", ["--init-timeout", "0", ">= 1"]),
+    ("train --multihost --heartbeat-timeout -1", ["--heartbeat-timeout", "-1", ">= 1"]),
     ("bogus", ["invalid choice", "train"]),
 ]
 
