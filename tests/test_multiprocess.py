@@ -4,7 +4,12 @@ Two processes with four fake CPU devices each join one job on loopback
 (``tests/_mp/launch.py``); ``distribute(tx, mesh)`` over the global 8-device mesh must give
 what one process with 8 devices and the undistributed optimizer give, and the HLO must
 show that all-to-alls, not gathers of whole parameters, move the matrices between the
-processes. The tests skip (saying why) where the platform cannot run such a job.
+processes. ``ortho-optax train --multihost`` as 2 processes must give the losses of one
+process with 8 devices, with the reports written by process 0 alone, checkpoints written by
+both, a resumed run equal to an uninterrupted one and each process reading only its own
+rows of a batch; a killed process ends the job, leaving only whole checkpoints; a job that
+cannot form ends after ``--init-timeout`` with one line. The tests skip (saying why) where
+the platform cannot run such a job.
 """
 
 import json
@@ -56,25 +61,29 @@ class Job:
     return np.asarray(self.meta["cases"][cid]["process_index"]).ravel()
 
 
-def _run(num_processes, devices_per_process):
-  with tempfile.TemporaryDirectory(prefix="ortho_optax_mp_out_") as out:
+def _run(tmp_path_factory, num_processes, devices_per_process):
+  def produce(out):
     launch.run_worker("gather_whole", out, num_processes=num_processes,
                       devices_per_process=devices_per_process, timeout=TIMEOUT_S,
                       xla_flags=FAST_COMPILE).check()
-    return Job(out)
+  return Job(launch.produce_once(tmp_path_factory, f"gather_whole-{num_processes}", produce))
+
+
+# The jobs are the slow part: launch.produce_once runs each once per session, also when
+# pytest-xdist spreads this module's tests over several workers.
 
 
 @pytest.fixture(scope="module")
-def two_processes():
+def two_processes(tmp_path_factory):
   """The ``gather_whole`` scenario as 2 processes x 4 CPU devices."""
-  return _run(2, 4)
+  return _run(tmp_path_factory, 2, 4)
 
 
 @pytest.fixture(scope="module")
-def one_process():
+def one_process(tmp_path_factory):
   """The same scenario as 1 process x 8 CPU devices, with the undistributed results (run
   like the 2-process job, with the same compiler flags)."""
-  return _run(1, 8)
+  return _run(tmp_path_factory, 1, 8)
 
 
 def _crossing(collective, process_of):
@@ -297,12 +306,13 @@ def _train_argv(out, *extra, multihost=True):
 
 class TrainJob:
   """What the processes of one ``train_job.py`` launch left: their records, the runs'
-  output folders and the launch itself."""
+  output folders and the launch itself (``launch.json``)."""
 
-  def __init__(self, root, result):
-    self.root, self.result = root, result
+  def __init__(self, root):
+    self.root = str(root)
+    self.result = launch.LaunchResult.load(os.path.join(self.root, "launch.json"))
     self.records = []
-    for p in result.processes:
+    for p in self.result.processes:
       path = os.path.join(root, "records", f"process-{p.process_id}.json")
       with open(path) as f:
         self.records.append(json.load(f))
@@ -316,16 +326,17 @@ class TrainJob:
 
 
 def _train_job(root, runs, num_processes, kill=None, grace=launch.GRACE_S):
+  """Launches ``train_job.py`` with ``runs`` (``_train_argv(root)`` -> argv) in ``root``."""
   os.makedirs(os.path.join(root, "records"))
   env = {"ORTHO_OPTAX_MP_KILL": kill} if kill else {}
   # One compilation of the step for all runs of a process (they compile the same program).
   env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(root, "jax-cache")
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   result = launch.launch([sys.executable, TRAIN_JOB, os.path.join(root, "records"),
-                          json.dumps(runs)], num_processes=num_processes,
+                          json.dumps(runs(str(root)))], num_processes=num_processes,
                          devices_per_process=8 // num_processes, timeout=TIMEOUT_S,
                          env=env, xla_flags=FAST_COMPILE, grace=grace)
-  return TrainJob(root, result)
+  result.save(os.path.join(root, "launch.json"))
 
 
 @pytest.fixture(scope="module")
@@ -334,24 +345,23 @@ def trainer_job(tmp_path_factory):
   after step 2 (``--stop-after``), then ``--resume``d; ``killed``, checkpointing every
   step in the background, whose process 1 is killed right after it started the
   checkpoint of step 3."""
-  root = str(tmp_path_factory.mktemp("trainer_job"))
-  runs = [_train_argv(os.path.join(root, "full")),
-          _train_argv(os.path.join(root, "resumed"), "--stop-after", "2"),
-          _train_argv(os.path.join(root, "resumed"), "--resume"),
-          _train_argv(os.path.join(root, "killed"), "--checkpoint-every", "1",
-                      "--async-checkpoints")]
-  start = time.monotonic()
-  job = _train_job(root, runs, 2, kill="3:1:3", grace=6 * HEARTBEAT_S)
-  job.seconds = time.monotonic() - start
-  print(f"trainer job: {job.seconds:.1f} s")
-  return job
+  def runs(root):
+    return [_train_argv(os.path.join(root, "full")),
+            _train_argv(os.path.join(root, "resumed"), "--stop-after", "2"),
+            _train_argv(os.path.join(root, "resumed"), "--resume"),
+            _train_argv(os.path.join(root, "killed"), "--checkpoint-every", "1",
+                        "--async-checkpoints")]
+  return TrainJob(launch.produce_once(tmp_path_factory, "trainer-2", lambda root: _train_job(
+      root, runs, 2, kill="3:1:3", grace=6 * HEARTBEAT_S)))
 
 
 @pytest.fixture(scope="module")
 def trainer_reference(tmp_path_factory):
   """The ``full`` run as 1 process x 8 CPU devices (no ``--multihost``)."""
-  root = str(tmp_path_factory.mktemp("trainer_reference"))
-  job = _train_job(root, [_train_argv(os.path.join(root, "full"), multihost=False)], 1)
+  def runs(root):
+    return [_train_argv(os.path.join(root, "full"), multihost=False)]
+  job = TrainJob(launch.produce_once(tmp_path_factory, "trainer-1",
+                                     lambda root: _train_job(root, runs, 1)))
   assert job.result.ok and job.records[0]["returncodes"] == [0], job.result.report()
   return job
 
