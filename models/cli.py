@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import os
 import pathlib
 import sys
@@ -50,7 +51,7 @@ FLAGS = {
     "mesh_fsdp": "--mesh-fsdp", "ortho_sharding": "--ortho-sharding",
     "lr_mults": "--lr-mults", "model": "the model overrides", "stop_after": "--stop-after",
 }
-#: ``--init-timeout``'s default (JAX's own initialization timeout).
+#: ``--init-timeout``'s default, that of JAX's own initialization timeout.
 INIT_TIMEOUT_S = 300
 
 
@@ -293,7 +294,12 @@ def join_job(init_timeout: int = INIT_TIMEOUT_S, heartbeat_timeout: int | None =
   from ortho_optax import distributed
   if jax.distributed.is_initialized():
     return
-  kwargs = {} if heartbeat_timeout is None else {"heartbeat_timeout_seconds": heartbeat_timeout}
+  kwargs = {}
+  if heartbeat_timeout is not None:
+    if "heartbeat_timeout_seconds" not in inspect.signature(jax.distributed.initialize).parameters:
+      raise ValueError(f"--heartbeat-timeout needs a JAX whose jax.distributed.initialize takes "
+                       f"heartbeat_timeout_seconds; JAX {jax.__version__} does not.")
+    kwargs["heartbeat_timeout_seconds"] = heartbeat_timeout
   joined = threading.Event()
 
   def give_up():

@@ -285,9 +285,8 @@ class Windows:
   It has the ``shape``, ``ndim`` and ``dtype`` (int32) of the batch, so
   :func:`ortho_optax.models.mesh.put_batch` can place it with
   ``jax.make_array_from_callback``: each process then reads from the corpus only the
-  rows its own devices hold (its slice of the global batch), and the batch is never
-  materialised on one host. ``np.asarray(windows)`` gathers every row; both give the
-  same values.
+  rows its own devices hold (its slice of the global batch), never the rows of another
+  process. ``np.asarray(windows)`` gathers every row; both give the same values.
 
   Args:
     tokens: the 1-D corpus (may be a memmap: only the indexed tokens are read).

@@ -4,7 +4,8 @@
 (before anything is written); build the model and optimizer; restore the newest
 checkpoint when resuming; compile the step (:class:`~ortho_optax.models.step.TrainStep`);
 then run the steps. Batches come from a background thread that places them on the device
-ahead of use (:class:`~ortho_optax.models.data.Prefetcher`), and the host reads losses
+ahead of use (:class:`~ortho_optax.models.data.Prefetcher`; on a mesh each process reads
+from the corpus only the rows of its own devices), and the host reads losses
 back only every ``log_every`` steps, one interval late, so it never waits for the step it
 has just dispatched. One clock measures the training steps; it is paused (after the
 device has caught up) around evaluation and checkpoints. Batches are a pure function of
