@@ -429,9 +429,10 @@ def test_trainer_processes_read_only_their_own_rows_of_each_batch(trainer_job):
   _good_runs(trainer_job)
   rows = [r["rows"] for r in trainer_job.records]
   batches = [k for k in rows[0] if k.startswith("0:")]  # the full run's batches
-  # 4 training steps (the first one also compiles the step) and 2 evaluations, each
-  # inputs and targets.
-  assert len(batches) >= 2 * 5 and set(batches) == {k for k in rows[1] if k.startswith("0:")}
+  # Inputs and targets of the 4 training batches and of the validation batch (the same
+  # windows at both evaluations).
+  assert len(batches) == 2 * (4 + 1), batches
+  assert set(batches) == {k for k in rows[1] if k.startswith("0:")}
   for key in batches:
     size = int(key.split(":")[2])
     mine, theirs = set(rows[0][key]), set(rows[1][key])
@@ -459,6 +460,9 @@ def test_trainer_process_killed_mid_run_ends_the_job_and_leaves_whole_checkpoint
     warnings.simplefilter("error")  # no step folder that orbax never committed
     steps = ckpt_lib.complete_steps(killed)
   assert steps[:2] == [1, 2] and set(steps) <= {1, 2, 3}, steps
+  if 3 not in steps:  # what was written of step 3 lies in orbax's temporary folder
+    assert [n for n in os.listdir(ckpt_lib.directory(killed)) if n.startswith("3.")], (
+        os.listdir(ckpt_lib.directory(killed)))
   assert not os.path.exists(os.path.join(killed, "results.json"))
   # What --resume would load is whole: step 2 equals the uninterrupted run's.
   a, b = _checkpoint_arrays(trainer_job.out("full"), 2), _checkpoint_arrays(killed, 2)
