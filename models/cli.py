@@ -148,10 +148,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                  help="how orthogonalization is laid out on the mesh (ortho_optax.distribute)")
   g = p.add_argument_group("several processes (one per host)")
   g.add_argument("--multihost", action="store_true",
-                 help="join a job of several processes first (one per host): under SLURM, "
-                      "Open MPI or Kubernetes JAX finds its peers, else set "
-                      "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; CPU "
-                      "devices talk over gloo")
+                 help="join a job of several processes first (one per host): under SLURM "
+                      "or Open MPI JAX finds its peers, else set JAX_COORDINATOR_ADDRESS, "
+                      "JAX_NUM_PROCESSES and JAX_PROCESS_ID; CPU devices talk over gloo")
   g.add_argument("--init-timeout", type=int, default=None, metavar="S",
                  help=f"with --multihost: seconds to wait for every process to join "
                       f"(default {INIT_TIMEOUT_S})")
@@ -182,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--resume", action="store_true",
                  help="continue the run in --out from its newest checkpoint (same settings)")
   g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                 help="stop after step N, checkpointed, as if interrupted (--resume goes on)")
+                 help="stop after step N as if interrupted (with --checkpoint-every, step N "
+                      "is checkpointed and --resume goes on from it)")
 
   c = sub.add_parser("compare", help="train several optimizers on the same data and seed",
                      formatter_class=_Formatter, epilog=EXAMPLES,
