@@ -3,7 +3,8 @@
 Every value is checked before anything is trained or written; a bad one ends the command
 with one line, ``ortho-optax: error: ...`` naming the flag, the value and what is
 allowed, and exit status 2 (a ``train`` run that diverges exits with 1, after writing its
-results). Results go to ``--out``, by default
+results, and so does a ``--multihost`` process whose job does not form within
+``--init-timeout``). Results go to ``--out``, by default
 ``runs/<command>-<YYYYmmdd-HHMMSS>/``: ``results.json``, ``results.md`` (the table) and
 ``loss.png``.
 """
@@ -12,9 +13,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
+import os
 import pathlib
 import sys
+import threading
+import traceback
 
+from ortho_optax import validation
 from ortho_optax.models import optimizers as opt_lib
 
 EXAMPLES = """\
@@ -43,8 +49,10 @@ FLAGS = {
     "keep_checkpoints": "--keep-checkpoints", "async_checkpoints": "--async-checkpoints",
     "out_dir": "--out", "resume": "--resume", "mesh_data": "--mesh-data",
     "mesh_fsdp": "--mesh-fsdp", "ortho_sharding": "--ortho-sharding",
-    "lr_mults": "--lr-mults", "model": "the model overrides",
+    "lr_mults": "--lr-mults", "model": "the model overrides", "stop_after": "--stop-after",
 }
+#: ``--init-timeout``'s default, that of JAX's own initialization timeout.
+INIT_TIMEOUT_S = 300
 
 
 def flag(field: str) -> str:
@@ -138,8 +146,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                       "alone = every device on data)")
   g.add_argument("--ortho-sharding", default="gather_whole", choices=["gather_whole", "auto"],
                  help="how orthogonalization is laid out on the mesh (ortho_optax.distribute)")
+  g = p.add_argument_group("several processes (one per host)")
   g.add_argument("--multihost", action="store_true",
-                 help="call jax.distributed.initialize() first (one process per host)")
+                 help="join a job of several processes first (one per host): under SLURM "
+                      "or Open MPI JAX finds its peers, else set JAX_COORDINATOR_ADDRESS, "
+                      "JAX_NUM_PROCESSES and JAX_PROCESS_ID; CPU devices talk over gloo")
+  g.add_argument("--init-timeout", type=int, default=None, metavar="S",
+                 help=f"with --multihost: seconds to wait for every process to join "
+                      f"(default {INIT_TIMEOUT_S})")
+  g.add_argument("--heartbeat-timeout", type=int, default=None, metavar="S",
+                 help="with --multihost: seconds without a heartbeat after which a process "
+                      "counts as dead and the job ends (default: JAX's, 100)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="write checkpoints in the background")
   g.add_argument("--resume", action="store_true",
                  help="continue the run in --out from its newest checkpoint (same settings)")
+  g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                 help="stop after step N as if interrupted (with --checkpoint-every, step N "
+                      "is checkpointed and --resume goes on from it)")
 
   c = sub.add_parser("compare", help="train several optimizers on the same data and seed",
                      formatter_class=_Formatter, epilog=EXAMPLES,
@@ -203,6 +223,7 @@ def config_from_args(args) -> "config_lib.TrainConfig":
     cfg.optimizer, cfg.lr = args.opt, args.lr
     cfg.checkpoint_every, cfg.keep_checkpoints = args.checkpoint_every, args.keep_checkpoints
     cfg.async_checkpoints, cfg.resume = args.async_checkpoints, args.resume
+    cfg.stop_after = args.stop_after
   return cfg
 
 
@@ -225,11 +246,124 @@ def _load_data(spec: str):
     raise ValueError(f"{flag('data')} {spec}: {e}") from None
 
 
+def _job_options(args) -> dict:
+  """The keyword arguments of :func:`join_job` (checked), or ``{}`` without --multihost."""
+  given = [f for f, v in (("--init-timeout", args.init_timeout),
+                          ("--heartbeat-timeout", args.heartbeat_timeout)) if v is not None]
+  if not args.multihost:
+    if given:
+      raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} "
+                       "only with --multihost.")
+    return {}
+  init_timeout = INIT_TIMEOUT_S if args.init_timeout is None else args.init_timeout
+  validation.check_int("--init-timeout", init_timeout, 1)
+  if args.heartbeat_timeout is not None:
+    validation.check_int("--heartbeat-timeout", args.heartbeat_timeout, 1)
+  return {"init_timeout": init_timeout, "heartbeat_timeout": args.heartbeat_timeout}
+
+
+#: Seconds JAX's own initialization timeout runs past :func:`join_job`'s, so that the
+#: watchdog, with its one-line message, ends a job that does not form.
+_JAX_TIMEOUT_MARGIN_S = 30
+
+
+def join_job(init_timeout: int = INIT_TIMEOUT_S, heartbeat_timeout: int | None = None) -> None:
+  """``--multihost``: joins this process to a job of several processes.
+
+  Through :func:`ortho_optax.distributed.initialize_multiprocess` (CPU collectives, the
+  ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables, cluster detection by JAX); it must
+  run before anything initialises a JAX backend, and does nothing in a process that has
+  already joined a job. When the job has not formed after ``init_timeout`` seconds (the
+  coordinator unreachable, or a process that never started), the process ends with one
+  line, ``ortho-optax: error: ...``, and exit status 1: JAX itself would end it later with
+  a fatal log and ``SIGABRT``, which no Python code can catch.
+
+  Args:
+    init_timeout: seconds to wait for every process to join.
+    heartbeat_timeout: seconds without a heartbeat after which JAX counts a process as
+      dead and ends the others (``None``: JAX's default, 100). A process that dies
+      mid-training thus ends its peers within about this time, with JAX's message
+      ``Terminating process because the JAX distributed service detected fatal errors``.
+
+  Raises:
+    ValueError: for bad ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` values, or when JAX
+      finds no coordinator (neither a known cluster nor ``JAX_COORDINATOR_ADDRESS``).
+  """
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from ortho_optax import distributed
+  if jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  if heartbeat_timeout is not None:
+    if "heartbeat_timeout_seconds" not in inspect.signature(jax.distributed.initialize).parameters:
+      raise ValueError(f"--heartbeat-timeout needs a JAX whose jax.distributed.initialize takes "
+                       f"heartbeat_timeout_seconds; JAX {jax.__version__} does not.")
+    kwargs["heartbeat_timeout_seconds"] = heartbeat_timeout
+  joined = threading.Event()
+
+  def give_up():
+    if joined.wait(init_timeout):
+      return
+    env = os.environ
+    at = env.get("JAX_COORDINATOR_ADDRESS") or "the coordinator JAX detected"
+    if env.get("JAX_PROCESS_ID") == "0":
+      what = f"not every process of the job joined process 0 at {at}"
+    else:
+      who = f"process {env['JAX_PROCESS_ID']}" if env.get("JAX_PROCESS_ID") else "this process"
+      what = f"{who} could not join the job at {at}"
+    sys.stderr.write(
+        f"ortho-optax: error: --multihost: {what} within --init-timeout {init_timeout} s; "
+        "start every process with the same JAX_COORDINATOR_ADDRESS (the host of process 0 "
+        "and a free port) and JAX_NUM_PROCESSES, and check that the port is reachable.\n")
+    sys.stderr.flush()
+    os._exit(1)  # the main thread is blocked inside JAX's connect
+
+  threading.Thread(target=give_up, name="join-job-watchdog", daemon=True).start()
+  try:
+    distributed.initialize_multiprocess(
+        initialization_timeout=init_timeout + _JAX_TIMEOUT_MARGIN_S, **kwargs)
+  except ValueError as e:
+    if "coordinator_address" in str(e):
+      raise ValueError(f"--multihost: {e} No cluster (SLURM, Open MPI, Kubernetes, Cloud "
+                       "TPU) was detected: set JAX_COORDINATOR_ADDRESS=<host of process "
+                       "0>:<port>, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "
+                       "process.") from None
+    raise ValueError(f"--multihost: {e}") from None
+  finally:
+    joined.set()
+
+
+def _end_job(error: BaseException) -> None:
+  """Ends this process of a job of several processes that failed mid-run, at once.
+
+  The traceback, then one line, then ``os._exit(1)``: a normal exit would first wait in
+  JAX's shutdown barrier for the other processes (a dead one never comes; JAX aborts
+  after its heartbeat timeout with a fatal log). The failure of a cross-process
+  collective is how a process learns that another one died.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  traceback.print_exc()
+  text = str(error).strip().splitlines()
+  sys.stderr.write(
+      f"ortho-optax: error: process {jax.process_index()} of {jax.process_count()} stopped "
+      f"mid-run ({type(error).__name__}: {text[0][:300] if text else ''}); when a "
+      "collective failed, another process of the job has most likely died (see its log). "
+      "The job ends; --resume continues from its newest complete checkpoint.\n")
+  sys.stderr.flush()
+  sys.stdout.flush()
+  os._exit(1)
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  if args.multihost:  # before anything initialises a JAX backend
-    from ortho_optax.models import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-    mesh_lib.initialize_multihost()
+  try:
+    job = _job_options(args)
+    if job:  # before anything initialises a JAX backend
+      join_job(**job)
+  except ValueError as e:
+    print(f"ortho-optax: error: {e}", file=sys.stderr)
+    return 2
   from ortho_optax.models import reports  # pylint: disable=import-outside-toplevel
   from ortho_optax.models import train as train_lib  # pylint: disable=import-outside-toplevel
 
@@ -252,13 +386,19 @@ def main(argv=None) -> int:
     return 2
 
   print(reports.header(args.command, cfgs, dataset, cfg.out_dir), flush=True)
-  progress = not args.no_progress
-  if args.command == "train":
-    runs, best = [train_lib.train(cfg, dataset, progress=progress, name=flag)], None
-  else:
-    out = train_lib.compare(cfg, args.opt, args.lr_mults, dict(args.lr), progress=progress,
-                            dataset=dataset, name=flag)
-    runs, best = out["runs"], out["best"]
+  import jax  # pylint: disable=import-outside-toplevel
+  progress = not args.no_progress and jax.process_index() == 0  # one bar for the job
+  try:
+    if args.command == "train":
+      runs, best = [train_lib.train(cfg, dataset, progress=progress, name=flag)], None
+    else:
+      out = train_lib.compare(cfg, args.opt, args.lr_mults, dict(args.lr), progress=progress,
+                              dataset=dataset, name=flag)
+      runs, best = out["runs"], out["best"]
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    _end_job(e)
   print(reports.markdown_table(runs, best))
   print(f"results: {cfg.out_dir}/ (results.json, results.md, loss.png)")
   if args.command == "train" and runs[0]["diverged_at"] is not None:

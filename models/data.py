@@ -278,11 +278,65 @@ def load_dataset(spec: str = "embedded", *, hf_max_bytes: int = 20_000_000) -> D
                    "'hf:<name>'.")
 
 
+class Windows:
+  """Token windows ``tokens[starts[i] + offset + j]`` (row ``i``, column ``j < seq_len``),
+  gathered only when indexed: a batch of inputs (``offset=0``) or targets (``offset=1``).
+
+  It has the ``shape``, ``ndim`` and ``dtype`` (int32) of the batch, so
+  :func:`ortho_optax.models.mesh.put_batch` can place it with
+  ``jax.make_array_from_callback``: each process then reads from the corpus only the
+  rows its own devices hold (its slice of the global batch), never the rows of another
+  process. ``np.asarray(windows)`` gathers every row; both give the same values.
+
+  Args:
+    tokens: the 1-D corpus (may be a memmap: only the indexed tokens are read).
+    starts: 1-D start offset of each row.
+    seq_len: columns.
+    offset: added to every start (1 for the targets of the inputs at offset 0).
+  """
+
+  dtype = np.dtype(np.int32)
+  ndim = 2
+
+  def __init__(self, tokens: np.ndarray, starts: np.ndarray, seq_len: int, offset: int = 0):
+    self.tokens, self.starts, self.seq_len, self.offset = tokens, starts, seq_len, offset
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.starts.size, self.seq_len)
+
+  def __len__(self) -> int:
+    return self.starts.size
+
+  def __getitem__(self, index) -> np.ndarray:
+    """The windows of ``index``: ``(rows, columns)`` (``make_array_from_callback``'s
+    slices, or any numpy index of each), or ``rows``."""
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) > 2:
+      raise IndexError(f"too many indices for Windows of shape {self.shape}: {index}")
+    rows, cols = index + (slice(None),) * (2 - len(index))
+    positions = np.add.outer(self.starts[rows] + self.offset, np.arange(self.seq_len)[cols])
+    return np.asarray(self.tokens[positions], dtype=self.dtype)
+
+  def __array__(self, dtype=None, copy=None):  # pylint: disable=unused-argument
+    window = self[:, :]
+    return window if dtype is None else window.astype(dtype)
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[Windows, Windows]:
+  """``(inputs, targets)`` of the windows of ``seq_len + 1`` tokens at ``starts``, lazy."""
+  starts = np.asarray(starts, dtype=np.int64)
+  return Windows(tokens, starts, seq_len, 0), Windows(tokens, starts, seq_len, 1)
+
+
 class BatchSampler:
   """Random ``(inputs, targets)`` windows of ``seq_len`` tokens, deterministic per step.
 
   Batch ``step`` is drawn from ``np.random.default_rng((seed, step))``, so any step can
-  be regenerated on its own (resume) and two samplers with the same seed agree.
+  be regenerated on its own (resume) and two samplers with the same seed agree. Only the
+  start offsets are drawn (:meth:`starts`); :meth:`lazy` gives the batch as
+  :class:`Windows` that read the corpus only where indexed (each process of a
+  multi-process job its own rows), ``sampler(step)`` the same batch as arrays.
   """
 
   def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0):
@@ -298,21 +352,21 @@ class BatchSampler:
     self.seq_len = seq_len
     self.seed = seed
 
-  def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+  def starts(self, step: int) -> np.ndarray:
+    """The start offset of every window of batch ``step`` (``batch_size`` ints)."""
     rng = np.random.default_rng((self.seed, step))
-    starts = rng.integers(0, self.tokens.size - self.seq_len, size=self.batch_size)
-    idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
-    window = np.asarray(self.tokens[idx], dtype=np.int32)
-    return window[:, :-1], window[:, 1:]
+    return rng.integers(0, self.tokens.size - self.seq_len, size=self.batch_size)
+
+  def lazy(self, step: int) -> tuple[Windows, Windows]:
+    """Batch ``step`` as ``(inputs, targets)`` :class:`Windows` (nothing read yet)."""
+    return windows(self.tokens, self.starts(step), self.seq_len)
+
+  def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(np.asarray(w) for w in self.lazy(step))
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int):
-  """Fixed, non-overlapping validation windows from the start of ``tokens``.
-
-  Yields at most ``max_batches`` full batches of ``batch_size`` sequences (one smaller
-  batch only when the set holds fewer than ``batch_size`` windows); always the same
-  windows, so validation losses are comparable.
-  """
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int):
+  """The batches of :func:`eval_batches` as lazy ``(inputs, targets)`` :class:`Windows`."""
   n_seq = (tokens.size - 1) // seq_len
   if n_seq < 1:
     raise ValueError(f"validation set of {tokens.size} tokens is too short for "
@@ -322,10 +376,18 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     # Whole batches only: one compiled evaluation shape.
     n_seq -= n_seq % batch_size
   for b in range(0, n_seq, batch_size):
-    rows = np.arange(b, min(b + batch_size, n_seq))
-    idx = rows[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    window = np.asarray(tokens[idx], dtype=np.int32)
-    yield window[:, :-1], window[:, 1:]
+    yield windows(tokens, np.arange(b, min(b + batch_size, n_seq)) * seq_len, seq_len)
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int):
+  """Fixed, non-overlapping validation windows from the start of ``tokens``.
+
+  Yields at most ``max_batches`` full batches of ``batch_size`` sequences (one smaller
+  batch only when the set holds fewer than ``batch_size`` windows); always the same
+  windows, so validation losses are comparable.
+  """
+  for x, y in eval_windows(tokens, batch_size, seq_len, max_batches):
+    yield np.asarray(x), np.asarray(y)
 
 
 class Prefetcher:

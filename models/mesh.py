@@ -11,14 +11,15 @@ The mesh has two axes, ``data`` and ``fsdp`` (``make_mesh(data, fsdp)``):
 * the orthogonalization of the optimizer: :func:`ortho_optax.distributed.distribute`
   (``"gather_whole"`` by default, ``"auto"`` for XLA's own partitioning).
 
-Multi-host: call :func:`initialize_multihost` (``--multihost``) before anything else
-touches JAX; every process then builds the same global mesh over ``jax.devices()`` and
-feeds the same global batch (:func:`put_batch` slices out the local part).
+Several processes (one per host): join the job with
+:func:`ortho_optax.distributed.initialize_multiprocess` (the trainer's ``--multihost``)
+before anything else touches JAX; every process then builds the same global mesh over
+``jax.devices()`` and describes the same global batch, of which :func:`put_batch` reads
+only the rows of the process's own devices.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import jax
@@ -30,20 +31,6 @@ from ortho_optax import distributed
 AXES = ("data", "fsdp")
 #: Axes the batch dimension is split over.
 BATCH_AXES = ("data", "fsdp")
-
-
-def initialize_multihost(**kwargs) -> None:
-  """``jax.distributed.initialize(**kwargs)``; must run before any other JAX call.
-
-  Under SLURM, Open MPI, Kubernetes or Cloud TPU JAX detects the coordinator, the number
-  of processes and this process's id itself. For a manual launch set
-  ``JAX_COORDINATOR_ADDRESS=host:port`` (read by JAX) and ``JAX_NUM_PROCESSES`` /
-  ``JAX_PROCESS_ID`` (read here) on every host; explicit ``kwargs`` win.
-  """
-  for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
-    if key not in kwargs and os.environ.get(env):
-      kwargs[key] = int(os.environ[env])
-  jax.distributed.initialize(**kwargs)
 
 
 def mesh_shape(data: int | None = None, fsdp: int | None = None,
@@ -101,19 +88,24 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def put_batch(mesh: Mesh, *arrays: np.ndarray):
-  """Places host batches (the same global batch on every process) sharded by batch.
+def put_batch(mesh: Mesh, *arrays):
+  """Places batches on ``mesh``, sharded by batch: one global array per argument.
 
-  Arrays whose batch size the mesh does not divide are replicated instead (a short last
-  evaluation batch).
+  Each argument is the same global batch in every process: a host array, or anything
+  with ``shape`` and numpy indexing, such as the lazy
+  :class:`ortho_optax.models.data.Windows` of a sampler. ``jax.make_array_from_callback``
+  indexes it only for the rows of this process's devices, so with lazy windows each
+  process reads just its own slice of the batch. Arrays whose batch size the mesh does
+  not divide are replicated instead (a short last evaluation batch).
   """
   n = mesh.devices.size
   out = []
   for x in arrays:
-    x = np.asarray(x)
-    sharding = (batch_sharding(mesh, x.ndim) if x.shape[0] % n == 0 else
+    x = x if hasattr(x, "shape") and hasattr(x, "__getitem__") else np.asarray(x)
+    sharding = (batch_sharding(mesh, len(x.shape)) if x.shape[0] % n == 0 else
                 NamedSharding(mesh, P()))
-    out.append(jax.make_array_from_callback(x.shape, sharding, lambda idx, x=x: x[idx]))
+    out.append(jax.make_array_from_callback(tuple(x.shape), sharding,
+                                            lambda idx, x=x: np.asarray(x[idx])))
   return tuple(out)
 
 
@@ -156,5 +148,5 @@ def per_device_bytes(tree) -> tuple[int, int]:
 
 
 __all__ = ["AXES", "BATCH_AXES", "batch_sharding", "constrain", "constrain_nnx",
-           "initialize_multihost", "make_mesh", "mesh_shape", "per_device_bytes",
+           "make_mesh", "mesh_shape", "per_device_bytes",
            "put_batch", "shard_nnx", "shard_tree", "state_shardings"]

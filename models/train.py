@@ -4,7 +4,8 @@
 (before anything is written); build the model and optimizer; restore the newest
 checkpoint when resuming; compile the step (:class:`~ortho_optax.models.step.TrainStep`);
 then run the steps. Batches come from a background thread that places them on the device
-ahead of use (:class:`~ortho_optax.models.data.Prefetcher`), and the host reads losses
+ahead of use (:class:`~ortho_optax.models.data.Prefetcher`; on a mesh each process reads
+from the corpus only the rows of its own devices), and the host reads losses
 back only every ``log_every`` steps, one interval late, so it never waits for the step it
 has just dispatched. One clock measures the training steps; it is paused (after the
 device has caught up) around evaluation and checkpoints. Batches are a pure function of
@@ -79,9 +80,13 @@ def init_model_and_optimizer(cfg: TrainConfig, mesh=None, tx=None):
 
 
 def batch_placer(mesh=None) -> Callable:
-  """``(inputs, targets) -> device arrays``: sharded by batch on a mesh."""
+  """``(inputs, targets) -> device arrays``: sharded by batch on a mesh.
+
+  The batches may be host arrays or lazy :class:`~ortho_optax.models.data.Windows`; on a
+  mesh each process reads only the rows of its own devices (:func:`mesh_lib.put_batch`).
+  """
   if mesh is None:
-    return lambda *arrays: tuple(jax.device_put(a) for a in arrays)
+    return lambda *arrays: tuple(jax.device_put(np.asarray(a)) for a in arrays)
   return lambda *arrays: mesh_lib.put_batch(mesh, *arrays)
 
 
@@ -122,7 +127,7 @@ def check_run(cfg: TrainConfig, dataset: data_lib.Dataset,
 def evaluate(step: TrainStep, tokens, cfg: TrainConfig, seq_len: int, put) -> float:
   """Mean validation loss over the fixed windows of :func:`data.eval_batches`."""
   losses, weights = [], []
-  for x, y in data_lib.eval_batches(tokens, cfg.batch_size, seq_len, cfg.eval_batches):
+  for x, y in data_lib.eval_windows(tokens, cfg.batch_size, seq_len, cfg.eval_batches):
     losses.append(step.loss(*put(x, y)))
     weights.append(x.shape[0])
   return float(np.average(np.asarray(jax.device_get(losses)), weights=weights))
@@ -267,13 +272,13 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None, progress: b
     sampler = data_lib.BatchSampler(dataset.train, cfg.batch_size, seq_len, cfg.seed)
     put = batch_placer(mesh)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
-    step = TrainStep(model, optimizer, *put(*sampler(start)), mesh=mesh)
+    step = TrainStep(model, optimizer, *put(*sampler.lazy(start)), mesh=mesh)
 
     # 3. The steps, timed by one clock that evaluation and checkpoints pause.
     clock = Clock()
     timings = {"compile_s": step.compile_s, "eval_s": 0.0, "checkpoint_s": 0.0}
     done, diverged_at = start, None
-    with data_lib.Prefetcher(sampler, range(start, end), put) as batches, \
+    with data_lib.Prefetcher(sampler.lazy, range(start, end), put) as batches, \
          Progress(cfg.steps, start, label, enabled=progress) as bar:
       losses = LossLog(clock, cfg.batch_size * seq_len, bar, start)
       clock.start()

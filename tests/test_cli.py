@@ -57,6 +57,12 @@ BAD = [
     ("train --preset huge", ["--preset", "huge", "tiny"]),
     ("train --vocab-size 100", ["--data", "256", "--vocab-size"]),
     ("train --seq-len 500000", ["--data", "training split", "--seq-len", "500000"]),
+    ("train --stop-after 0", ["--stop-after", "0", ">= 1"]),
+    ("train --init-timeout 5", ["--init-timeout", "only with --multihost"]),
+    ("train --init-timeout 5 --heartbeat-timeout 5", ["--init-timeout and --heartbeat-timeout",
+                                                      "only with --multihost"]),
+    ("train --multihost --init-timeout 0", ["--init-timeout", "0", ">= 1"]),
+    ("train --multihost --heartbeat-timeout -1", ["--heartbeat-timeout", "-1", ">= 1"]),
     ("bogus", ["invalid choice", "train"]),
 ]
 
@@ -146,3 +152,34 @@ def test_commands_without_out_write_under_runs(tmp_path, monkeypatch, capsys):
       assert t["compile_s"] > 0 and t["train_s"] > 0 and t["steps_timed"] == 3
       assert t["step_s"] == pytest.approx(t["train_s"] / 3)
       assert len(r["train_loss"]) == 3
+
+
+def test_a_run_that_fails_in_a_job_of_several_processes_ends_the_process_at_once(
+    tmp_path, monkeypatch, capsys):
+  """In a job of several processes a failed run (a collective that failed because another
+  process died) prints its traceback and one line, then exits at once with 1: a normal
+  exit would wait in JAX's shutdown barrier for the dead process. One process: it raises."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ortho_optax.models import train as train_lib  # pylint: disable=import-outside-toplevel
+
+  def failing_train(*args, **kwargs):
+    raise RuntimeError("Gloo AllGather failed: Connection reset by peer\n(more)")
+
+  def exit_now(code):
+    raise SystemExit(f"os._exit({code})")
+
+  monkeypatch.setattr(train_lib, "train", failing_train)
+  monkeypatch.setattr(cli.os, "_exit", exit_now)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  argv = ["train", *MICRO, "--steps", "2", "--out", str(tmp_path / "run")]
+  with pytest.raises(SystemExit, match=r"os\._exit\(1\)"):
+    cli.main(argv)
+  err = capsys.readouterr().err
+  assert "Traceback" in err
+  assert err.strip().splitlines()[-1].startswith(
+      "ortho-optax: error: process 1 of 2 stopped mid-run (RuntimeError: Gloo AllGather "
+      "failed: Connection reset by peer); "), err
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  with pytest.raises(RuntimeError, match="Connection reset by peer"):
+    cli.main(argv)

@@ -160,3 +160,46 @@ def test_prefetcher_raises_the_sampler_error_in_the_consumer():
   with pytest.raises(ValueError, match="step 2 is broken"):
     next(batches)
   batches.close()
+
+
+class _CountingTokens(np.ndarray):
+  """A corpus that remembers which positions were read."""
+
+  def __getitem__(self, index):
+    self.read.update(np.asarray(index).ravel().tolist())
+    return np.asarray(self).__getitem__(index)
+
+
+def test_lazy_windows_read_only_the_rows_asked_for_and_equal_the_batch():
+  corpus = (np.arange(5000) % 251).view(_CountingTokens)
+  corpus.read = set()
+  sampler = data.BatchSampler(corpus, 8, 16, seed=3)
+  inputs, targets = sampler.lazy(5)
+  assert corpus.read == set() and inputs.shape == (8, 16) and inputs.dtype == np.int32
+  x, y = sampler(5)
+  starts = sampler.starts(5)
+  corpus.read.clear()
+  np.testing.assert_array_equal(inputs[2:4], x[2:4])
+  np.testing.assert_array_equal(targets[(slice(6, 8), slice(3, 9))], y[6:8, 3:9])
+  wanted = {int(s) + j for s in starts[2:4] for j in range(16)}
+  wanted |= {int(s) + 1 + j for s in starts[6:8] for j in range(3, 9)}
+  assert corpus.read == wanted
+  np.testing.assert_array_equal(np.asarray(inputs), x)
+  np.testing.assert_array_equal(np.asarray(targets), y)
+  for (lx, ly), (ex, ey) in zip(data.eval_windows(corpus, 4, 16, 3),
+                                data.eval_batches(corpus, 4, 16, 3)):
+    np.testing.assert_array_equal(np.asarray(lx), ex)
+    np.testing.assert_array_equal(np.asarray(ly), ey)
+
+
+def test_put_batch_of_lazy_windows_equals_the_host_batch():
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  from ortho_optax.models import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  mesh = mesh_lib.make_mesh(4, 2)
+  sampler = data.BatchSampler(np.arange(5000) % 251, 8, 16, seed=1)
+  lazy, host = mesh_lib.put_batch(mesh, *sampler.lazy(2)), mesh_lib.put_batch(mesh, *sampler(2))
+  for a, b in zip(lazy, host):
+    assert a.sharding == b.sharding and a.sharding.spec == P(("data", "fsdp"), None)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  short = mesh_lib.put_batch(mesh, *next(data.eval_windows(np.arange(40), 8, 16, 1)))
+  assert short[0].shape == (2, 16) and short[0].sharding.spec == P()  # replicated

@@ -23,14 +23,17 @@ API::
   result.processes[0].stdout, result.processes[0].returncode  # None: killed
   # scenarios.<name>(out_dir) in every process, after initialize_multiprocess():
   run_worker("gather_whole", out_dir, num_processes=2, devices_per_process=4).check()
+  folder = produce_once(tmp_path_factory, "job", produce)  # a fixture's work, once
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,6 +81,15 @@ class LaunchResult:
     if not self.ok:
       raise AssertionError(self.report())
     return self
+
+  def save(self, path: str | os.PathLike) -> None:
+    pathlib.Path(path).write_text(json.dumps(dataclasses.asdict(self)))
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "LaunchResult":
+    fields = json.loads(pathlib.Path(path).read_text())
+    fields["processes"] = [ProcessResult(**p) for p in fields["processes"]]
+    return cls(**fields)
 
 
 def free_port() -> int:
@@ -234,6 +246,32 @@ def launch(argv: Sequence[str], *, num_processes: int = 2, devices_per_process: 
         if i < len(procs):  # a failed Popen leaves its files without a process
           results.append(ProcessResult(i, codes.get(i), *texts))
   return LaunchResult(results, timed_out, time.monotonic() - start, address)
+
+
+def produce_once(tmp_path_factory, name: str, produce) -> pathlib.Path:
+  """``produce(folder)`` once per test session, also when pytest-xdist runs the tests of
+  one module in several workers (each would set up its own module fixtures): the first
+  worker to ask produces, under a file lock, and the others wait for and read its folder.
+
+  Returns:
+    The folder, ``<session temp>/<name>``.
+  """
+  import fcntl  # pylint: disable=import-outside-toplevel  (POSIX, as these jobs are)
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  folder, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not done.exists():
+        if folder.exists():  # left by a producer that failed: try again
+          shutil.rmtree(folder)
+        folder.mkdir()
+        produce(folder)
+        done.touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return folder
 
 
 def run_worker(scenario: str, out_dir: str | os.PathLike, *, num_processes: int = 2,
