@@ -15,7 +15,8 @@ donation and no split state::
 Optimizers at their defaults: ``optax.adamw`` (learning rate 3e-4), ``optax.contrib.muon``
 (0.02; by default it orthogonalizes every 2-D parameter, embeddings and head included) and
 every entry of ``ortho_optax.OPTIMIZERS`` (``OPTIMIZERS[name]()``, which route hidden
-matrices to the orthogonalized chain and the rest to AdamW).
+matrices to the orthogonalized chain and the rest to AdamW). Named with ``--optimizers`` only:
+``muon/gram`` and ``turbo_muon/gram``, the same with ``orthogonalizer="gram_newton_schulz"``.
 
 Method: every (model, optimizer) pair is built fresh from the same seed and batch. Its
 first step is timed wall-clock, compilation included (``compile_s``). Then ``--rounds``
@@ -82,6 +83,11 @@ OPTIMIZERS = {
     "optax.contrib.muon": lambda: optax.contrib.muon(0.02),
     **ortho_optax.OPTIMIZERS,
 }
+#: Named only (not in the default list): variants of the defaults worth timing side by side.
+VARIANTS = {
+    "muon/gram": lambda: ortho_optax.muon(orthogonalizer="gram_newton_schulz"),
+    "turbo_muon/gram": lambda: ortho_optax.turbo_muon(orthogonalizer="gram_newton_schulz"),
+}
 BASELINE = "optax.adamw"
 
 
@@ -119,7 +125,7 @@ class Run:
 
   def build_and_compile(self) -> None:
     """Builds the model and optimizer and times the first step."""
-    tx = OPTIMIZERS[self.name]()
+    tx = {**OPTIMIZERS, **VARIANTS}[self.name]()
     self.model = user_gpt.GPT(self.cfg, rngs=nnx.Rngs(0))
     self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
     t0 = time.perf_counter()
@@ -320,8 +326,10 @@ def parse_args(argv):
   p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
   p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
   p.add_argument("--steps", type=int, default=10, help="timed steps per optimizer per round")
-  p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS),
-                 metavar="NAME", help=f"subset of: {' '.join(OPTIMIZERS)}")
+  p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
+                 choices=[*OPTIMIZERS, *VARIANTS], metavar="NAME",
+                 help=f"subset of: {' '.join(OPTIMIZERS)} (default: all), or the variants "
+                      f"{' '.join(VARIANTS)} (Gram Newton-Schulz)")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   p.add_argument("--profile", action="store_true",
                  help="after timing, one CUPTI-profiled step per optimizer (GPU)")

@@ -7,6 +7,7 @@ import pathlib
 import re
 
 import jax
+import numpy
 import pytest
 from flax import nnx
 
@@ -133,3 +134,18 @@ def test_bad_model_config_is_refused(user_gpt):
     user_gpt.get_config("small", seq_len=0)
   with pytest.raises(ValueError, match="preset='base'.*small"):
     user_gpt.get_config("base")
+
+
+def test_gram_variants_are_named_only(bench):
+  assert not set(bench.VARIANTS) & set(bench.parse_args([]).optimizers)
+  assert bench.parse_args(["--optimizers", "optax.adamw", "muon/gram"]).optimizers == [
+      "optax.adamw", "muon/gram"]
+  params = {"w": jax.numpy.ones((8, 32)) * jax.numpy.arange(32.0)}
+  grads = {"w": jax.random.normal(jax.random.key(0), (8, 32))}
+  for name, default in (("muon/gram", oo.muon), ("turbo_muon/gram", oo.turbo_muon)):
+    tx, ref = bench.VARIANTS[name](), default()
+    got, _ = tx.update(grads, tx.init(params), params)
+    want, _ = ref.update(grads, ref.init(params), params)
+    # bf16 Newton-Schulz both ways: their roundings differ by about 2% of the update.
+    gap = numpy.linalg.norm(got["w"] - want["w"]) / numpy.linalg.norm(want["w"])
+    assert 0 < gap < 0.05, (name, gap)
