@@ -275,6 +275,18 @@ def test_int_hyperparameter_made_an_array_says_how_to_keep_it_static(name, arg):
     jax.jit(tx.update)(params, state, params)
 
 
+def test_restart_period_under_inject_hyperparams():
+  """Unused by standard Newton-Schulz, an injected ``restart_every`` is harmless there; Gram
+  Newton-Schulz's loop needs it static and says how."""
+  params = _mixed_params(jnp.float32)
+  tx = optax.inject_hyperparams(oo.muon, static_args="ns_steps")(learning_rate=0.01)
+  jax.jit(tx.update)(params, tx.init(params), params)
+  gram = optax.inject_hyperparams(oo.muon, static_args=("ns_steps", "orthogonalizer"))(
+      learning_rate=0.01, orthogonalizer="gram_newton_schulz")
+  with pytest.raises(ValueError, match="restart_every.*static_args=ortho_optax.inject_static_args"):
+    gram.init(params)
+
+
 def test_dtype_made_a_schedule_says_how_to_keep_it_static():
   with pytest.raises(ValueError, match="compute_dtype.*inject_static_args"):
     optax.inject_hyperparams(oo.muon, static_args="ns_steps")(

@@ -39,6 +39,10 @@ def newton_schulz_stage(orthogonalizer: str = "newton_schulz", *, restart_every=
   from ortho_optax.orthogonalizers import NEWTON_SCHULZ_METHODS
   from ortho_optax.stages.orthogonalize import orthogonalize
   validation.check_choice("orthogonalizer", orthogonalizer, NEWTON_SCHULZ_METHODS)
+  if orthogonalizer == "newton_schulz" and validation.is_array(restart_every):
+    # optax.inject_hyperparams makes an array of every numeric argument it is not told to
+    # keep static: a restart period is no hyperparameter of standard Newton-Schulz.
+    restart_every = None
   _check_restart_every(restart_every)  # a bad value is an error even where it is unused
   return orthogonalize(orthogonalizer, restart_every=restart_every, **stage_kwargs)
 
