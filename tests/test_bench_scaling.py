@@ -98,7 +98,7 @@ def _expects_update_bytes(r: dict) -> bool:
 @pytest.mark.slow
 def test_every_configuration_on_four_fake_devices(tmp_path):
   proc = subprocess.run(
-      [sys.executable, str(SCRIPT), *TINY, "--sizes", "4", "1", "2", "--compile-workers",
+      [sys.executable, str(SCRIPT), *TINY, "--sizes", "4", "1", "--compile-workers",
        "2", "--kind-name", "cpu-x4", "--out", str(tmp_path), "--optimizers",
        *[name if strategy is None else f"{name}/{strategy}" for name, strategy in OPTIMIZERS]],
       env=_cpu_env(4), cwd=str(ROOT), capture_output=True, text=True, timeout=900,
@@ -106,14 +106,13 @@ def test_every_configuration_on_four_fake_devices(tmp_path):
   assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
   result = json.loads((tmp_path / "bench_scaling_cpu-x4.json").read_text())
   meta, rows = result["meta"], result["rows"]
-  assert meta["status"] == "done" and meta["sizes"] == [1, 2, 4]
+  assert meta["status"] == "done" and meta["sizes"] == [1, 4]  # given out of order
   assert (meta["backend"], meta["num_devices"], meta["process_count"]) == ("cpu", 4, 1)
   assert meta["jax"] == jax.__version__ and "--kind-name cpu-x4" in meta["command"]
   assert meta["device"] and meta["date"] and meta["peak_tflops"] == 989.0
   assert meta["num_params"] > 0 and meta["model"]["num_layers"] == 1
 
-  expected = [(1, "dp", 1, 1)] + [(2, "dp", 2, 1), (2, "dp_fsdp", 1, 2)] + [
-      (4, "dp", 4, 1), (4, "dp_fsdp", 2, 2)]
+  expected = [(1, "dp", 1, 1), (4, "dp", 4, 1), (4, "dp_fsdp", 2, 2)]
   assert [(r["n"], r["layout"], r["data"], r["fsdp"], r["optimizer"], r["strategy"])
           for r in rows] == [(*cfg, *opt) for cfg in expected for opt in OPTIMIZERS]
   by_key = {(r["n"], r["layout"], r["optimizer"], r["strategy"]): r for r in rows}
@@ -122,7 +121,7 @@ def test_every_configuration_on_four_fake_devices(tmp_path):
     assert r["mfu"] == pytest.approx(6 * meta["num_params"] * r["tokens_per_s"]
                                      / (r["n"] * 989e12))
 
-  for n in (1, 2, 4):
+  for n in (1, 4):
     at_n = [r for r in rows if r["n"] == n]
     # Same parameters and batch: the same first loss everywhere.
     first = at_n[0]["first_loss"]
