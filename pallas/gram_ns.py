@@ -187,9 +187,7 @@ def gram_newton_schulz_many(xs: Sequence[jax.Array], coefficients: Sequence[Sequ
     The results, in order.
   """
   xs = list(xs)
-  flags = [bool(aol)] * len(xs) if isinstance(aol, bool) else [bool(a) for a in aol]
-  if len(flags) != len(xs):
-    raise ValueError(f"aol needs one flag per stack: {len(flags)} flags, {len(xs)} stacks.")
+  flags = ns.aol_flags(aol, len(xs))
   triples = None
   for x in xs:
     triples = _checked(x, coefficients, restart_every)

@@ -174,6 +174,18 @@ def newton_schulz(x: jax.Array, coefficients: Sequence[Sequence[float]], *,
   return X
 
 
+def aol_flags(aol, count: int) -> list[bool]:
+  """One AOL flag per stack of a grouped call: ``aol`` is one flag for all or a sequence.
+
+  Raises:
+    ValueError: when a sequence does not have one flag per stack.
+  """
+  flags = [bool(aol)] * count if isinstance(aol, bool) else [bool(a) for a in aol]
+  if len(flags) != count:
+    raise ValueError(f"aol needs one flag per stack: {len(flags)} flags, {count} stacks.")
+  return flags
+
+
 def newton_schulz_many(xs: Sequence[jax.Array], coefficients: Sequence[Sequence[float]],
                        *, aol: Sequence[bool] | bool = False, eps: float = 1e-7,
                        config: mm.TuningConfig | None = None) -> list[jax.Array]:
@@ -198,9 +210,7 @@ def newton_schulz_many(xs: Sequence[jax.Array], coefficients: Sequence[Sequence[
     The results, in order.
   """
   xs = list(xs)
-  flags = [bool(aol)] * len(xs) if isinstance(aol, bool) else [bool(a) for a in aol]
-  if len(flags) != len(xs):
-    raise ValueError(f"aol needs one flag per stack: {len(flags)} flags, {len(xs)} stacks.")
+  flags = aol_flags(aol, len(xs))
   triples = None
   for x in xs:
     triples = _validate(x, coefficients)
