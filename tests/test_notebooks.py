@@ -101,8 +101,9 @@ def test_notebook_executes_with_fast_settings(name, kernel_name, monkeypatch):
 
   monkeypatch.setenv("ORTHO_OPTAX_NB_FAST", "1")
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-  # The test session's 8 fake host devices (conftest) only slow compilation down here.
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  # The test session's 8 fake host devices (conftest) only slow compilation down here; its
+  # LLVM optimisation level (0) is kept.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
   nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
   client = nbclient.NotebookClient(
       nb, kernel_name=kernel_name, timeout=CELL_TIMEOUT_S, allow_errors=False,
