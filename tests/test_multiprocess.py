@@ -234,6 +234,12 @@ def test_replica_groups_formats():
       [0, 2, 4, 6], [1, 3, 5, 7]]
   assert hlo.replica_groups("replica_groups=mesh['a'=2,'b'=2] {'a','b'}", 4) == [
       [0, 1, 2, 3]]
+  # Older XLA (JAX 0.10): the mesh positions' device ids follow the mesh.
+  assert hlo.replica_groups("replica_groups=mesh['a'=2,'b'=1,'c'=4], "
+                            "device_ids=([4,2]T(1,0)) {'a'}, x", 8) == [
+      [0, 1], [2, 3], [4, 5], [6, 7]]
+  assert hlo.replica_groups("replica_groups=mesh['a'=2,'b'=2], device_ids=(3,2,1,0) {'b'}",
+                            4) == [[3, 2], [1, 0]]
   assert hlo.replica_groups("replica_groups={{0,2},{1,3}}, x", 4) == [[0, 2], [1, 3]]
   assert hlo.replica_groups("replica_groups={}, x", 4) == [[0, 1, 2, 3]]
   assert hlo.replica_groups("replica_groups=[4,2]<=[8], x", 8) == [

@@ -22,7 +22,11 @@ COLLECTIVES = ("all-gather", "all-to-all", "reduce-scatter", "all-reduce",
                "collective-permute")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>.*?)\s+"
                     r"(?P<op>" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<over>[^}]*)\}")
+# A mesh of named axes, optionally with the device ids of its positions (an iota, possibly
+# transposed, or a list), then the axes each group spans.
+_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]"
+                   r"(?:,\s*device_ids=\((?:\[(?P<dims>[\d,]+)\](?:T\((?P<perm>[\d,]+)\))?"
+                   r"|(?P<list>[\d,\s]+))\))?\s*\{(?P<over>[^}]*)\}")
 _EXPLICIT = re.compile(r"(?:replica_groups|source_target_pairs)="
                        r"\{(?P<body>(?:\{[\d,\s]*\},?\s*)*)\}")
 _IOTA = re.compile(r"replica_groups=\[(?P<shape>[\d,]+)\]<=\[(?P<dims>[\d,]+)\]"
@@ -48,7 +52,17 @@ def replica_groups(line: str, num_devices: int) -> list[list[int]]:
             re.findall(r"'([^']*)'\s*=\s*(\d+)", m.group("axes"))]
     names = [a for a, _ in axes]
     over = _names(m.group("over"))
-    ids = np.arange(math.prod(s for _, s in axes)).reshape([s for _, s in axes])
+    size = math.prod(s for _, s in axes)
+    if m.group("dims"):
+      dims = [int(x) for x in m.group("dims").split(",")]
+      ids = np.arange(math.prod(dims)).reshape(dims)
+      if m.group("perm"):
+        ids = ids.transpose([int(x) for x in m.group("perm").split(",")])
+    elif m.group("list"):
+      ids = np.asarray([int(x) for x in m.group("list").split(",") if x.strip()])
+    else:
+      ids = np.arange(size)
+    ids = ids.reshape([s for _, s in axes])
     # Move the grouped axes last: each row of the result is one group.
     rest = [i for i, a in enumerate(names) if a not in over]
     grouped = [names.index(a) for a in over]
