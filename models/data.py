@@ -12,7 +12,7 @@ Sources (the ``spec`` string of :func:`load_dataset`):
     library's ``.py`` sources, byte-level (vocab 256). Each of the two parts is split
     90/10 (its last 10% is validation), so validation has both prose and code.
   ``"embedded:prose"`` / ``"embedded:code"``: one part only (``prose`` is the corpus of
-    ANCHORS.md's tiny-model validation).
+    the tiny-model validation in ``benchmarks/README.md``).
   ``"stdlib[:lib|:full]"``: needs no download either, and is four times the embedded
     corpus (8.4 MB on CPython 3.11 and 3.12; ``full`` adds the test suite where it is
     installed, 30 MB): the running Python's standard-library sources, byte-level, split

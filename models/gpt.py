@@ -1,7 +1,8 @@
 """A Flax NNX GPT in the style of modded-nanogpt, for validating ortho-optax.
 
-The model follows the speedrun GPT (SPEC.md §1.6) without its speedrun-only extras
-(value embeddings, U-net skips, per-block scalars): token embedding, rotary positions
+The model follows the speedrun GPT (KellerJordan/modded-nanogpt's ``train_gpt.py``)
+without its speedrun-only extras (value embeddings, U-net skips, per-block scalars):
+token embedding, rotary positions
 with half-truncated frequencies, RMSNorm without weights, QK-norm, ReLU² MLP,
 zero-initialised output projections, an untied output head and an optional tanh logit
 soft-cap. Master weights are float32 and matmuls run in ``compute_dtype`` (bf16 by
@@ -392,7 +393,7 @@ def flops_per_token(config: GPTConfig, num_params: int) -> float:
 
   ``num_params`` should exclude the embedding table (a gather, no matmul) but include the
   head. The attention term counts QKᵀ and AV forward and backward without discounting
-  the causal mask, the convention of ANCHORS.md (its 40.1% MFU for a 32k-token AdamW
-  step of GPT-2 small at 70.7 ms is reproduced by exactly this count).
+  the causal mask, the usual convention of published MFU figures (a 32k-token AdamW
+  step of GPT-2 small at 70.7 ms on an H100 is then 40.1% MFU).
   """
   return 6.0 * num_params + 12.0 * config.num_layers * config.model_dim * config.seq_len

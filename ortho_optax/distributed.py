@@ -319,8 +319,8 @@ def fsdp_shardings(tree, mesh: Mesh, fsdp_axes: Sequence[str] = ("fsdp",)):
     (sharded on the axis chosen by :func:`fsdp_axis`, else replicated).
 
   References:
-    SPEC / the seed repository (FSDP layout); microsoft/dion (distributed
-    orthogonalization).
+    PyTorch FSDP (Zhao et al., "PyTorch FSDP: Experiences on Scaling Fully Sharded Data
+    Parallel", 2023) for the layout; microsoft/dion (distributed orthogonalization).
   """
   def one(x):
     shape = getattr(x, "shape", None)

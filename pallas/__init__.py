@@ -27,8 +27,8 @@ def is_available() -> bool:
     Mosaic GPU Pallas backend imports, ``False`` otherwise.
 
   References:
-    JAX Pallas Mosaic GPU backend (``jax.experimental.pallas.mosaic_gpu``); SPEC / the
-    seed repository.
+    JAX Pallas Mosaic GPU backend (``jax.experimental.pallas.mosaic_gpu``) and its Hopper
+    matmul example, ``jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py``.
   """
   try:
     import jax
@@ -66,7 +66,7 @@ def prefers_kernels(batch: int, m: int, n: int) -> bool:
     ``MIN_STEP_FLOPS`` (``batch * (3 m² n + m³)`` with ``m <= n``).
 
   References:
-    SPEC / the seed repository (kernel benchmarks on H100/H200).
+    ``benchmarks/bench_kernels.py`` (kernels against XLA on an H200, 2026-11-28).
   """
   m, n = min(m, n), max(m, n)
   return batch * (3.0 * m * m * n + float(m) ** 3) >= MIN_STEP_FLOPS
