@@ -9,6 +9,8 @@ Gram NS equals standard NS in exact arithmetic), bounded by twice the bf16 XLA G
 import numpy as np
 import pytest
 
+import _gpu
+
 import jax
 import jax.numpy as jnp
 
@@ -24,17 +26,6 @@ pytestmark = [
 
 MUON5 = tuple(tuple(float(v) for v in t) for t in resolve_coefficients("muon", 5))
 TURBO4 = tuple(tuple(float(v) for v in t) for t in resolve_coefficients("turbo_aol", 4))
-_RNG = np.random.default_rng()
-
-
-def _key():
-  return jax.random.key(int(_RNG.integers(1 << 30)))
-
-
-def _poison():
-  bufs = [jnp.full((1 << 26,), jnp.nan, jnp.float32) for _ in range(4)]
-  jax.block_until_ready(bufs)
-  del bufs
 
 
 def _rel(out, ref):
@@ -44,7 +35,7 @@ def _rel(out, ref):
 
 
 def _input(shape, aol):
-  g = jax.random.normal(_key(), shape, jnp.float32)
+  g = jax.random.normal(_gpu.random_key(), shape, jnp.float32)
   if not aol:
     g = g / jnp.linalg.norm(g, axis=(1, 2), keepdims=True)
   return g.astype(jnp.bfloat16)
@@ -67,7 +58,7 @@ def _check(out, x, triples, aol, restart_every):
 def test_gram_kernels_vs_xla_gram(shape, aol, restart_every):
   x = _input(shape, aol)
   triples = TURBO4 if aol else MUON5
-  _poison()
+  _gpu.poison_allocator()
   out = opl.gram_newton_schulz(x, triples, restart_every=restart_every, aol=aol, eps=1e-7)
   _check(out, x, triples, aol, restart_every)
 
@@ -75,7 +66,7 @@ def test_gram_kernels_vs_xla_gram(shape, aol, restart_every):
 def test_gram_kernels_many_vs_xla_gram():
   # GPT-2 small's MLP stack and a padded one, grouped launches, AOL on one.
   xs = [_input((24, 768, 3072), False), _input((2, 300, 1000), True)]
-  _poison()
+  _gpu.poison_allocator()
   outs = jax.jit(lambda a, b: opl.gram_newton_schulz_many(
       [a, b], MUON5, restart_every=2, aol=[False, True], eps=1e-7))(*xs)
   for out, x, aol in zip(outs, xs, (False, True)):
@@ -85,7 +76,7 @@ def test_gram_kernels_many_vs_xla_gram():
 def test_muon_with_gram_kernels_follows_muon():
   # The optimizer path: wide and tall leaves on the Gram kernels, the square one on the
   # NS kernels (backend="pallas"), against the same optimizer in XLA.
-  keys = jax.random.split(_key(), 4)
+  keys = jax.random.split(_gpu.random_key(), 4)
   params = {"fc": jax.random.normal(keys[0], (768, 3072)),
             "proj": jax.random.normal(keys[1], (3072, 768)),
             "attn": jax.random.normal(keys[2], (768, 768))}

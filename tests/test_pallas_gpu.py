@@ -8,6 +8,8 @@ compares ‖out − ref‖/‖ref‖ over the whole output and over every 128×1
 import numpy as np
 import pytest
 
+import _gpu
+
 import jax
 import jax.numpy as jnp
 
@@ -24,17 +26,6 @@ pytestmark = [
 TURBO_AOL = ((3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
              (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
 QUINTIC = ((4.0848, -6.8946, 2.9270),) + TURBO_AOL
-_RNG = np.random.default_rng()
-
-
-def _key():
-  return jax.random.key(int(_RNG.integers(1 << 30)))
-
-
-def _poison():
-  bufs = [jnp.full((1 << 26,), jnp.nan, jnp.float32) for _ in range(4)]
-  jax.block_until_ready(bufs)
-  del bufs
 
 
 #: Tile/epilogue variants the tuner may pick (benchmarks/bench_kernels.py --tune).
@@ -65,9 +56,9 @@ def _errors(out, ref, tile=128):
 @pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("batch,m,k", [(1, 512, 256), (3, 768, 1024), (1, 1024, 4096)])
 def test_gram_upper_mirrored(batch, m, k, split):
-  x = jax.random.normal(_key(), (batch, m, k), jnp.bfloat16)
+  x = jax.random.normal(_gpu.random_key(), (batch, m, k), jnp.bfloat16)
   cfg = mm.TuningConfig(split_k=split)
-  _poison()
+  _gpu.poison_allocator()
   out = mm.matmul(x, x, rhs_transposed=True, upper=True, config=cfg)
   xf = x.astype(jnp.float32)
   ref = jnp.matmul(xf, jnp.swapaxes(xf, 1, 2), precision="highest")
@@ -78,10 +69,10 @@ def test_gram_upper_mirrored(batch, m, k, split):
 @pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("batch,m", [(1, 512), (2, 768), (1, 2048)])
 def test_symmetric_polynomial(batch, m, split):
-  a = jax.random.normal(_key(), (batch, m, m), jnp.float32)
+  a = jax.random.normal(_gpu.random_key(), (batch, m, m), jnp.float32)
   a = ((a + jnp.swapaxes(a, 1, 2)) / np.sqrt(2 * m)).astype(jnp.bfloat16)
   b, c = -6.3029, 2.6377
-  _poison()
+  _gpu.poison_allocator()
   out = mm.matmul(a, a, a, alpha=b, beta=c, rhs_transposed=True, upper=True,
                   config=mm.TuningConfig(split_k=split))
   af = a.astype(jnp.float32)
@@ -93,10 +84,10 @@ def test_symmetric_polynomial(batch, m, split):
 @pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("batch,m,n", [(1, 256, 512), (4, 768, 3072), (1, 1024, 4096)])
 def test_apply(batch, m, n, split):
-  k1, k2 = jax.random.split(_key())
+  k1, k2 = jax.random.split(_gpu.random_key())
   bm = (jax.random.normal(k1, (batch, m, m), jnp.float32) / np.sqrt(m)).astype(jnp.bfloat16)
   x = jax.random.normal(k2, (batch, m, n), jnp.bfloat16)
-  _poison()
+  _gpu.poison_allocator()
   out = mm.matmul(bm, x, x, alpha=3.7418, beta=1.0, config=mm.TuningConfig(split_k=split))
   ref = 3.7418 * x.astype(jnp.float32) + jnp.matmul(
       bm.astype(jnp.float32), x.astype(jnp.float32), precision="highest")
@@ -108,12 +99,12 @@ def test_apply(batch, m, n, split):
 @pytest.mark.parametrize("shape", [(1, 256, 256), (1, 1000, 3000), (3, 300, 500),
                                    (16, 768, 768), (1, 2048, 2048)])
 def test_newton_schulz_vs_f32_reference(shape, aol):
-  g = jax.random.normal(_key(), shape, jnp.float32)
+  g = jax.random.normal(_gpu.random_key(), shape, jnp.float32)
   if not aol:
     g = g / jnp.linalg.norm(g, axis=(1, 2), keepdims=True)
   x = g.astype(jnp.bfloat16)
   co = TURBO_AOL if aol else QUINTIC
-  _poison()
+  _gpu.poison_allocator()
   out = opl.newton_schulz(x, co, aol=aol, eps=1e-7)
   assert out.shape == x.shape and out.dtype == jnp.bfloat16
   ref = ns.reference(x, co, aol=aol, eps=1e-7)
@@ -127,7 +118,7 @@ def test_newton_schulz_vs_f32_reference(shape, aol):
 
 
 def test_cubic_step_and_zero_matrix():
-  x = jax.random.normal(_key(), (2, 256, 512), jnp.float32)
+  x = jax.random.normal(_gpu.random_key(), (2, 256, 512), jnp.float32)
   x = (x / jnp.linalg.norm(x, axis=(1, 2), keepdims=True)).astype(jnp.bfloat16)
   co = ((1.5, -0.5, 0.0),) * 3
   total, _ = _errors(opl.newton_schulz(x, co), ns.reference(x, co))
@@ -141,7 +132,7 @@ def test_cubic_step_and_zero_matrix():
 @pytest.mark.parametrize("preconditioning", ["aol", "frobenius"])
 @pytest.mark.parametrize("shape", [(768, 3072), (3072, 768), (1000, 300), (2048, 2048)])
 def test_auto_and_pallas_match_xla(shape, preconditioning):
-  x = jax.random.normal(_key(), shape, jnp.float32)
+  x = jax.random.normal(_gpu.random_key(), shape, jnp.float32)
   kw = (dict(steps=4, coefficients="turbo_aol", preconditioning="aol", eps=1e-6)
         if preconditioning == "aol" else dict(steps=5, coefficients="quintic"))
   auto = np.asarray(ns_entry(x, backend="auto", **kw), np.float32)
@@ -163,13 +154,13 @@ def test_epilogue_and_tile_variants(variant):
   # with two matrices per stack and a persistent grid smaller than the work.
   import dataclasses
   cfg = VARIANTS[variant]
-  k1, k2 = jax.random.split(_key())
+  k1, k2 = jax.random.split(_gpu.random_key())
   x = jax.random.normal(k1, (2, 768, 512), jnp.bfloat16)
   a = jax.random.normal(k2, (2, 768, 768), jnp.float32)
   a = ((a + jnp.swapaxes(a, 1, 2)) / np.sqrt(2 * 768)).astype(jnp.bfloat16)
   xf, af = x.astype(jnp.float32), a.astype(jnp.float32)
   hp = "highest"
-  _poison()
+  _gpu.poison_allocator()
   gram = mm.matmul(x, x, rhs_transposed=True, upper=True,
                    config=dataclasses.replace(cfg, prefetch_add=False), grid=7)
   poly = mm.matmul(a, a, a, alpha=-6.3029, beta=2.6377, rhs_transposed=True, upper=True,
@@ -183,7 +174,7 @@ def test_epilogue_and_tile_variants(variant):
 
 
 def test_traced_coefficients_match_static():
-  k1, k2 = jax.random.split(_key())
+  k1, k2 = jax.random.split(_gpu.random_key())
   bm = (jax.random.normal(k1, (1, 512, 512), jnp.float32) / np.sqrt(512)).astype(jnp.bfloat16)
   x = jax.random.normal(k2, (1, 512, 1024), jnp.bfloat16)
   static = mm.matmul(bm, x, x, alpha=3.7418, beta=0.5)
@@ -202,10 +193,10 @@ def test_stack_concatenate_is_exact(dtype, block_rows):
   # The TMA stack of a GPT-2-like set (48 square pieces of mixed batch sizes, then 3
   # wide ones): bit-exact against jnp.concatenate, into a NaN-poisoned allocator.
   from ortho_optax.pallas import stack
-  _poison()
+  _gpu.poison_allocator()
   cfg = stack.StackConfig(block_rows=block_rows)
   for count, shape in ((48, (768, 768)), (3, (768, 3072))):
-    keys = jax.random.split(_key(), count)
+    keys = jax.random.split(_gpu.random_key(), count)
     pieces = [jax.random.normal(k, (1 + i % 2,) + shape, jnp.float32).astype(dtype)
               for i, k in enumerate(keys)]
     out = jax.jit(lambda ps: stack.concatenate(ps, config=cfg))(pieces)
@@ -220,11 +211,11 @@ def test_newton_schulz_many_gpt2_set_vs_f32_reference(aol):
   co = TURBO_AOL if aol else QUINTIC
   xs = []
   for shape in shapes:
-    g = jax.random.normal(_key(), shape, jnp.float32)
+    g = jax.random.normal(_gpu.random_key(), shape, jnp.float32)
     if not aol:
       g = g / jnp.linalg.norm(g, axis=(1, 2), keepdims=True)
     xs.append(g.astype(jnp.bfloat16))
-  _poison()
+  _gpu.poison_allocator()
   outs = jax.jit(lambda v: opl.newton_schulz_many(v, co, aol=aol, eps=1e-7))(xs)
   for x, out in zip(xs, outs):
     assert out.shape == x.shape and out.dtype == jnp.bfloat16
