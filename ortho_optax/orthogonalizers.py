@@ -9,7 +9,8 @@ once, when the optimizer is built:
   ``compute_dtype``;
 * :class:`PallasNewtonSchulz`: the Hopper kernels of :mod:`ortho_optax.pallas` for the
   stacks they win on (bf16, Frobenius or AOL preconditioning, large enough:
-  :meth:`PallasNewtonSchulz.takes`); it builds those stacks in bf16 with TMA copies and
+  :meth:`PallasNewtonSchulz.takes`); it builds those stacks in bf16 (with TMA copies
+  where the pieces are few enough for the copy kernel to compile quickly) and
   runs each Newton–Schulz step of all of them as one grouped launch; the other stacks go
   to its XLA ``fallback``;
 * :class:`XlaGramNewtonSchulz` and :class:`PallasGramNewtonSchulz`: the same with Gram
@@ -184,8 +185,8 @@ class PallasNewtonSchulz(XlaNewtonSchulz):
   GPU, :func:`ortho_optax.pallas.is_available`), the iterations are bf16, the
   preconditioning is Frobenius or AOL and, unless ``forced``, the stack is large enough
   for the kernels to beat XLA (:func:`ortho_optax.pallas.prefers_kernels`: small single
-  matrices are launch-bound). Kernel stacks are built in bf16 from per-leaf bf16 pieces by
-  TMA copies, and every Newton–Schulz step of all of them runs as one grouped launch per
+  matrices are launch-bound). Kernel stacks are built in bf16 from per-leaf bf16 pieces (by
+  TMA copies where :func:`ortho_optax.pallas.stack.prefers` says so), and every Newton–Schulz step of all of them runs as one grouped launch per
   GEMM.
 
   Args:
@@ -346,13 +347,14 @@ class PallasGramNewtonSchulz(PallasNewtonSchulz):
 
 
 def _tma_concatenate(pieces):
-  """``jnp.concatenate(pieces)`` by TMA copies where the pieces allow
-  (:func:`ortho_optax.pallas.stack.concatenate`: 4.5x XLA's bf16 concatenate on an H200,
-  0.134 → 0.030 ms for 48×768² and 0.268 → 0.059 ms for 24×768×3072)."""
+  """``jnp.concatenate(pieces)`` by TMA copies where they are worth their compilation
+  (:func:`ortho_optax.pallas.stack.prefers`; :func:`ortho_optax.pallas.stack.concatenate`
+  is 4.5x XLA's bf16 concatenate on an H200, 0.134 → 0.030 ms for 48×768² and 0.268 →
+  0.059 ms for 24×768×3072, but a kernel of many pieces is slow to compile)."""
   if len(pieces) == 1:
     return pieces[0]
   from ortho_optax.pallas import stack
-  if stack.supports(pieces):
+  if stack.prefers(pieces):
     return stack.concatenate(pieces)
   return jnp.concatenate(pieces, axis=0)
 

@@ -27,6 +27,13 @@ from jax import lax
 #: Row length of the 2-D view of every piece (elements; the largest TMA box side).
 LANES = 256
 
+#: Most pieces one kernel stacks where the copy is worth its compilation. The kernel has a
+#: branch and a TMA descriptor per piece, and its compile time grows faster than the
+#: count: on an H200 (JAX 0.11.2) 12 pieces compiled in 0.8 s and 24 in 3.1 s, while the
+#: 48 attention matrices of GPT-2 small added about 14 s to the trainer's first step
+#: (33.2 s with the TMA stacks, 16.0 s with XLA's concatenate) to save 0.10 ms a step.
+MAX_PIECES = 24
+
 
 @dataclasses.dataclass(frozen=True)
 class StackConfig:
@@ -48,6 +55,12 @@ def supports(pieces: Sequence[jax.Array], config: StackConfig = StackConfig()) -
   block = config.block_rows * LANES
   return all(p.dtype == first.dtype and p.shape[1:] == first.shape[1:] and p.ndim >= 1
              and p.size > 0 and p.size % block == 0 for p in pieces)
+
+
+def prefers(pieces: Sequence[jax.Array], config: StackConfig = StackConfig()) -> bool:
+  """Whether stacking ``pieces`` by :func:`concatenate` beats XLA's concatenate, first
+  step included: :func:`supports` and at most :data:`MAX_PIECES` pieces."""
+  return len(pieces) <= MAX_PIECES and supports(pieces, config)
 
 
 def concatenate(pieces: Sequence[jax.Array], config: StackConfig = StackConfig()
@@ -113,4 +126,4 @@ def _build(rows: tuple[int, ...], dtype, config: StackConfig):
                       **_plgpu_kernel_args(out_struct))
 
 
-__all__ = ["LANES", "StackConfig", "concatenate", "supports"]
+__all__ = ["LANES", "MAX_PIECES", "StackConfig", "concatenate", "prefers", "supports"]

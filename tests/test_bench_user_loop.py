@@ -149,3 +149,17 @@ def test_gram_variants_are_named_only(bench):
     # bf16 Newton-Schulz both ways: their roundings differ by about 2% of the update.
     gap = numpy.linalg.norm(got["w"] - want["w"]) / numpy.linalg.norm(want["w"])
     assert 0 < gap < 0.05, (name, gap)
+
+
+def test_first_step_times_the_parts_and_reports_bad_cases(monkeypatch, tmp_path, capsys):
+  # benchmarks/first_step.py: lowering, compilation and runs timed apart, one row per case;
+  # a case it cannot run is an error row and a failing exit status, not a crash.
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  first_step = importlib.import_module("first_step")
+  assert first_step.main(["--preset", "tiny", "--out", str(tmp_path),
+                          "--cases", "trainer:muon", "user:adamw", "bogus:muon"]) == 1
+  rows = json.loads((tmp_path / "first_step.json").read_text())["rows"]
+  assert [r["case"] for r in rows] == ["trainer:muon", "user:adamw", "bogus:muon"]
+  for r in rows[:2]:
+    assert all(r[k] > 0 for k in ("lower_s", "compile_s", "first_run_s", "second_run_s"))
+  assert "expected trainer:NAME" in rows[2]["error"]

@@ -255,6 +255,26 @@ def test_stack_supports_and_rejects_with_clear_errors():
     stack.concatenate([jnp.zeros((1, 40, 40), jnp.bfloat16)] * 2)
 
 
+@pytest.mark.parametrize("count,by_tma", [(2, True), (24, True), (25, False), (48, False)])
+def test_kernel_stacks_use_tma_copies_only_for_few_pieces(monkeypatch, count, by_tma):
+  # The copy kernel's compile time grows faster than its piece count: many pieces are
+  # stacked by XLA's concatenate instead (same values).
+  from ortho_optax.orthogonalizers import NewtonSchulzSpec, PallasNewtonSchulz
+  from ortho_optax.pallas import stack
+  monkeypatch.setattr(opl, "is_available", lambda: True)
+  calls = []
+  monkeypatch.setattr(stack, "concatenate",
+                      lambda ps, **kw: calls.append(len(ps)) or jnp.concatenate(ps))
+  orth = PallasNewtonSchulz(NewtonSchulzSpec(((3.0, -3.2, 1.2),), "frobenius", 1e-7,
+                                             jnp.bfloat16), forced=True)
+  pieces = [jnp.full((1, 128, 128), i, jnp.float32) for i in range(count)]
+  out = orth.stack(pieces)
+  assert out.on_kernels and out.matrices.dtype == jnp.bfloat16
+  assert calls == ([count] if by_tma else [])
+  np.testing.assert_array_equal(np.asarray(out.matrices[:, 0, 0], np.float32), np.arange(count))
+  assert stack.prefers(pieces) == by_tma
+
+
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_stack_concatenate_in_cpu_interpreter(dtype):
