@@ -186,8 +186,8 @@ class PallasNewtonSchulz(XlaNewtonSchulz):
   preconditioning is Frobenius or AOL and, unless ``forced``, the stack is large enough
   for the kernels to beat XLA (:func:`ortho_optax.pallas.prefers_kernels`: small single
   matrices are launch-bound). Kernel stacks are built in bf16 from per-leaf bf16 pieces (by
-  TMA copies where :func:`ortho_optax.pallas.stack.prefers` says so), and every Newton–Schulz step of all of them runs as one grouped launch per
-  GEMM.
+  TMA copies where :func:`ortho_optax.pallas.stack.prefers` says so), and every
+  Newton–Schulz step of all of them runs as one grouped launch per GEMM.
 
   Args:
     spec: what to compute.
