@@ -6,7 +6,7 @@ Times ``jax.jit(step).lower(...)`` and ``.compile()`` apart for the trainer's st
 (cuBLAS, cuDNN, Mosaic GPU kernels). Each case is compiled fresh, without the persistent
 cache, so the numbers are what a first run pays::
 
-  python benchmarks/first_step.py --out $OUT                      # trainer muon, muon/xla, user muon
+  python benchmarks/first_step.py --out $OUT                      # the default cases
   python benchmarks/first_step.py --cases trainer:muon --xla-stacks   # stacks by XLA's concatenate
 
 ``--xla-stacks`` builds every kernel stack with XLA's concatenate (no TMA copy kernel), to
