@@ -423,15 +423,22 @@ def newton_schulz_orthogonalizer(
     ValueError: for bad arguments, naming the value and the choices.
     RuntimeError: ``backend="pallas"`` off a Hopper GPU.
   """
+  spec = _newton_schulz_spec(steps, coefficients, order, preconditioning, eps, compute_dtype,
+                             backend)
+  if backend == "xla":
+    return XlaNewtonSchulz(spec)
+  return PallasNewtonSchulz(spec, forced=backend == "pallas")
+
+
+def _newton_schulz_spec(steps, coefficients, order, preconditioning, eps, compute_dtype,
+                        backend) -> NewtonSchulzSpec:
+  """The checked :class:`NewtonSchulzSpec` of the orthogonalizer builders' arguments."""
   cdt = check_newton_schulz_args(preconditioning=preconditioning, backend=backend, eps=eps,
                                  compute_dtype=compute_dtype)
   triples = tuple(tuple(float(v) for v in t)
                   for t in resolve_coefficients(coefficients, steps, order))
   eps = float(eps) if validation.is_python_number(eps) else eps
-  spec = NewtonSchulzSpec(triples, preconditioning, eps, cdt)
-  if backend == "xla":
-    return XlaNewtonSchulz(spec)
-  return PallasNewtonSchulz(spec, forced=backend == "pallas")
+  return NewtonSchulzSpec(triples, preconditioning, eps, cdt)
 
 
 def gram_newton_schulz_orthogonalizer(
@@ -462,10 +469,8 @@ def gram_newton_schulz_orthogonalizer(
   """
   from ortho_optax.gram_newton_schulz import _check_restart_every
   _check_restart_every(restart_every)
-  spec = newton_schulz_orthogonalizer(
-      steps=steps, coefficients=coefficients, order=order, preconditioning=preconditioning,
-      eps=eps, compute_dtype=compute_dtype, backend="xla").spec
-  validation.check_choice("backend", backend, BACKENDS)
+  spec = _newton_schulz_spec(steps, coefficients, order, preconditioning, eps, compute_dtype,
+                             backend)
   if backend == "xla":
     return XlaGramNewtonSchulz(spec, restart_every=restart_every, every_shape=every_shape)
   return PallasGramNewtonSchulz(spec, restart_every=restart_every, forced=backend == "pallas",

@@ -192,18 +192,10 @@ def gram_newton_schulz_many(xs: Sequence[jax.Array], coefficients: Sequence[Sequ
   for x in xs:
     triples = _checked(x, coefficients, restart_every)
   kw = dict(restart_every=restart_every, eps=eps)
-  outs = [None] * len(xs)
-  grouped = []
-  for i, x in enumerate(xs):
-    batch, m, n = x.shape
-    if batch == 0 or m == 0 or _pad(x).shape in ns.TUNED:
-      outs[i] = gram_newton_schulz(x, triples, aol=flags[i], **kw)
-    else:
-      grouped.append(i)
-  if len(grouped) == 1:
-    i = grouped[0]
-    outs[i] = gram_newton_schulz(xs[i], triples, aol=flags[i], **kw)
-  if len(grouped) < 2:
+  grouped = ns.grouped_indices(xs)
+  outs = [None if i in grouped else gram_newton_schulz(x, triples, aol=flags[i], **kw)
+          for i, x in enumerate(xs)]
+  if not grouped:
     return outs
   _require_kernels("gram_newton_schulz_many")
   cfg = config or mm.TuningConfig()

@@ -186,6 +186,19 @@ def aol_flags(aol, count: int) -> list[bool]:
   return flags
 
 
+def grouped_indices(xs: Sequence[jax.Array]) -> list[int]:
+  """Which of several ``(batch, m, n)`` stacks share the grouped launches: all but the
+  empty ones and those with a measured plan of their own in :data:`TUNED`, and none when
+  fewer than two remain (one stack runs alone)."""
+  grouped = []
+  for i, x in enumerate(xs):
+    batch, m, n = x.shape
+    padded = (batch, mm.round_up(m, PAD), mm.round_up(n, PAD))
+    if not (batch == 0 or m == 0 or padded in TUNED):
+      grouped.append(i)
+  return grouped if len(grouped) > 1 else []
+
+
 def newton_schulz_many(xs: Sequence[jax.Array], coefficients: Sequence[Sequence[float]],
                        *, aol: Sequence[bool] | bool = False, eps: float = 1e-7,
                        config: mm.TuningConfig | None = None) -> list[jax.Array]:
@@ -214,19 +227,10 @@ def newton_schulz_many(xs: Sequence[jax.Array], coefficients: Sequence[Sequence[
   triples = None
   for x in xs:
     triples = _validate(x, coefficients)
-  outs = [None] * len(xs)
-  grouped = []
-  for i, x in enumerate(xs):
-    batch, m, n = x.shape
-    padded = (batch, mm.round_up(m, PAD), mm.round_up(n, PAD))
-    if batch == 0 or m == 0 or padded in TUNED:
-      outs[i] = newton_schulz(x, coefficients, aol=flags[i], eps=eps)
-    else:
-      grouped.append(i)
-  if len(grouped) == 1:
-    i = grouped[0]
-    outs[i] = newton_schulz(xs[i], coefficients, aol=flags[i], eps=eps)
-  if len(grouped) < 2:
+  grouped = grouped_indices(xs)
+  outs = [None if i in grouped else newton_schulz(x, coefficients, aol=flags[i], eps=eps)
+          for i, x in enumerate(xs)]
+  if not grouped:
     return outs
   from ortho_optax import pallas
   if not (pallas.is_available() or _interpreting()):
