@@ -105,6 +105,9 @@ SMALL_LR_CENTERS = {
 #: The issue's goals.
 MUON_STEP_RATIO = 0.7
 TURBO_GAP_NATS = 0.01
+#: Final validation loss above the curve's own minimum by more than this counts as overfitting
+#: in the equal-time goal's explanation (nats; about twice the seed spread of muon's runs).
+OVERFIT_NATS = 0.01
 #: Estimates of the plan where nothing was measured.
 DEFAULT_COMPILE_S = 30.0  # step + evaluation compile, model init (bench_user_loop: 6-25 s)
 DEFAULT_STARTUP_S = 45.0  # interpreter, JAX and GPU start-up, corpus
@@ -626,6 +629,8 @@ def analyse(curves: dict[str, Curve], reference: str = REFERENCE) -> dict:
         "seconds_to_reference": secs_to,
         "time_ratio": secs_to / ref_secs if secs_to is not None and ref_secs else None,
         "val_at_equal_time": value_at(c.seconds, c.loss, budget),
+        "lowest_val_loss": float(np.min(c.loss)),
+        "lowest_val_step": float(c.steps[int(np.argmin(c.loss))]),
         "step_ms": c.step_ms, "tokens_per_s": c.tokens_per_s}
   goals = {"muon_step_ratio": None, "turbo_gap": None, "equal_time_order": None}
   if "muon" in rows and ref:
@@ -647,9 +652,15 @@ def analyse(curves: dict[str, Curve], reference: str = REFERENCE) -> dict:
                                           rows[o]["val_at_equal_time"] or 0.0))
     swaps = [(a, b) for i, a in enumerate(by_steps) for b in by_steps[i + 1:]
              if by_time.index(a) > by_time.index(b)]
+    # An optimizer that moves up at equal time while its validation loss ends above its
+    # own minimum was read before it began to overfit, not because it is faster.
+    rising = sorted({a for pair in swaps for a in pair
+                     if by_time.index(a) < by_steps.index(a)
+                     and rows[a]["final_val_loss"] - rows[a]["lowest_val_loss"]
+                     > OVERFIT_NATS})
     goals["equal_time_order"] = {"budget_s": budget, "order_at_equal_steps": by_steps,
                                  "order_at_equal_time": by_time, "swaps": swaps,
-                                 "passed": not swaps}
+                                 "rising_at_the_end": rising, "passed": not swaps}
   return {"reference": reference, "target": target, "reference_steps_to_target": ref_steps,
           "reference_seconds_to_target": ref_secs, "rows": rows, "goals": goals}
 
@@ -712,7 +723,11 @@ def report_markdown(summary: dict, curves: dict[str, Curve], lrs: dict, diverged
       + ("-" if og is None else
          ("same order" if not og["swaps"] else
           "swapped: " + ", ".join(f"{a} / {b}" for a, b in og["swaps"]))
-         + f" (at {og['budget_s']:.1f} s)")
+         + f" (at {og['budget_s']:.1f} s)"
+         + "".join(f"; {o}'s validation loss rises from {rows[o]['lowest_val_loss']:.4f} "
+                   f"at step {rows[o]['lowest_val_step']:.0f} to "
+                   f"{rows[o]['final_val_loss']:.4f} at its end (overfitting), so it ranks "
+                   "higher when read earlier" for o in og.get("rising_at_the_end", ())))
       + f" | same order | {verdict(og)} |")
   lines += [
       "", "## Full runs\n",
@@ -721,24 +736,26 @@ def report_markdown(summary: dict, curves: dict[str, Curve], lrs: dict, diverged
       f"({_num(summary['target'], '.4f')}), and the ratios are to {ref}'s own "
       f"({_num(summary['reference_steps_to_target'], '.0f')} steps, "
       f"{_num(summary['reference_seconds_to_target'], '.1f')} s). *At equal time*: the "
-      "validation loss at the training seconds of the fastest run.\n",
-      f"| optimizer | lr | seeds | val loss | seed spread | train loss (last 10%) | steps to "
-      f"{ref}'s final | ratio | seconds to {ref}'s final | ratio | val at equal time | "
-      "ms / step | tokens / s |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      "validation loss at the training seconds of the fastest run. *Lowest val*: the "
+      "curve's minimum and its step (below the final loss where the model overfits).\n",
+      f"| optimizer | lr | seeds | val loss | seed spread | lowest val (step) | train loss "
+      f"(last 10%) | steps to {ref}'s final | ratio | seconds to {ref}'s final | ratio | "
+      "val at equal time | ms / step | tokens / s |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for opt in sorted(rows, key=lambda o: rows[o]["final_val_loss"]):
     r = rows[opt]
     spread = r["seed_spread"] if len(r["seeds"]) > 1 else None
     lines.append(
         f"| {opt} | {r['lr']:.3g} | {', '.join(map(str, r['seeds']))} | "
         f"{r['final_val_loss']:.4f} | {_num(spread, '.4f')} | "
+        f"{r['lowest_val_loss']:.4f} ({r['lowest_val_step']:.0f}) | "
         f"{_num(r['final_train_loss'], '.4f')} | "
         f"{_num(r['steps_to_reference'], '.0f', 'not reached')} | {_num(r['step_ratio'], '.3f')} | "
         f"{_num(r['seconds_to_reference'], '.1f', 'not reached')} | "
         f"{_num(r['time_ratio'], '.3f')} | {_num(r['val_at_equal_time'], '.4f')} | "
         f"{_num(r['step_ms'], '.1f')} | {_num(r['tokens_per_s'], ',.0f')} |")
   for opt, lr, seed, at in diverged:
-    lines.append(f"| {opt} | {lr:.3g} | {seed} | diverged at step {at} | | | | | | | | | |")
+    lines.append(f"| {opt} | {lr:.3g} | {seed} | diverged at step {at} | | | | | | | | | | |")
   if lrs:
     lines += ["", "## Learning-rate sweep\n",
               "Final validation loss of each sweep run (shorter runs, same schedule shape); "

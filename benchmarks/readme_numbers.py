@@ -215,17 +215,23 @@ def quality_gpt(results: pathlib.Path) -> str:
   summary = payload["summary"]
   full = [r for r in payload["runs"] if r.startswith("full/")]
   run = json.loads((results / "quality_gpt" / full[0]).read_text())
-  with open(results / "quality_gpt" / "status-full.json") as f:
-    command = json.load(f)["command"].replace("/root/out", "$OUT")
+  # The full runs took several device calls; calls.json keeps each call's command.
+  calls = json.loads((results / "quality_gpt" / "calls.json").read_text())["calls"]
+  commands = [c["command"] for c in calls if c["block"] == "full" and c["command"]]
+  command = "` and `".join(commands)
   ref = summary["reference"]
-  lines = [f"| optimizer | lr | seeds | val loss | seed spread | steps to {ref}'s final "
-           f"({summary['target']:.3f}) | seconds to it | ms / step |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [f"| optimizer | lr | seeds | val loss | seed spread | lowest val (step) | steps "
+           f"to {ref}'s final ({summary['target']:.3f}) | seconds to it | ms / step |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  reached = lambda v, ratio, fmt: (  # noqa: E731
+      "not reached" if v is None else f"{v:{fmt}} ({ratio:.2f}×)")
   for name, r in sorted(summary["rows"].items(), key=lambda kv: kv[1]["final_val_loss"]):
+    spread = f"{r['seed_spread']:.3f}" if len(r["seeds"]) > 1 else "-"
     lines.append(
         f"| `{name}` | {r['lr']:g} | {len(r['seeds'])} | {r['final_val_loss']:.3f} | "
-        f"{r['seed_spread']:.3f} | {r['steps_to_reference']:.0f} ({r['step_ratio']:.2f}×) | "
-        f"{r['seconds_to_reference']:.1f} ({r['time_ratio']:.2f}×) | {r['step_ms']:.1f} |")
+        f"{spread} | {r['lowest_val_loss']:.3f} ({r['lowest_val_step']:.0f}) | "
+        f"{reached(r['steps_to_reference'], r['step_ratio'], '.0f')} | "
+        f"{reached(r['seconds_to_reference'], r['time_ratio'], '.1f')} | {r['step_ms']:.1f} |")
   goals = summary["goals"]
   verdict = lambda g: "met" if g["passed"] else "NOT met"
   m = run["machine"]
@@ -240,7 +246,8 @@ def quality_gpt(results: pathlib.Path) -> str:
            f"({verdict(goals['muon_step_ratio'])}), turbo_muon within 0.01 nats of muon "
            f"({verdict(goals['turbo_gap'])}), the same order at equal wall-clock "
            f"({verdict(goals['equal_time_order'])}). Report, plots and the sweep: "
-           "`benchmarks/results/quality_gpt/quality_gpt.md`.") + "\n"
+           "`benchmarks/results/quality_gpt/quality_gpt.md`; every device call's command: "
+           "`benchmarks/results/quality_gpt/calls.json`.") + "\n"
 
 
 DISTRIBUTED = Source("distributed_bytes.json")

@@ -698,7 +698,7 @@ def comparison():
 
       `benchmarks/quality_gpt.py` runs the trainer's GPT-2-small model (byte vocabulary) on the
       standard-library corpus (`--data stdlib`) on one GPU: a short learning-rate sweep per
-      optimizer, full runs at the chosen rates, two seeds. Its CPU block writes
+      optimizer, full runs at the chosen rates, two seeds for the best three. Its CPU block writes
       `benchmarks/results/quality_gpt/quality_gpt.json` (the summary) next to the run files;
       this section plots them when the repository holds them (the run is too long for a CPU).
       """),
@@ -734,10 +734,15 @@ def comparison():
         fig.suptitle("GPT-2 small, one seed per line")
         fig.tight_layout()
         plt.show()
-        rows = [f"| {n} | {r['lr']:g} | {r['final_val_loss']:.4f} | {r['seed_spread']:.4f} |"
+        rows = [f"| {n} | {r['lr']:g} | {len(r['seeds'])} | {r['final_val_loss']:.4f} | "
+                f"{r['seed_spread']:.4f} | {r['lowest_val_loss']:.4f} ({r['lowest_val_step']:.0f}) |"
+                if len(r["seeds"]) > 1 else
+                f"| {n} | {r['lr']:g} | 1 | {r['final_val_loss']:.4f} | - | "
+                f"{r['lowest_val_loss']:.4f} ({r['lowest_val_step']:.0f}) |"
                 for n, r in sorted(summary["rows"].items(), key=lambda kv: kv[1]["final_val_loss"])]
-        display(Markdown("| optimizer | lr | validation loss (seeds averaged) | seed spread |\\n"
-                         "|---|---|---|---|\\n" + "\\n".join(rows)))
+        display(Markdown("| optimizer | lr | seeds | validation loss (seeds averaged) | seed "
+                         "spread | lowest (step) |\\n|---|---|---|---|---|---|\\n"
+                         + "\\n".join(rows)))
       '''),
   ]
 

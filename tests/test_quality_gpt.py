@@ -217,6 +217,25 @@ def test_report_sees_a_swap_at_equal_time_and_a_miss(tmp_path):
   assert "not reached" in (tmp_path / "report" / "quality_gpt.md").read_text()
 
 
+def test_report_explains_a_swap_by_a_curve_that_rises_at_the_end(tmp_path):
+  # aurora (a slower step) falls to 1.2 by step 500 and rises to 1.6: at adamw's 100 s
+  # (its step 500) it is lower than muon there, though it ends above muon's 1.5.
+  runs = _fixture(turbo_step_s=0.12)
+  runs = [r for r in runs if r["study"]["optimizer"] != "aurora"]
+  runs.append(_run("full", "aurora", 0.02, 0, 1000,
+                   lambda s: 3.0 - 0.0036 * s if s <= 500 else 1.2 + (s - 500) / 1250, 0.2))
+  _write_runs(tmp_path, runs)
+  summary = quality_gpt.block_report([tmp_path], tmp_path / "report")
+  row, order = summary["rows"]["aurora"], summary["goals"]["equal_time_order"]
+  assert row["lowest_val_loss"] == pytest.approx(1.2, abs=1e-3)
+  assert row["lowest_val_step"] == 500 and row["final_val_loss"] == pytest.approx(1.6)
+  assert ("muon", "aurora") in [tuple(p) for p in order["swaps"]]
+  assert order["rising_at_the_end"] == ["aurora"] and not order["passed"]
+  text = (tmp_path / "report" / "quality_gpt.md").read_text()
+  assert "aurora's validation loss rises from 1.2000 at step 500 to 1.6000" in text
+  assert "| 1.5000 (900) |" in text  # muon reaches its floor of 1.5 at step 900
+
+
 def test_study_steps_per_block():
   args = quality_gpt.build_parser().parse_args(
       ["--block", "full", "--preset", "tiny", "--steps", "12", "--sweep-steps", "5",
