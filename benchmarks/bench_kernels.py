@@ -46,6 +46,21 @@ QUINTIC = ((4.0848, -6.8946, 2.9270),) + TURBO_AOL
 SHAPES = [(1, 768, 768), (1, 768, 3072), (1, 1024, 4096), (1, 2048, 2048),
           (1, 4096, 4096), (1, 2048, 8192), (1, 8192, 8192), (48, 768, 768),
           (24, 768, 3072)]
+def parse_shapes(text):
+  """``"8192x8192,24x768x3072"`` -> ``[(1, 8192, 8192), (24, 768, 3072)]``."""
+  shapes = []
+  for item in text.split(","):
+    try:
+      dims = tuple(int(v) for v in item.split("x"))
+    except ValueError:
+      dims = ()
+    if len(dims) not in (2, 3) or min(dims) < 1:
+      raise SystemExit(f"--shapes: {item!r} is not MxN or BxMxN with positive sizes "
+                       "(e.g. 8192x8192,24x768x3072)")
+    shapes.append(dims if len(dims) == 3 else (1,) + dims)
+  return shapes
+
+
 CHECK_SHAPES = [(1, 256, 256), (1, 1000, 3000), (3, 300, 500), (2, 768, 3072),
                 (1, 1024, 4096), (5, 130, 1030), (48, 768, 768), (1, 2048, 2048),
                 (1, 4096, 4096), (2, 512, 512)]
@@ -773,10 +788,7 @@ def main():
     save()
   shapes = SHAPES if not args.quick else [SHAPES[i] for i in (2, 3, 4, 7, 8)]
   if args.shapes:
-    shapes = []
-    for item in args.shapes.split(","):
-      dims = tuple(int(v) for v in item.split("x"))
-      shapes.append(dims if len(dims) == 3 else (1,) + dims)
+    shapes = parse_shapes(args.shapes)
   if args.profile:
     run_profile(results, shapes if args.shapes else TUNE_SHAPES, peak)
     save()

@@ -1,6 +1,6 @@
 """The XLA Newton–Schulz path against optax.contrib's, and candidate formulations of it.
 
-Usage: python benchmarks/bench_xla_ns.py [--out DIR] [--quick]
+Usage: python benchmarks/bench_xla_ns.py [--out DIR] [--quick | --shapes 8192x8192,...]
 
 For every ``bench_kernels.py`` shape, bf16, AOL + 4 (``turbo_aol``) and Frobenius + 5
 (``quintic``): wall ms per call (20 calls in one jitted loop, median of 5, as
@@ -113,10 +113,14 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   ap.add_argument("--quick", action="store_true", help="three shapes only")
+  ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,24x768x3072 (default: "
+                  "every bench_kernels.py shape)")
   ap.add_argument("--variants", default="astype,bf16_out,bf16_all",
                   help="comma-separated diagnostic formulations ('' for none)")
   args = ap.parse_args()
   shapes = bk.SHAPES if not args.quick else [bk.SHAPES[i] for i in (0, 2, 7)]
+  if args.shapes:
+    shapes = bk.parse_shapes(args.shapes)
   variants = [v for v in args.variants.split(",") if v]
   rows = []
   for shape in shapes:
