@@ -297,3 +297,11 @@ def test_plan_lists_parsable_calls_within_the_call_budget(capsys):
   assert max(minutes) * 60 <= quality_gpt.DEFAULT_CALL_S
   assert "muon 100.0 (--step-ms)" in text and "adamw 80.0 (--step-ms)" in text
   assert f"Total: {len(commands)} device calls" in text
+
+
+def test_plan_of_optimizers_without_the_reference(capsys):
+  # The second seeds' call adds adamw to the top optimizers: its step time must be known.
+  assert quality_gpt.main(["--plan", "--optimizers", "adamuon", "--step-ms", "80",
+                           "--prior"]) == 0
+  text = capsys.readouterr().out
+  assert "--block sweep --optimizers adamuon" in text and "--top 3 --seeds 1" in text
