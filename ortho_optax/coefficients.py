@@ -17,8 +17,10 @@ References:
 
 from __future__ import annotations
 
-import numbers
+import math
 from typing import Sequence, Tuple, Union
+
+import numpy as np
 
 from ortho_optax.validation import check_choice, check_int
 
@@ -120,22 +122,41 @@ Coefficients = Union[str, Sequence[Sequence[float]], Sequence[float]]
 
 
 def _check_triples(coefficients) -> tuple[Triple, ...]:
-  """Validates a user table: a sequence of (a, b, c) triples or a single triple."""
-  seq = list(coefficients)
+  """Validates a user table: a sequence of (a, b, c) triples or a single triple, of finite
+  real numbers (a NaN or inf coefficient would make every update non-finite)."""
+  def bad(what):
+    return ValueError(
+        f"coefficients must be a preset name (one of {sorted(PRESETS) + sorted(ALIASES)}) or "
+        f"a sequence of (a, b, c) triples of finite numbers; got {coefficients!r} ({what}).")
+
+  if isinstance(coefficients, dict):
+    raise bad("a dict")
+  try:
+    seq = list(coefficients)
+  except TypeError:
+    raise bad("not a sequence") from None
   if not seq:
-    raise ValueError("coefficients must not be empty: give a preset name or (a, b, c) triples.")
-  if len(seq) == 3 and all(isinstance(v, numbers.Real) for v in seq):
+    raise bad("empty")
+  if len(seq) == 3 and all(np.ndim(v) == 0 and not isinstance(v, str) for v in seq):
     seq = [seq]  # a single (a, b, c) triple
   triples = []
   for t in seq:
+    if isinstance(t, (str, bytes, dict)):
+      raise bad(f"element {t!r}")
     try:
-      t = tuple(float(v) for v in t)
+      entries = list(t)
     except TypeError:
-      raise ValueError(
-          f"coefficients must be a preset name or a sequence of (a, b, c) triples; got element "
-          f"{t!r}.") from None
-    if len(t) != 3:
-      raise ValueError(f"each coefficient triple must have 3 entries (a, b, c); got {t!r}.")
+      raise bad(f"element {t!r} is not a triple") from None
+    if len(entries) != 3:
+      raise bad(f"element {t!r} has {len(entries)} entries, not 3")
+    try:
+      if any(isinstance(v, (str, bytes, bool, complex)) for v in entries):
+        raise TypeError
+      t = tuple(float(v) for v in entries)
+    except (TypeError, ValueError):
+      raise bad(f"element {t!r} has a non-number") from None
+    if not all(math.isfinite(v) for v in t):
+      raise bad(f"element {t!r} is not finite")
     triples.append(t)
   return tuple(triples)
 

@@ -171,6 +171,38 @@ DimensionNumbers = (
     "None | MatrixDims | pytree of (MatrixDims | None) | Callable[[params], pytree]")
 
 
+_DIMS_FORMS = ("None, a MatrixDims (ortho_optax.TORCH_LAYOUT for (out, in) matrices), a "
+               "callable params -> a pytree of MatrixDims/None, or such a pytree")
+
+
+def check_dimension_numbers(dimension_numbers):
+  """Checks the form of ``dimension_numbers`` when a transformation is built.
+
+  Args:
+    dimension_numbers: what :func:`resolve_dims` takes.
+
+  Returns:
+    ``dimension_numbers`` unchanged.
+
+  Raises:
+    ValueError: for anything else (a string such as ``"torch"``, a number, a pytree with
+      other leaves), naming the bad leaf and the accepted forms, so that a wrong value is
+      never ignored silently.
+  """
+  if (dimension_numbers is None or isinstance(dimension_numbers, MatrixDims)
+      or callable(dimension_numbers)):
+    return dimension_numbers
+  import jax  # local: keeps this module importable without initialising JAX backends
+
+  flat = jax.tree_util.tree_flatten_with_path(
+      dimension_numbers, is_leaf=lambda x: x is None or isinstance(x, MatrixDims))[0]
+  for path, leaf in flat:
+    if not (leaf is None or isinstance(leaf, MatrixDims)):
+      where = f" at '{path_str(path)}'" if path else ""
+      raise ValueError(f"dimension_numbers must be {_DIMS_FORMS}; got {leaf!r}{where}.")
+  return dimension_numbers
+
+
 def resolve_dims(tree, dimension_numbers=None):
   """A pytree (same structure as ``tree``) of :class:`MatrixDims`, one per array leaf.
 
@@ -199,6 +231,9 @@ def resolve_dims(tree, dimension_numbers=None):
       return None
     name = path_str(path)
     shape = tuple(leaf.shape)
+    if dims is not None and not isinstance(dims, MatrixDims):
+      raise ValueError(f"Parameter '{name}': dimension_numbers must be {_DIMS_FORMS}; got "
+                       f"{dims!r}.")
     if dims is None:
       dims = default_dims(name, shape)
     if dims is None:

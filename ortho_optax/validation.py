@@ -79,7 +79,8 @@ def check_range(name: str, value, low=None, high=None, *, low_open: bool = False
 
   Args:
     name: hyperparameter name used in the message.
-    value: a Python number (checked), an array or tracer (accepted), or with
+    value: a Python number or a concrete scalar array (checked), a tracer (accepted: its
+      value is known only at run time), or with
       ``schedule=True`` a callable ``step -> value`` (checked at steps 0 and 1).
     low, high: bounds, ``None`` (or an infinite bound) for unbounded.
     low_open, high_open: whether the bounds themselves are excluded.
@@ -94,6 +95,15 @@ def check_range(name: str, value, low=None, high=None, *, low_open: bool = False
       raise ValueError(f"{name} must be a finite number in {bounds}, got {name}={value!r}.")
     return
   if is_array(value):
+    try:
+      array = np.asarray(value)
+    except Exception:  # pylint: disable=broad-except
+      return  # a tracer: its value is known only at run time
+    if array.ndim != 0:
+      raise ValueError(f"{name} must be a scalar, got an array of shape {array.shape}.")
+    if not _in_range(float(array), low, high, low_open, high_open):
+      raise ValueError(f"{name} must be a finite number in {bounds}, got "
+                       f"{name}={array.item()!r} (a concrete array).")
     return
   if schedule and callable(value):
     for step, v in _schedule_values(value):

@@ -57,3 +57,22 @@ def test_resolve_dims_errors_name_the_leaf():
   assert dims["blocks"]["kernel"] == MatrixDims((1,), (2,))
   assert dims["w"] == MatrixDims((0,), (1,))
   assert dims["none"] is None
+
+
+@pytest.mark.parametrize("bad, where", [("torch", ""), (42, ""), ({"w": "torch"}, " at 'w'"),
+                                        ({"b": None, "w": (1, 0)}, " at 'w/0'")])
+def test_dimension_numbers_of_another_form_fail_at_construction(bad, where):
+  import ortho_optax as oo
+  for build in (lambda: oo.muon(dimension_numbers=bad), lambda: oo.turbo_muon(dimension_numbers=bad),
+                lambda: oo.orthogonalize("newton_schulz", dimension_numbers=bad),
+                lambda: oo.scale_by_shape("spectral", dimension_numbers=bad)):
+    with pytest.raises(ValueError, match=r"dimension_numbers must be None, a MatrixDims "
+                                         r"\(ortho_optax.TORCH_LAYOUT.*got .*" + where):
+      build()
+
+
+def test_a_callable_giving_another_form_names_the_parameter():
+  import ortho_optax as oo
+  tx = oo.muon(dimension_numbers=lambda tree: {"w": "torch"})
+  with pytest.raises(ValueError, match=r"Parameter 'w': dimension_numbers must be .*got 'torch'"):
+    tx.init({"w": jnp.ones((4, 3))})

@@ -90,8 +90,13 @@ def test_turbo_aol_slices_from_the_end():
     (("muon", 2.5), "steps"),
     (("cubic5", 4), "cubic5"),
     (("muon", 5, "sideways"), "sideways.*cycle"),
-    (([(1.0, 2.0)], 2), "3 entries"),
+    (([(1.0, 2.0)], 2), "has 2 entries, not 3"),
     (([], 2), "empty"),
+    (([(float("nan"), 1.0, 1.0)], 2), r"triples of finite numbers.*\(nan, 1.0, 1.0\) is not finite"),
+    (([(float("inf"), 1.0, 1.0)], 2), "is not finite"),
+    ((3, 2), r"preset name \(one of \[.*'muon'.*\]\).*got 3 \(not a sequence\)"),
+    (([(1.0, 2.0, "x")], 2), "has a non-number"),
+    (({"a": 1}, 2), "a dict"),
 ])
 def test_resolve_coefficients_errors(args, match):
   with pytest.raises(ValueError, match=match):

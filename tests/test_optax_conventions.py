@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from conftest import assert_trees_equal
+import ortho_optax as oo
 from ortho_optax.optimizers import adaptive_muon as adaptive_lib
 from ortho_optax.optimizers import auon as auon_lib
 from ortho_optax.optimizers import aurora as aurora_lib
@@ -327,6 +328,34 @@ def test_bad_hyperparameters_raise_value_error(name, arg, value):
   with pytest.raises(ValueError, match=arg) as info:
     make(name, **{arg: value})
   assert repr(value) in str(info.value) or str(value) in str(info.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("arg, value", _BAD, ids=[b[0] for b in _BAD])
+def test_bad_concrete_array_hyperparameters_raise(name, arg, value):
+  # A NumPy or concrete JAX array has a known value: it is checked like a number.
+  if arg == "momentum":
+    arg = OPTIMIZERS[name][2]
+  for array in (np.asarray(value), jnp.asarray(value)):
+    with pytest.raises(ValueError, match=f"{arg} must be a finite number.*concrete array"):
+      make(name, **{arg: array})
+  with pytest.raises(ValueError, match=r"learning_rate must be a scalar, got an array of shape"):
+    make(name, learning_rate=jnp.array([0.1, 0.2]))
+
+
+def test_traced_hyperparameters_are_accepted_and_valid_arrays_work():
+  tx = optax.inject_hyperparams(oo.muon, static_args=oo.inject_static_args(oo.muon))(0.02)
+  params = {"w": jnp.ones((4, 3))}
+  state = tx.init(params)
+  jax.jit(tx.update)(params, state, params)  # the hyperparameters are tracers here
+  oo.muon(learning_rate=jnp.asarray(0.02), momentum=np.asarray(0.9))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_optimizer_checks_its_backend(name):
+  with pytest.raises(ValueError, match=r"backend='cuda' is not supported; valid choices: "
+                                       r"'auto', 'xla', 'pallas'"):
+    make(name, backend="cuda")
 
 
 @pytest.mark.parametrize("name", NAMES)

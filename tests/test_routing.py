@@ -231,9 +231,13 @@ def test_validators_exclusive_bounds_and_schedules():
     validation.check_non_negative("weight_decay", optax.constant_schedule(0.1))
 
 
-def test_validators_skip_arrays_and_traced_schedules():
-  validation.check_non_negative("learning_rate", jnp.array(-1.0))
-  validation.check_range("momentum", jnp.array(3.0), 0.0, 1.0)
+def test_validators_check_concrete_arrays_and_skip_traced_values():
+  with pytest.raises(ValueError, match="learning_rate=-1.0 \\(a concrete array\\)"):
+    validation.check_non_negative("learning_rate", jnp.array(-1.0))
+  with pytest.raises(ValueError, match="momentum=3.0"):
+    validation.check_range("momentum", np.array(3.0), 0.0, 1.0)
+  validation.check_range("momentum", jnp.array(0.5), 0.0, 1.0)
+  jax.jit(lambda m: validation.check_range("momentum", m, 0.0, 1.0) or m)(3.0)  # a tracer
   validation.check_positive("lr", 1)
   validation.check_learning_rate(optax.warmup_cosine_decay_schedule(0.0, 0.1, 10, 100))
 

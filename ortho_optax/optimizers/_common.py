@@ -216,6 +216,7 @@ def masked_dimension_numbers(dimension_numbers):
   path (:func:`ortho_optax.matrix_view.path_str`), which is the same in both trees.
   ``None``, a single ``MatrixDims`` and callables are returned unchanged.
   """
+  matrix_view.check_dimension_numbers(dimension_numbers)
   if (dimension_numbers is None or callable(dimension_numbers)
       or isinstance(dimension_numbers, matrix_view.MatrixDims)):
     return dimension_numbers

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
-from ortho_optax import validation
+from ortho_optax import orthogonalizers, validation
 from ortho_optax.optimizers import _common
 from ortho_optax.stages import decay as decay_stages
 from ortho_optax.stages import momentum as momentum_stages
@@ -72,7 +72,8 @@ def auon(
     dimension_numbers: only for the default routing (a leaf of rank >= 3 with a
       ``MatrixDims`` is a matrix); AuON itself needs no matrix view (its norm is over the
       whole tensor).
-    backend: accepted for API uniformity (no Newton-Schulz here); unused.
+    backend: accepted for API uniformity and checked (one of ``"auto"``, ``"xla"``,
+      ``"pallas"``); unused, as there is no Newton-Schulz here.
     mu_dtype: dtype of the momentum buffer (``None``: the parameter dtype).
 
   Returns:
@@ -83,7 +84,8 @@ def auon(
     arXiv 2509.24320, 2025; ryyzn9/AuON ``auon/optimizer.py::AuON``
     (commit bba2e82).
   """
-  del backend
+  # Checked like every optimizer's backend (a wrong value is never ignored), then unused.
+  validation.check_choice("backend", backend, orthogonalizers.BACKENDS)
   ortho_tx = optax.chain(
       momentum_stages.ema_momentum(momentum, nesterov=True, mu_dtype=mu_dtype),
       orth_stages.scale_by_cosh_norm(gamma),

@@ -116,6 +116,7 @@ def orthogonalize(
     Spectral Optimizer", arXiv 2606.27715, 2026 (tilde-research/aurora-release).
   """
   validation.check_choice("method", method, METHODS)
+  matrix_view.check_dimension_numbers(dimension_numbers)
   if steps is None:
     steps = DEFAULT_STEPS[method]
   elif method != "polar":

@@ -94,6 +94,7 @@ def scale_by_shape(
     (Scion), 2025.
   """
   check_choice("scale_mode", mode, SCALE_MODES)
+  matrix_view.check_dimension_numbers(dimension_numbers)
   check_non_negative("extra_scale_factor", extra_scale_factor)
   check_non_negative("consistent_rms", consistent_rms)
 

@@ -124,6 +124,7 @@ def scale_by_second_moment(
     NVIDIA-NeMo/Emerging-Optimizers (adaptive Muon).
   """
   check_choice("moment2_method", method, SECOND_MOMENT_METHODS)
+  matrix_view.check_dimension_numbers(dimension_numbers)
   check_range("beta2", beta2, 0.0, 1.0, high_open=True)
   check_range("eps", eps, 0.0, float("inf"))
   wrapped = momentum is not None or orthogonalizer is not None
