@@ -299,3 +299,34 @@ def test_oadamw_kahan_bf16_tracks_fp32():
   err_k = float(jnp.max(jnp.abs(with_kahan - ref)))
   err_n = float(jnp.max(jnp.abs(without - ref)))
   assert err_k < 0.5 * err_n, (err_k, err_n)
+
+
+def test_stable_adamw_takes_the_limit_for_a_gradient_whose_square_overflows():
+  # |g| = 1e20 is finite but g² is inf in float32: the RMS clip must not turn it into NaN.
+  tx = stable_adamw_stages.stable_adamw(1e-3, weight_decay=0.0)
+  p = {"b": jnp.ones(3), "w": jnp.ones(2)}
+  u, state = tx.update({"b": jnp.full(3, 1e20), "w": jnp.ones(2)}, tx.init(p), p)
+  assert np.all(np.isfinite(np.asarray(u["b"]))) and np.all(np.asarray(u["b"]) == 0.0)
+  np.testing.assert_allclose(np.asarray(u["w"]), -1e-3, rtol=1e-5)
+  # A non-finite gradient still gives a non-finite update (nothing hidden).
+  u, _ = tx.update({"b": jnp.array([1.0, jnp.inf, 1.0]), "w": jnp.full(2, jnp.nan)}, state, p)
+  assert not np.all(np.isfinite(np.asarray(u["b"]))) and np.all(np.isnan(np.asarray(u["w"])))
+
+
+def test_oadamw_runs_float16_leaves_in_float32():
+  # A float16 second moment would overflow for |g| > 256 and freeze the leaf.
+  p = {"b": jnp.ones((3,), jnp.float16)}
+  tx = oadamw_lib.oadamw(1e-3, weight_decay=0.0, kahan_sum=False)
+  state = tx.init(p)
+  u, state = tx.update({"b": jnp.full((3,), 300.0, jnp.float16)}, state, p)
+  u, state = tx.update({"b": jnp.ones((3,), jnp.float16)}, state, p)
+  assert u["b"].dtype == jnp.float16
+  states = _find_states(state, stable_adamw_stages.StableAdamWState)
+  assert {leaf.dtype for s in states for leaf in jax.tree.leaves((s.mu, s.nu))} == {
+      jnp.dtype(jnp.float32)}
+  ref_tx = oadamw_lib.oadamw(1e-3, weight_decay=0.0, kahan_sum=False)
+  p32, s32 = {"b": jnp.ones((3,), jnp.float32)}, None
+  s32 = ref_tx.init(p32)
+  _, s32 = ref_tx.update({"b": jnp.full((3,), 300.0)}, s32, p32)
+  u32, _ = ref_tx.update({"b": jnp.ones(3)}, s32, p32)
+  np.testing.assert_allclose(np.asarray(u["b"], np.float32), np.asarray(u32["b"]), rtol=2e-3)

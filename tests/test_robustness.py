@@ -90,9 +90,9 @@ def expected_state_dtype(name, part, dtype):
   """The documented dtype of each part of the state (``mu_dtype=None`` defaults)."""
   if part == "second_moment":
     return jnp.float32  # AdaMuon / NorMuon / NAMO second moments: always float32
-  if part == "adam" and dtype == jnp.float16:
-    return jnp.float32  # the AdamW branch upcasts float16 leaves (see _common.float16_in_float32)
-  return dtype  # momentum, AdamW (f32/bf16), OAdamW's StableAdamW and Kahan buffers
+  if part in ("adam", "stable_adamw") and dtype == jnp.float16:
+    return jnp.float32  # both Adam cores upcast float16 leaves (_common.float16_in_float32)
+  return dtype  # momentum, AdamW and StableAdamW (f32/bf16) and Kahan buffers
 
 
 #: For the README: (part, rule).
@@ -100,7 +100,8 @@ STATE_DTYPE_RULES = [
     ("momentum (orthogonalized branch)", "parameter dtype, or `mu_dtype`"),
     ("second moment (adaptive_muon, normuon, adamuon, namo)", "float32 always"),
     ("AdamW branch mu / nu", "parameter dtype; float32 for float16 parameters"),
-    ("OAdamW StableAdamW mu / nu, Kahan compensation", "parameter dtype"),
+    ("OAdamW StableAdamW mu / nu", "parameter dtype; float32 for float16 parameters"),
+    ("OAdamW Kahan compensation", "parameter dtype"),
 ]
 
 

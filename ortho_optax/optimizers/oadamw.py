@@ -87,7 +87,8 @@ def oadamw(
     dimension_numbers: per-leaf :class:`ortho_optax.MatrixDims` (``None``: Flax
       ``(in, out)`` for 2-D leaves); a pytree for the full parameter tree works.
     backend: Newton-Schulz backend (``"auto"``, ``"xla"``, ``"pallas"``).
-    mu_dtype: dtype of the moments (``None``: the parameter dtype, as the reference).
+    mu_dtype: dtype of the moments (``None``: the parameter dtype, as the reference, except
+      float16 leaves, whose moments are float32).
     orthogonalizer, restart_every: ``"newton_schulz"`` or ``"gram_newton_schulz"`` and the
       latter's restart period, as in :func:`ortho_optax.optimizers.muon.muon`.
 
@@ -107,9 +108,11 @@ def oadamw(
   validation.check_static(update_proj_gap=update_proj_gap)
 
   def core():
-    stage = stable_adamw_stages.stable_adamw(
+    # float16 leaves run in float32 like the AdamW branch: a float16 v overflows for
+    # |g| > 256 (and underflows for small ones), which would freeze the leaf silently.
+    stage = _common.float16_in_float32(stable_adamw_stages.stable_adamw(
         learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-        decouple_lr=decouple_lr, max_lr=max_lr, mu_dtype=mu_dtype)
+        decouple_lr=decouple_lr, max_lr=max_lr, mu_dtype=mu_dtype))
     if kahan_sum is False:
       return stage
     return optax.chain(stage, kahan_stages.kahan_summation())

@@ -139,7 +139,11 @@ def stable_adamw(
       m_new = m.astype(cdt) + (1 - b1_t) * (g32 - m.astype(cdt))
       v_new = b2_t * v_old + (1 - b2_t) * g_sq
       eps_sq = jnp.asarray(eps, rdt) ** 2
-      rms = jnp.sqrt(jnp.mean(g_sq / jnp.maximum(v_new, eps_sq))) if g.size else 0.0
+      # g^2 / v <= 1 / (1 - b2_t); a finite g whose square overflows takes that limit
+      # instead of inf / inf = NaN.
+      ratio = jnp.where(jnp.isinf(g_sq) & jnp.isfinite(g32),
+                        1 / (1 - b2_t), g_sq / jnp.maximum(v_new, eps_sq))
+      rms = jnp.sqrt(jnp.mean(ratio)) if g.size else 0.0
       lr_t = lr / jnp.maximum(1.0, rms)
       step = m_new / (jnp.sqrt(v_new) + eps)
       if decay_on:
