@@ -401,9 +401,17 @@ def checked_labels(label_fn, dimension_numbers=None) -> Callable[[Any], Any]:
     ``labels(params) -> pytree of labels`` with the structure of ``params``.
 
   Raises:
-    ValueError: (when called) for an unknown label, or a complex leaf labelled
-      ``"ortho"`` (the orthogonalizers are real-only), naming the path.
+    ValueError: at once for a label pytree with an unknown label (or of another type,
+      such as a number); when called, for an unknown label from a callable, or a complex
+      leaf labelled ``"ortho"`` (the orthogonalizers are real-only), naming the path.
   """
+  if label_fn is not None and not callable(label_fn):
+    for path, label in jax.tree_util.tree_flatten_with_path(label_fn)[0]:
+      if not isinstance(label, str) or label not in LABELS:
+        where = matrix_view.path_str(path) or "<root>"
+        raise ValueError(
+            f"label_fn must be None, a callable params -> labels, or a pytree of labels in "
+            f"{LABELS}; got {label!r} at '{where}'.")
 
   def labels(params):
     given = resolve_labels(params, label_fn, dimension_numbers)

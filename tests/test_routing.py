@@ -279,3 +279,12 @@ def test_dims_from_model_views_conv_kernels_by_type():
   assert " adam " in row and "dims_from_model" in row
   row = routing.routing_report(state, dimension_numbers=dims).split("stem/kernel")[1]
   assert " ortho " in row and "(1, 8, 27)" in row.splitlines()[0]
+
+
+@pytest.mark.parametrize("label_fn, where", [("adam_all", "<root>"), (3, "<root>"),
+                                             ({"w": "ortho", "b": "adm"}, "b")])
+def test_a_bad_label_pytree_fails_at_construction(label_fn, where):
+  import ortho_optax as oo
+  with pytest.raises(ValueError, match=r"label_fn must be None, a callable params -> labels, "
+                                       rf"or a pytree of labels in .*at '{where}'"):
+    oo.muon(label_fn=label_fn)

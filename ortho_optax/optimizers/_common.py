@@ -194,6 +194,8 @@ def float16_in_float32(inner: optax.GradientTransformation) -> optax.GradientTra
   so their state keeps the parameter dtype.
   """
 
+  inner = optax.with_extra_args_support(inner)
+
   def init_fn(params):
     return inner.init(jax.tree.map(_to_float32_if_float16, params))
 
