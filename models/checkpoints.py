@@ -121,7 +121,8 @@ class Checkpoints:
           STATE: ocp.args.StandardRestore(abstract)}))[STATE]
     except Exception as e:  # orbax / tensorstore raise many kinds; report one
       raise ValueError(f"checkpoint {self.directory / str(step)} could not be read "
-                       f"({type(e).__name__}: {str(e)[:300]}).") from e
+                       f"({type(e).__name__}: {str(e)[:300]}). Delete that folder to resume "
+                       "from the checkpoint before it.") from e
     state = jax.tree.map(lambda x: x, like)  # a copy to fill in
     nnx.replace_by_pure_dict(state, restored)
     return state

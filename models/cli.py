@@ -334,6 +334,21 @@ def join_job(init_timeout: int = INIT_TIMEOUT_S, heartbeat_timeout: int | None =
     joined.set()
 
 
+#: The exit status after Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+
+
+def _interrupted(cfg) -> int:
+  """Ctrl-C: one line saying what is kept, and the shell's exit status for SIGINT."""
+  from ortho_optax.models import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
+  steps = ckpt_lib.complete_steps(cfg.out_dir) if cfg.out_dir else []
+  kept = (f"its newest checkpoint is step {steps[-1]} in {ckpt_lib.directory(cfg.out_dir)}; "
+          "run the same command with --resume to continue" if steps else
+          "no checkpoint was saved (--checkpoint-every N saves them)")
+  print(f"\northo-optax: interrupted; {kept}.", file=sys.stderr)
+  return EXIT_INTERRUPTED
+
+
 def _end_job(error: BaseException) -> None:
   """Ends this process of a job of several processes that failed mid-run, at once.
 
@@ -395,6 +410,13 @@ def main(argv=None) -> int:
       out = train_lib.compare(cfg, args.opt, args.lr_mults, dict(args.lr), progress=progress,
                               dataset=dataset, name=flag)
       runs, best = out["runs"], out["best"]
+  except KeyboardInterrupt:
+    return _interrupted(cfg)
+  except ValueError as e:  # found during the run (a damaged checkpoint): one line
+    if jax.process_count() > 1:
+      _end_job(e)
+    print(f"ortho-optax: error: {e}", file=sys.stderr)
+    return 1
   except Exception as e:  # pylint: disable=broad-except
     if jax.process_count() == 1:
       raise
@@ -408,5 +430,19 @@ def main(argv=None) -> int:
   return 0
 
 
+def run() -> None:
+  """The ``ortho-optax`` command: :func:`main`, then the process's exit.
+
+  After Ctrl-C the process ends with ``os._exit``: threads of the interrupted JAX and orbax
+  work may still be running, and a normal interpreter shutdown would abort on them.
+  """
+  code = main()
+  if code == EXIT_INTERRUPTED:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

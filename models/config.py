@@ -144,8 +144,9 @@ class TrainConfig:
     if bad:
       raise ValueError(f"{name('model')}: unknown field(s) {bad}; valid: "
                        f"{list(MODEL_OVERRIDES)}.")
-    gpt.check_fields(dataclasses.asdict(gpt.PRESETS[self.preset]) | self._model_overrides(),
-                     name)
+    fields = dataclasses.asdict(gpt.PRESETS[self.preset]) | self._model_overrides()
+    gpt.check_fields(fields, name)
+    self._validate_backend(fields, name)
     self._validate_mesh(name)
     if (self.resume or self.checkpoint_every) and not self.out_dir:
       raise ValueError(f"{name('resume')} and {name('checkpoint_every')} need "
@@ -157,6 +158,18 @@ class TrainConfig:
         raise
       args = " ".join(f"{k}={v}" for k, v in self.opt_args.items())
       raise ValueError(f"{name('opt_args')} {args}: {e}") from None
+
+  @staticmethod
+  def _validate_backend(fields, name) -> None:
+    """Settings this JAX backend cannot run fail here, not in the compiler."""
+    backend = jax.default_backend()
+    if fields.get("attention") == "cudnn" and backend != "gpu":
+      raise ValueError(f"{name('attention')} cudnn needs an NVIDIA GPU (cuDNN), and this "
+                       f"JAX backend is {backend}: use auto or xla.")
+    if fields.get("compute_dtype") == "float16" and backend == "cpu":
+      raise ValueError(f"{name('compute_dtype')} float16: XLA's CPU backend cannot run the "
+                       "model's float16 matrix products (float16 inputs, float32 "
+                       "accumulation); use bfloat16 or float32 on the CPU.")
 
   def _validate_mesh(self, name) -> None:
     if self.mesh_data is None and self.mesh_fsdp is None:

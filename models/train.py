@@ -20,7 +20,9 @@ Checkpoints are :mod:`ortho_optax.models.checkpoints`, results and plots
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -91,10 +93,22 @@ def batch_placer(mesh=None) -> Callable:
 
 
 def check_out_dir(cfg: TrainConfig, name: Callable[[str], str] = field_name) -> None:
-  """Refuses an output folder that holds another run, unless ``cfg.resume`` continues it."""
-  if not cfg.out_dir or cfg.resume:
+  """Refuses an output folder that cannot be written (a file in its path, no write
+  permission) or that holds another run, unless ``cfg.resume`` continues it."""
+  if not cfg.out_dir:
     return
   out = pathlib.Path(cfg.out_dir)
+  existing = out
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  if not existing.is_dir():
+    raise ValueError(f"{name('out_dir')} {cfg.out_dir}: {existing} is a file, not a folder; "
+                     "choose another folder.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f"{name('out_dir')} {cfg.out_dir}: {existing} is not writable; choose "
+                     "another folder.")
+  if cfg.resume:
+    return
   taken = (["results.json"] if (out / "results.json").exists() else []) + (
       ["checkpoints"] if ckpt_lib.complete_steps(out) else [])
   if taken:
@@ -256,6 +270,13 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None, progress: b
   cfg.validate(name)
   dataset = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
   record, start, history = check_run(cfg, dataset, name)
+  end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+  results = pathlib.Path(cfg.out_dir) / "results.json" if cfg.out_dir else None
+  if cfg.resume and start >= end and results is not None and results.exists():
+    # A finished run resumed again: its results (and their timings) are kept as they are.
+    print(f"[{cfg.optimizer} lr={cfg.peak_lr():g}] already at step {start} of {end}: "
+          f"nothing to train; {results} is kept.", file=sys.stderr, flush=True)
+    return json.loads(results.read_text())["runs"][0]
 
   # 2. Model, optimizer (restored when resuming), compiled step.
   mesh = make_mesh(cfg)
@@ -271,7 +292,6 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None, progress: b
     seq_len = model.config.seq_len
     sampler = data_lib.BatchSampler(dataset.train, cfg.batch_size, seq_len, cfg.seed)
     put = batch_placer(mesh)
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     step = TrainStep(model, optimizer, *put(*sampler.lazy(start)), mesh=mesh)
 
     # 3. The steps, timed by one clock that evaluation and checkpoints pause.

@@ -1,8 +1,6 @@
 """``python -m ortho_optax ...``: the ``ortho-optax`` command line (train / compare)."""
 
-import sys
-
-from ortho_optax.models.cli import main
+from ortho_optax.models.cli import run
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

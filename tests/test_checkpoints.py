@@ -170,6 +170,30 @@ def test_a_damaged_array_store_raises(interrupted, tmp_path):
     train_lib.train(_cfg(out_dir=str(out), resume=True), progress=False)
 
 
+def test_a_damaged_checkpoint_through_the_cli_is_one_line(interrupted, tmp_path, capsys):
+  out = tmp_path / "run"
+  shutil.copytree(interrupted, out)
+  for p in (ckpt_lib.directory(out) / "3" / "state").rglob("*"):
+    if p.is_file() and p.parent.name == "d":
+      p.write_bytes(b"\0" * 8)
+  assert cli.main(["train", *CLI_MICRO, "--checkpoint-every", "3", "--out", str(out),
+                   "--resume"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("ortho-optax: error: checkpoint ") and "could not be read" in err[-1]
+  assert "Delete that folder to resume from the checkpoint before it" in err[-1]
+  assert not any("Traceback" in line for line in err)
+
+
+def test_resuming_a_finished_run_keeps_its_results(full, tmp_path, capsys):
+  out = tmp_path / "run"
+  shutil.copytree(full[1], out)
+  before = (out / "results.json").read_text()
+  result = train_lib.train(_cfg(out_dir=str(out), resume=True), progress=False)
+  assert "already at step 6 of 6: nothing to train" in capsys.readouterr().err
+  assert (out / "results.json").read_text() == before
+  assert result["timings"] == json.loads(before)["runs"][0]["timings"]
+
+
 def test_config_differences_lists_model_fields():
   from ortho_optax.models import config  # pylint: disable=import-outside-toplevel
   a = {"optimizer": "muon", "model_config": {"model_dim": 32, "num_heads": 2}}

@@ -64,6 +64,10 @@ BAD = [
     ("train --multihost --init-timeout 0", ["--init-timeout", "0", ">= 1"]),
     ("train --multihost --heartbeat-timeout -1", ["--heartbeat-timeout", "-1", ">= 1"]),
     ("bogus", ["invalid choice", "train"]),
+    ("train --out {tmp}/afile", ["--out", "afile is a file, not a folder"]),
+    ("compare --out {tmp}/afile/sub", ["--out", "afile is a file, not a folder"]),
+    ("train --attention cudnn", ["--attention cudnn", "NVIDIA GPU", "cpu", "auto or xla"]),
+    ("train --dtype float16", ["--dtype float16", "CPU", "bfloat16 or float32"]),
 ]
 
 
@@ -71,6 +75,7 @@ BAD = [
 def test_bad_value_is_one_line_exit_2_and_writes_nothing(line, words, tmp_path, monkeypatch,
                                                          capsys):
   monkeypatch.chdir(tmp_path)
+  (tmp_path / "afile").write_text("")  # for the --out lines: a file where a folder must be
   argv = line.format(tmp=tmp_path).split()
   try:
     # The bad value comes after the micro settings, so it is the one argparse keeps.
@@ -84,7 +89,7 @@ def test_bad_value_is_one_line_exit_2_and_writes_nothing(line, words, tmp_path, 
   for w in words:
     assert w in lines[0], (w, lines[0])
   assert "Traceback" not in err and "usage:" not in err and out == ""
-  assert sorted(os.listdir(tmp_path)) == [], "nothing is written"
+  assert sorted(os.listdir(tmp_path)) == ["afile"], "nothing is written"
 
 
 def test_batch_size_the_mesh_does_not_divide(tmp_path):
@@ -183,3 +188,15 @@ def test_a_run_that_fails_in_a_job_of_several_processes_ends_the_process_at_once
   monkeypatch.setattr(jax, "process_count", lambda: 1)
   with pytest.raises(RuntimeError, match="Connection reset by peer"):
     cli.main(argv)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+  from ortho_optax.models import train as train_lib
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(train_lib, "train", interrupted)
+  assert cli.main(["train", *MICRO, "--steps", "3", "--out", str(tmp_path / "r")]) == 130
+  err = capsys.readouterr().err
+  assert "ortho-optax: interrupted; no checkpoint was saved (--checkpoint-every N" in err
+  assert "Traceback" not in err
