@@ -337,7 +337,7 @@ def main(argv=None) -> int:
       print(f"skipping {name}: {e}", file=sys.stderr)
       continue
     out = train_lib.compare(dataclasses.replace(base, out_dir=None), [name], args.mults,
-                            lrs, progress=False)
+                            {k: v for k, v in lrs.items() if k == name}, progress=False)
     runs += out["runs"]
     best.update(out["best"])
     for r in out["runs"]:

@@ -390,15 +390,20 @@ def sweep_configs(base: TrainConfig, optimizers: Sequence[str], lr_mults: Sequen
     raise ValueError(f"{name('optimizer')}: give at least one optimizer.")
   for opt in optimizers:
     validation.check_choice(name("optimizer"), opt, opt_lib.OPTIMIZERS)
+  _check_no_repeats(name("optimizer"), optimizers)
   for opt, lr in (lrs or {}).items():
     if opt not in opt_lib.OPTIMIZERS:
       raise ValueError(f"{name('lr')} {opt}={lr:g}: {opt!r} is not an optimizer; valid "
                        f"choices: {', '.join(opt_lib.OPTIMIZERS)}.")
+    if opt not in optimizers:  # it would be silently unused
+      raise ValueError(f"{name('lr')} {opt}={lr:g}: {opt} is not among the optimizers "
+                       f"compared ({name('optimizer')} {' '.join(optimizers)}).")
     validation.check_range(f"{name('lr')} {opt}", lr, 0.0, low_open=True)
   if not lr_mults:
     raise ValueError(f"{name('lr_mults')}: give at least one multiplier.")
   for mult in lr_mults:
     validation.check_range(name("lr_mults"), mult, 0.0, low_open=True)
+  _check_no_repeats(name("lr_mults"), lr_mults)
   cfgs = [dataclasses.replace(base, optimizer=opt, resume=False, checkpoint_every=0,
                               out_dir=None,
                               lr=(lrs or {}).get(opt, opt_lib.default_lr(opt)) * mult)
@@ -406,6 +411,14 @@ def sweep_configs(base: TrainConfig, optimizers: Sequence[str], lr_mults: Sequen
   for c in cfgs:
     c.validate(name)
   return cfgs
+
+
+def _check_no_repeats(flag: str, values: Sequence) -> None:
+  """A repeated value would train the same run twice."""
+  repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+  if repeated:
+    raise ValueError(f"{flag}: {', '.join(repeated)} given more than once (the same run "
+                     "would train twice).")
 
 
 def compare(base: TrainConfig, optimizers: Sequence[str], lr_mults: Sequence[float] = (1.0,),
