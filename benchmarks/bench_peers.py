@@ -31,7 +31,6 @@ import importlib
 import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -93,17 +92,10 @@ def time_torch(fn, x, reps=bk.REPS, trials=5):
     y = x
     for _ in range(reps):
       y = fn(y)
-    return y
-  for _ in range(3):  # torch.compile and Triton's autotuning run here
+    torch.cuda.synchronize()  # returns None: nothing left for jax.block_until_ready
+  for _ in range(2):  # torch.compile and Triton's autotuning run here
     run()
-  torch.cuda.synchronize()
-  ts = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    run()
-    torch.cuda.synchronize()
-    ts.append((time.perf_counter() - t0) / reps)
-  return statistics.median(ts), ts
+  return bk._median_time(run, trials, reps)  # pylint: disable=protected-access
 
 
 def polar_distance(out, polar):

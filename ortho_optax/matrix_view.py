@@ -175,6 +175,11 @@ _DIMS_FORMS = ("None, a MatrixDims (ortho_optax.TORCH_LAYOUT for (out, in) matri
                "callable params -> a pytree of MatrixDims/None, or such a pytree")
 
 
+def is_dims_leaf(x) -> bool:
+  """The leaves of a ``dimension_numbers`` pytree: a :class:`MatrixDims` or ``None``."""
+  return x is None or isinstance(x, MatrixDims)
+
+
 def check_dimension_numbers(dimension_numbers):
   """Checks the form of ``dimension_numbers`` when a transformation is built.
 
@@ -194,10 +199,9 @@ def check_dimension_numbers(dimension_numbers):
     return dimension_numbers
   import jax  # local: keeps this module importable without initialising JAX backends
 
-  flat = jax.tree_util.tree_flatten_with_path(
-      dimension_numbers, is_leaf=lambda x: x is None or isinstance(x, MatrixDims))[0]
+  flat = jax.tree_util.tree_flatten_with_path(dimension_numbers, is_leaf=is_dims_leaf)[0]
   for path, leaf in flat:
-    if not (leaf is None or isinstance(leaf, MatrixDims)):
+    if not is_dims_leaf(leaf):
       where = f" at '{path_str(path)}'" if path else ""
       raise ValueError(f"dimension_numbers must be {_DIMS_FORMS}; got {leaf!r}{where}.")
   return dimension_numbers
@@ -224,7 +228,6 @@ def resolve_dims(tree, dimension_numbers=None):
   """
   if callable(dimension_numbers) and not isinstance(dimension_numbers, MatrixDims):
     dimension_numbers = dimension_numbers(tree)
-  is_dims = lambda x: isinstance(x, MatrixDims) or x is None
 
   def one(path, leaf, dims=None):
     if leaf is None:

@@ -527,13 +527,9 @@ def _dims_by_path(params, dimension_numbers) -> dict:
   return dims_path_dict(dimension_numbers)
 
 
-def _is_dims_leaf(x) -> bool:
-  return x is None or isinstance(x, matrix_view.MatrixDims)
-
-
 def dims_path_dict(dims_tree) -> dict:
   """Flattens a pytree of ``MatrixDims`` (or ``None``) into ``{path: dims}``."""
-  flat = jax.tree_util.tree_flatten_with_path(dims_tree, is_leaf=_is_dims_leaf)[0]
+  flat = jax.tree_util.tree_flatten_with_path(dims_tree, is_leaf=matrix_view.is_dims_leaf)[0]
   return {matrix_view.path_str(p): d for p, d in flat}
 
 
