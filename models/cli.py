@@ -390,6 +390,8 @@ def main(argv=None) -> int:
     if args.command == "train":
       cfgs = [cfg]
     else:
+      train_lib.check_no_repeats(flag("lr"), [n for n, _ in args.lr],
+                                 "one learning rate per optimizer")
       cfgs = train_lib.sweep_configs(cfg, args.opt, args.lr_mults, dict(args.lr), flag)
       cfg.validate(flag)
       train_lib.check_out_dir(cfg, flag)

@@ -148,6 +148,9 @@ class TrainConfig:
     gpt.check_fields(fields, name)
     self._validate_backend(fields, name)
     self._validate_mesh(name)
+    if self.out_dir is not None and not str(self.out_dir).strip():
+      raise ValueError(f"{name('out_dir')} is empty; give a folder (or leave it out for "
+                       "runs/<command>-<date-time>).")
     if (self.resume or self.checkpoint_every) and not self.out_dir:
       raise ValueError(f"{name('resume')} and {name('checkpoint_every')} need "
                        f"{name('out_dir')} (the folder that holds the checkpoints).")

@@ -390,7 +390,7 @@ def sweep_configs(base: TrainConfig, optimizers: Sequence[str], lr_mults: Sequen
     raise ValueError(f"{name('optimizer')}: give at least one optimizer.")
   for opt in optimizers:
     validation.check_choice(name("optimizer"), opt, opt_lib.OPTIMIZERS)
-  _check_no_repeats(name("optimizer"), optimizers)
+  check_no_repeats(name("optimizer"), optimizers)
   for opt, lr in (lrs or {}).items():
     if opt not in opt_lib.OPTIMIZERS:
       raise ValueError(f"{name('lr')} {opt}={lr:g}: {opt!r} is not an optimizer; valid "
@@ -403,7 +403,7 @@ def sweep_configs(base: TrainConfig, optimizers: Sequence[str], lr_mults: Sequen
     raise ValueError(f"{name('lr_mults')}: give at least one multiplier.")
   for mult in lr_mults:
     validation.check_range(name("lr_mults"), mult, 0.0, low_open=True)
-  _check_no_repeats(name("lr_mults"), lr_mults)
+  check_no_repeats(name("lr_mults"), lr_mults)
   cfgs = [dataclasses.replace(base, optimizer=opt, resume=False, checkpoint_every=0,
                               out_dir=None,
                               lr=(lrs or {}).get(opt, opt_lib.default_lr(opt)) * mult)
@@ -413,12 +413,12 @@ def sweep_configs(base: TrainConfig, optimizers: Sequence[str], lr_mults: Sequen
   return cfgs
 
 
-def _check_no_repeats(flag: str, values: Sequence) -> None:
-  """A repeated value would train the same run twice."""
+def check_no_repeats(flag: str, values: Sequence,
+                     why: str = "the same run would train twice") -> None:
+  """Raises ``ValueError`` naming the values given more than once, and ``why`` it matters."""
   repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
   if repeated:
-    raise ValueError(f"{flag}: {', '.join(repeated)} given more than once (the same run "
-                     "would train twice).")
+    raise ValueError(f"{flag}: {', '.join(repeated)} given more than once ({why}).")
 
 
 def compare(base: TrainConfig, optimizers: Sequence[str], lr_mults: Sequence[float] = (1.0,),

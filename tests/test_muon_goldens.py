@@ -261,6 +261,9 @@ def test_turbo_and_adaptive_reject_bad_hyperparameters():
     turbo_muon(variant="fast")
   with pytest.raises(ValueError, match="ns_steps|steps"):
     turbo_muon(ns_steps=6)  # turbo_aol takes the last steps of a 5-triple table
+  with pytest.raises(ValueError, match="turbo_muon sets coefficients and preconditioning by "
+                                       "its variant.*use ortho_optax.muon"):
+    turbo_muon(coefficients="quintic", preconditioning="frobenius")
   with pytest.raises(ValueError, match="'adam'.*adamuon"):
     adaptive_muon(moment2_method="adam")
   with pytest.raises(ValueError, match="namo.*l2"):

@@ -71,13 +71,19 @@ def turbo_muon(
     An ``optax.GradientTransformation``.
 
   Raises:
-    ValueError: for an unknown ``variant`` and whatever :func:`muon` rejects.
+    ValueError: for an unknown ``variant``, ``coefficients`` or ``preconditioning`` among
+      ``muon_kwargs``, and whatever :func:`muon` rejects.
 
   References:
     Boissin et al., "Turbo-Muon: Accelerating Orthogonality-Based Optimization with
     Pre-Conditioning", arXiv 2512.04632, 2025; thib-s/flash-newton-schulz.
   """
   validation.check_choice("variant", variant, tuple(TURBO_VARIANTS))
+  fixed = sorted({"coefficients", "preconditioning"} & set(muon_kwargs))
+  if fixed:
+    raise ValueError(f"turbo_muon sets {' and '.join(fixed)} by its variant "
+                     f"({', '.join(map(repr, TURBO_VARIANTS))}); for another table or "
+                     "preconditioning use ortho_optax.muon.")
   coefficients, preconditioning, default_steps = TURBO_VARIANTS[variant]
   return muon(learning_rate, momentum, nesterov,
               default_steps if ns_steps is None else ns_steps, coefficients,
