@@ -11,7 +11,9 @@ For every ``bench_kernels.py`` shape, bf16, AOL + 4 (``turbo_aol``) and Frobeniu
 * ``ours``: ``ortho_optax.newton_schulz(backend="xla")``;
 * diagnostic formulations of the same iteration (``--variants``): ``astype`` (our math
   with plain casts instead of ``reduce_precision`` roundings), ``bf16_out`` (GEMMs that
-  write bf16, combinations in float32), ``bf16_all`` (everything in bf16, as optax);
+  write bf16, combinations in float32), ``bf16_all`` (everything in bf16, as optax),
+  ``gram_bf16`` (ours with the Gram GEMM writing bf16), ``fold`` / ``fold_bf16`` (``X ← (aI + bA + cA²)·X``: one GEMM writing bf16 per update,
+  ``A²`` written in float32 / bf16);
 
 and each output's relative distance to a float32 HIGHEST-precision run of the same
 iteration (so speed is never read without accuracy). Writes ``bench_xla_ns.json``;
@@ -92,6 +94,18 @@ def variant_fn(cfg, mode):
         s = lax.rsqrt(jnp.maximum(jnp.sum(jnp.abs(A.astype(f32)), axis=-1), eps))
         X = (s[..., :, None] * X.astype(f32)).astype(bf)
         A = (s[..., :, None] * A.astype(f32) * s[..., None, :]).astype(bf)
+      if mode in ("fold", "fold_bf16"):
+        # X ← (aI + bA + cA²)·X: the a·X term folded into the polynomial, so the update
+        # is one GEMM writing bf16 (no float32 product to reread).
+        sq = jnp.matmul(A, A, preferred_element_type=bf if mode == "fold_bf16" else f32)
+        eye = jnp.eye(A.shape[-1], dtype=f32)
+        P = (a * eye + b * A.astype(f32) + c * sq.astype(f32)).astype(bf)
+        X = jnp.matmul(P, X)
+        continue
+      if mode == "gram_bf16":  # ours, with only the Gram GEMM writing bf16
+        B = comb((b, A), (c, jnp.matmul(A, A, preferred_element_type=f32)))
+        X = comb((a, X), (1.0, jnp.matmul(B, X, preferred_element_type=f32)))
+        continue
       B = comb((b, A), (c, mm(A, A)))
       X = comb((a, X), (1.0, mm(B, X)))
     return X

@@ -15,7 +15,8 @@ Blocks (:data:`BLOCKS`): ``user_loop`` (``bench_user_loop_h200.json``, a plain u
 Flax loop per optimizer; says so when the file is not committed yet), ``gpt_step``
 (``bench_gpt``: the trainer's step), ``kernels`` (``bench_kernels`` profile: Newton–Schulz
 kernels vs XLA, with the Triton peers), ``xla_path`` (``bench_xla_ns``: the XLA path
-against optax.contrib's), ``tiny_compare`` (validation loss of the tiny GPT),
+against optax.contrib's), ``peers`` (``bench_peers``: the kernels against
+flash-newton-schulz's Triton kernels in one run), ``tiny_compare`` (validation loss of the tiny GPT),
 ``quality_gpt`` (validation loss of GPT-2 small on a GPU, ``quality_gpt.py``'s report) and
 ``distributed`` (collective bytes per step).
 
@@ -207,6 +208,35 @@ def xla_path(results: pathlib.Path) -> str:
             f"{payload['date']} (`benchmarks/results/{XLA_PATH.file}`). {note}\n")
 
 
+PEERS_SIDE_BY_SIDE = Source("bench_peers_h200.json", machine="one NVIDIA H200")
+
+
+def peers(results: pathlib.Path) -> str:
+  """The kernels against flash-newton-schulz's Triton kernels in one run (bench_peers.py)."""
+  payload = _load(results, PEERS_SIDE_BY_SIDE)
+  fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+  lines = ["| shape | config | ortho-optax kernels ms | flash-newton-schulz ms | speed-up | "
+           "% of floor | distance to polar: ortho-optax | flash-newton-schulz |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in payload["rows"]:
+    lines.append(
+        f"| {_shape(r['shape'])} | {CONFIG_NAMES.get(r['config'], r['config'])} | "
+        f"{fmt(r.get('ours_ms'), '.3f')} | {fmt(r.get('peer_ms'), '.3f')} | "
+        f"{fmt(r.get('speedup'), '.2f')}× | {fmt(r.get('frac_floor') and 100 * r['frac_floor'], '.0f')}"
+        f" | {fmt(r.get('ours_polar_dist'), '.4f')} | {fmt(r.get('peer_polar_dist'), '.4f')} |")
+  verdicts = "; ".join(
+      f"{t['what']}: {'met' if t['passed'] else 'not met'}" for t in payload["targets"].values())
+  note = (f"Wall ms per call (20 calls, output fed back, median of 5), bf16, both in one "
+          f"process on the same inputs: PyTorch {payload['torch']} for the peer's "
+          f"`newton_schulz_triton_aol` (its own AOL + 4 coefficients), ours with Turbo-Muon's. "
+          f"Floor = one-triangle flops at the bf16 peak measured in the same run "
+          f"({payload['peak_tflops']:.0f} TFLOP/s); distance = relative Frobenius distance to "
+          f"the exact polar factor (float64 SVD), up to 4096. Targets: {verdicts}.")
+  return "\n".join(lines) + "\n\n" + _caption(
+      PEERS_SIDE_BY_SIDE, payload, machine=f"{PEERS_SIDE_BY_SIDE.machine}, JAX {payload['jax']}",
+      date=payload["date"], note=note) + "\n"
+
+
 TINY = Source("tiny_compare_equal_time.json")
 
 
@@ -309,7 +339,7 @@ def distributed(results: pathlib.Path) -> str:
 BLOCKS: dict[str, Callable[[pathlib.Path], str]] = {
     "user_loop": user_loop, "gpt_step": gpt_step, "kernels": kernels,
     "tiny_compare": tiny_compare, "distributed": distributed, "quality_gpt": quality_gpt,
-    "xla_path": xla_path}
+    "xla_path": xla_path, "peers": peers}
 
 
 def render(text: str, results: pathlib.Path = RESULTS) -> str:

@@ -65,3 +65,15 @@ def highest_precision():
   """fp32 goldens need true fp32 matmuls."""
   with jax.default_matmul_precision("highest"):
     yield
+
+
+@pytest.fixture
+def x64():
+  """Float64 arrays inside the test (JAX 0.10 and 0.11 spellings)."""
+  if hasattr(jax, "enable_x64"):
+    ctx = jax.enable_x64(True)
+  else:
+    from jax.experimental import enable_x64  # JAX 0.10
+    ctx = enable_x64()
+  with ctx:
+    yield

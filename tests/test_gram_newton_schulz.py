@@ -36,17 +36,6 @@ def _distance_to_polar(out, x):
   return np.linalg.norm(np.asarray(out, np.float64) - u @ vt) / math.sqrt(min(x.shape))
 
 
-@pytest.fixture
-def x64():
-  if hasattr(jax, "enable_x64"):
-    ctx = jax.enable_x64(True)
-  else:
-    from jax.experimental import enable_x64  # JAX 0.10
-    ctx = enable_x64()
-  with ctx:
-    yield
-
-
 # Steps 1..6, every preconditioning, wide / tall / batched, segments of every shape
 # (a single segment, length-1 tails, equal segments, restart_every=1 = NS step by step).
 _CASES = [
@@ -159,6 +148,10 @@ def _dots(jaxpr):
       (lc, _), _ = eqn.params["dimension_numbers"]
       k = math.prod(eqn.invars[0].aval.shape[d] for d in lc)
       found.append((2 * k * math.prod(eqn.outvars[0].aval.shape), 1))
+    if eqn.primitive.name == "cond":  # one branch runs: the platform forms of a step
+      branches = [_dots(b.jaxpr) for b in eqn.params["branches"]]
+      assert len({sum(f for f, _ in b) for b in branches}) == 1, branches
+      found += branches[0]
     for name in ("jaxpr", "call_jaxpr"):
       sub = eqn.params.get(name)
       if sub is not None:

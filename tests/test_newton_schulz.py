@@ -106,13 +106,47 @@ def test_resolve_coefficients_errors(args, match):
 # ----------------------------------------------------------------------------- newton_schulz
 
 
+@pytest.mark.parametrize("cubic", [False, True])
+def test_fused_step_is_the_separate_step(cubic, x64):
+  """The accelerators' step ``(aI + bA + cA²)·X`` is the CPU's ``aX + (bA + cA²)X``:
+  equal in float64, and in bf16 within a few roundings of it."""
+  from ortho_optax.newton_schulz import _gram, _ns_step_fused, _ns_step_separate
+  abc = (3.4445, -4.7750, 0.0 if cubic else 2.0315)
+  x = _rand((3, 24, 40), dtype=jnp.float64) / 8
+  t = jnp.asarray(abc, jnp.float64)
+  fused = _ns_step_fused(x, _gram(x), t, cubic=cubic)
+  np.testing.assert_allclose(fused, _ns_step_separate(x, _gram(x), t, cubic=cubic),
+                             rtol=1e-12, atol=1e-14)
+  x = (_rand((3, 24, 40)) / 8).astype(jnp.bfloat16)
+  t = jnp.asarray(abc, jnp.float32)
+  fused, separate = (np.asarray(f(x, _gram(x), t, cubic=cubic), np.float32)
+                     for f in (_ns_step_fused, _ns_step_separate))
+  exact = np.asarray(_ns_step_separate(x.astype(jnp.float32), _gram(x.astype(jnp.float32)),
+                                       t, cubic=cubic))
+  assert np.linalg.norm(fused - exact) < 2 * np.linalg.norm(separate - exact) + 1e-6
+  assert np.abs(fused - separate).max() <= 4 * 2.0**-8 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("platform, bf16_dots", [("cpu", 0), ("cuda", 2)])
+def test_step_form_follows_the_platform(platform, bf16_dots):
+  """On the CPU every GEMM accumulates into float32 (the references' roundings); on a GPU
+  the Gram and update GEMMs write bf16 themselves (the fused step), ``A²`` float32."""
+  import re
+  x = jnp.ones((32, 48), jnp.bfloat16)
+  fn = jax.jit(lambda x: newton_schulz(x, backend="xla"))
+  text = fn.trace(x).lower(lowering_platforms=(platform,)).as_text()
+  assert len(re.findall(r"dot_general.*-> tensor<[0-9x]*bf16>", text)) == bf16_dots
+  assert len(re.findall(r"dot_general.*-> tensor<[0-9x]*f32>", text)) == 3 - bf16_dots
+
+
 def test_loop_is_not_unrolled():
   x = _rand((32, 48))
   for steps in (3, 12):
     jaxpr = str(jax.make_jaxpr(lambda x: newton_schulz(x, steps=steps, **F32))(x))
     assert "scan" in jaxpr or "while" in jaxpr
-    # One loop body whatever the step count: the program does not grow with steps.
-    assert jaxpr.count("dot_general") <= 4
+    # One loop body whatever the step count: the program does not grow with steps (in
+    # each of the step's two platform forms, separate and fused: the Gram and two GEMMs).
+    assert jaxpr.count("dot_general") <= 6
   hlo = jax.jit(lambda x: newton_schulz(x, steps=9, coefficients="quintic", **F32)).lower(
       x).as_text()
   assert "while" in hlo
