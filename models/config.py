@@ -124,6 +124,9 @@ class TrainConfig:
     for field in ("seq_len", "stop_after"):
       if getattr(self, field) is not None:
         validation.check_int(name(field), getattr(self, field), 1)
+    if self.stop_after is not None and self.stop_after > self.steps:
+      raise ValueError(f"{name('stop_after')}={self.stop_after} is past the run's last step "
+                       f"({name('steps')}={self.steps}): it would never stop the run early.")
     # Learning rates are finite and > 0; weight decay and warm-up finite and >= 0.
     lrs = ("adam_lr",) if self.lr is None else ("lr", "adam_lr")
     for field in lrs:
@@ -176,6 +179,10 @@ class TrainConfig:
 
   def _validate_mesh(self, name) -> None:
     if self.mesh_data is None and self.mesh_fsdp is None:
+      if self.ortho_sharding != "gather_whole":
+        raise ValueError(f"{name('ortho_sharding')} {self.ortho_sharding} lays out "
+                         f"orthogonalization on a device mesh, and this run has none: add "
+                         f"{name('mesh_data')} and/or {name('mesh_fsdp')}.")
       return
     for field in ("mesh_data", "mesh_fsdp"):
       if getattr(self, field) is not None:

@@ -22,6 +22,10 @@ from ortho_optax import validation
 #: Every name the trainer accepts: ``adamw`` and the library's optimizers.
 OPTIMIZERS = ("adamw", *ortho_optax.OPTIMIZERS)
 
+#: The optimizers whose update orthogonalizes (what ``ortho_optax.distribute`` lays out on a
+#: mesh): all but ``adamw`` and ``auon`` (its cosh-norm brake replaces orthogonalization).
+ORTHOGONALIZING = tuple(n for n in OPTIMIZERS if n not in ("adamw", "auon"))
+
 #: ``compare`` with no ``--opt``: the main contenders (fast enough for 2 CPU cores).
 COMPARE_DEFAULT = ("adamw", "muon", "turbo_muon", "auon", "aurora", "normuon", "oadamw")
 

@@ -49,6 +49,8 @@ def header(command: str, cfgs: Sequence, dataset, out_dir) -> str:
   dev = jax.devices()[0]
   mesh = ("" if c.mesh_data is None and c.mesh_fsdp is None else
           f", mesh data={c.mesh_data or '-'} fsdp={c.mesh_fsdp or '-'}")
+  unused = ("" if mesh or jax.device_count() == 1 else
+            f", of {jax.device_count()} visible (a mesh flag uses them all)")
   runs = ", ".join(f"{x.optimizer} lr={x.peak_lr():g}" for x in cfgs)
   lines = [
       f"ortho-optax {command}",
@@ -56,8 +58,8 @@ def header(command: str, cfgs: Sequence, dataset, out_dir) -> str:
       f"vocab {m.vocab_size}, {m.dtype.name} compute",
       f"  data       {d['name']}: {d['train_tokens']:,} train / {d['val_tokens']:,} "
       f"validation tokens, sha256 {d['sha256'][:16]}",
-      f"  device     {jax.device_count()} x {getattr(dev, 'device_kind', str(dev))} "
-      f"({jax.default_backend()}){mesh}",
+      f"  device     {jax.device_count() if mesh else 1} x "
+      f"{getattr(dev, 'device_kind', str(dev))} ({jax.default_backend()}){mesh}{unused}",
       f"  steps      {c.steps} x {c.batch_size} x {m.seq_len} tokens, warm-up "
       f"{config_lib.warmup_steps_of(c)}, {c.schedule} schedule, seed {c.seed}",
       f"  optimizers {runs}",

@@ -73,7 +73,7 @@ def init_model_and_optimizer(cfg: TrainConfig, mesh=None, tx=None):
   """
   model = gpt.GPT(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
   tx = make_optimizer(cfg) if tx is None else tx
-  if mesh is not None:
+  if mesh is not None and cfg.optimizer in opt_lib.ORTHOGONALIZING:
     tx = distributed.distribute(tx, mesh, strategy=cfg.ortho_sharding)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   if mesh is not None:

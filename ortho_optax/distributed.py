@@ -78,6 +78,7 @@ import inspect
 import math
 import os
 import threading
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -407,7 +408,9 @@ def current_sharding() -> OrthogonalizationSharding | None:
 
 def gathers_whole() -> bool:
   """Whether the active config spreads stacks over devices (``gather_whole`` on more than
-  one worker); otherwise :func:`orthogonalize_stack` is a plain call."""
+  one worker); otherwise :func:`orthogonalize_stack` is a plain call. Every orthogonalize
+  stage asks, once per trace: :func:`distribute` counts the asks."""
+  _ACTIVE.asked = getattr(_ACTIVE, "asked", 0) + 1
   config = current_sharding()
   return not (config is None or config.strategy == "auto" or config.num_workers == 1)
 
@@ -480,12 +483,19 @@ def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
         f"{len(mesh.axis_names)}.")
 
   def inner_update(updates, state, params, **extra_args):
-    previous = current_sharding()
-    _ACTIVE.config = config
+    previous, asked = current_sharding(), getattr(_ACTIVE, "asked", 0)
+    _ACTIVE.config, _ACTIVE.asked = config, 0
     try:
-      return tx.update(updates, state, params, **extra_args)
+      out = tx.update(updates, state, params, **extra_args)
+      if not _ACTIVE.asked:
+        warnings.warn(
+            "ortho_optax.distribute: the wrapped transformation has no orthogonalize stage "
+            "of this library, so the mesh changes nothing in its update; distribute an "
+            "ortho_optax optimizer or a chain with ortho_optax.stages.orthogonalize.",
+            stacklevel=3)
+      return out
     finally:
-      _ACTIVE.config = previous
+      _ACTIVE.config, _ACTIVE.asked = previous, asked
 
   def update_fn(updates, state, params=None, **extra_args):
     if explicit and _typed_over(explicit, (updates, state, params)):

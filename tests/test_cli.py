@@ -58,6 +58,8 @@ BAD = [
     ("train --vocab-size 100", ["--data", "256", "--vocab-size"]),
     ("train --seq-len 500000", ["--data", "training split", "--seq-len", "500000"]),
     ("train --stop-after 0", ["--stop-after", "0", ">= 1"]),
+    ("train --steps 5 --stop-after 9", ["--stop-after=9", "--steps=5", "never stop"]),
+    ("train --ortho-sharding auto", ["--ortho-sharding auto", "no", "--mesh-data"]),
     ("train --init-timeout 5", ["--init-timeout", "only with --multihost"]),
     ("train --init-timeout 5 --heartbeat-timeout 5", ["--init-timeout and --heartbeat-timeout",
                                                       "only with --multihost"]),
@@ -151,6 +153,9 @@ def test_commands_without_out_write_under_runs(tmp_path, monkeypatch, capsys):
     for word in ("ortho-optax " + command, "tiny", "embedded:prose", "sha256", "cpu",
                  "3 x 4 x 16 tokens", runs_shown, f"runs/{folder.name}"):
       assert word in head, (word, head)
+    import jax  # pylint: disable=import-outside-toplevel
+    assert "  device     1 x " in head  # no mesh flag: one device, whatever is visible
+    assert (f"of {jax.device_count()} visible" in head) == (jax.device_count() > 1)
     assert "| train s | ms / step | compile s |" in out
     results = json.loads((folder / "results.json").read_text())
     runs = results["runs"]

@@ -200,6 +200,21 @@ def test_no_mesh_is_the_identity_hook():
   assert distributed.current_sharding() is None
 
 
+def test_distributing_what_has_no_orthogonalize_stage_warns():
+  """The mesh would change nothing: said once per trace, not silently ignored; the
+  trainer distributes exactly the optimizers that orthogonalize."""
+  import warnings  # pylint: disable=import-outside-toplevel
+  from ortho_optax.models import optimizers as opt_lib  # pylint: disable=import-outside-toplevel
+  mesh, params = _mesh((8, 1)), {"w": jnp.ones((4, 6)), "b": jnp.ones(4)}
+  for name in opt_lib.OPTIMIZERS:
+    tx = distributed.distribute(opt_lib.resolve(name)(1e-3), mesh)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      jax.eval_shape(tx.update, params, tx.init(params), params)  # it is said at trace time
+    said = any("no orthogonalize stage" in str(w.message) for w in caught)
+    assert said == (name not in opt_lib.ORTHOGONALIZING), name
+
+
 def test_bf16_communication_is_lossless_for_bf16_newton_schulz():
   """Data parallelism: only results travel; a bf16 NS output is exact in bf16."""
   mesh = _mesh((8, 1))
