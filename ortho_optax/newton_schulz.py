@@ -17,7 +17,10 @@ Aurora ``polar``                        ``coefficients="aurora", steps=12``
 ======================================  =====================================================
 
 The iteration is a ``lax.scan`` over a ``(steps, 3)`` coefficient array, so the compiled
-program (and its memory) does not grow with ``steps``.
+program (and its memory) does not grow with ``steps``. On the CPU each step rounds like
+the PyTorch references (``aX + (bA + cA²)X`` combined in float32); on accelerators it runs
+as ``(aI + bA + cA²)·X`` with GEMMs that round as they write, one rounding more and a
+float32 round trip per GEMM less (:func:`_ns_step`).
 
 References:
   Jordan et al., *Muon: An optimizer for hidden layers in neural networks*, 2024.
