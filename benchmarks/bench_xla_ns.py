@@ -12,8 +12,9 @@ For every ``bench_kernels.py`` shape, bf16, AOL + 4 (``turbo_aol``) and Frobeniu
 * diagnostic formulations of the same iteration (``--variants``): ``astype`` (our math
   with plain casts instead of ``reduce_precision`` roundings), ``bf16_out`` (GEMMs that
   write bf16, combinations in float32), ``bf16_all`` (everything in bf16, as optax),
-  ``gram_bf16`` (ours with the Gram GEMM writing bf16), ``fold`` / ``fold_bf16`` (``X ← (aI + bA + cA²)·X``: one GEMM writing bf16 per update,
-  ``A²`` written in float32 / bf16);
+  ``gram_bf16`` (the separate step with only the Gram GEMM writing bf16), ``fold`` /
+  ``fold_bf16`` (``X ← (aI + bA + cA²)·X``: one GEMM writing bf16 per update, ``A²``
+  written in float32 / bf16; the step the library runs on accelerators);
 
 and each output's relative distance to a float32 HIGHEST-precision run of the same
 iteration (so speed is never read without accuracy). Writes ``bench_xla_ns.json``;

@@ -409,7 +409,7 @@ def current_sharding() -> OrthogonalizationSharding | None:
 def gathers_whole() -> bool:
   """Whether the active config spreads stacks over devices (``gather_whole`` on more than
   one worker); otherwise :func:`orthogonalize_stack` is a plain call. Every orthogonalize
-  stage asks, once per trace: :func:`distribute` counts the asks."""
+  stage asks when it is traced: :func:`distribute` counts the asks."""
   _ACTIVE.asked = getattr(_ACTIVE, "asked", 0) + 1
   config = current_sharding()
   return not (config is None or config.strategy == "auto" or config.num_workers == 1)
@@ -494,8 +494,8 @@ def distribute(tx: optax.GradientTransformation, mesh: Mesh, *,
             "ortho_optax optimizer or a chain with ortho_optax.stages.orthogonalize.",
             stacklevel=3)
       return out
-    finally:
-      _ACTIVE.config, _ACTIVE.asked = previous, asked
+    finally:  # an enclosing distribute() counts the asks of this one too
+      _ACTIVE.config, _ACTIVE.asked = previous, asked + _ACTIVE.asked
 
   def update_fn(updates, state, params=None, **extra_args):
     if explicit and _typed_over(explicit, (updates, state, params)):

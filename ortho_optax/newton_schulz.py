@@ -18,9 +18,9 @@ Aurora ``polar``                        ``coefficients="aurora", steps=12``
 
 The iteration is a ``lax.scan`` over a ``(steps, 3)`` coefficient array, so the compiled
 program (and its memory) does not grow with ``steps``. On the CPU each step rounds like
-the PyTorch references (``aX + (bA + cA²)X`` combined in float32); on accelerators it runs
-as ``(aI + bA + cA²)·X`` with GEMMs that round as they write, one rounding more and a
-float32 round trip per GEMM less (:func:`_ns_step`).
+the PyTorch references (``aX + (bA + cA²)X`` combined in float32); on accelerators a bf16
+(or float16) step runs as ``(aI + bA + cA²)·X`` with GEMMs that round as they write: one
+rounding more and a float32 round trip per GEMM less (:func:`_ns_step`).
 
 References:
   Jordan et al., *Muon: An optimizer for hidden layers in neural networks*, 2024.
@@ -103,9 +103,10 @@ def _frobenius_normalize(x, eps, compute_dtype):
   ``eps = 0``). The identity ``X / (‖X‖ + eps) = (X/s) / (‖X/s‖ + eps/s)`` with ``s`` the
   power of two just below ``max|X|`` avoids both, and it is exact: scaling by a power of
   two commutes with every rounding of the sum, the square root and the division, so
-  matrices of ordinary scale get the plain formula's result bit for bit (in three passes
-  over X, not the two formulas' six). Non-finite inputs still give non-finite outputs
-  (NaN is never hidden).
+  matrices of ordinary scale get the plain formula's result bit for bit, unless some of
+  their squares or scaled entries are subnormal (where the plain formula flushes them to
+  zero on the CPU). It takes three passes over X. Non-finite inputs still give non-finite
+  outputs (NaN is never hidden).
   """
   acc = _accum_dtype(x.dtype, compute_dtype)
   xa = x.astype(acc)
@@ -163,25 +164,40 @@ def _gram(x, acc=None):
   return _round_to(_mm(x, _swap(x), acc), x.dtype)
 
 
+def _fuses(dtype) -> bool:
+  """Whether steps in ``dtype`` take the fused form on accelerators: below float32 only.
+
+  There a float32 product written and reread to be rounded costs a step as much as one of
+  its GEMMs. A float32 step has no rounding to save, and its GEMMs may run at reduced
+  precision (TF32 on GPUs by default), which would then also touch the dominant ``aX``
+  term that the separate form keeps exact.
+  """
+  return jnp.dtype(dtype).itemsize < 4
+
+
 def _step_gram(x):
-  """``XXᵀ`` rounded once to ``x.dtype``, for a step of the form :func:`_ns_step` picks:
-  on accelerators the GEMM writes ``x.dtype`` itself (a float32 Gram written and reread to
-  be rounded costs a step as much as one of its GEMMs on a GPU); on the CPU,
+  """``XXᵀ`` rounded once to ``x.dtype``, for the step form :func:`_ns_step` picks: where
+  steps fuse, the GEMM writes ``x.dtype`` itself (on accelerators); elsewhere
   :func:`_gram`."""
+  if not _fuses(x.dtype):
+    return _gram(x)
   return lax.platform_dependent(x, cpu=_gram, default=lambda x: _mm(x, _swap(x), x.dtype))
 
 
 def _ns_step(x, gram, abc, cubic):
   """One step ``X ← aX + (bA + cA²)X`` given ``A = XXᵀ``, in the form that suits the
-  platform: :func:`_ns_step_separate` on the CPU, :func:`_ns_step_fused` on accelerators.
+  platform and dtype: :func:`_ns_step_fused` on accelerators below float32,
+  :func:`_ns_step_separate` otherwise (on the CPU always).
 
   On a GPU the separate form's float32 product ``(bA + cA²)X``, written and reread to be
   combined with ``aX``, costs more than the bf16 GEMM itself; on the CPU it costs nothing
   of note, and the separate form reproduces the PyTorch references' roundings exactly.
   """
+  separate = functools.partial(_ns_step_separate, cubic=cubic)
+  if not _fuses(x.dtype):
+    return separate(x, gram, abc)
   return lax.platform_dependent(
-      x, gram, abc, cpu=functools.partial(_ns_step_separate, cubic=cubic),
-      default=functools.partial(_ns_step_fused, cubic=cubic))
+      x, gram, abc, cpu=separate, default=functools.partial(_ns_step_fused, cubic=cubic))
 
 
 def _ns_step_separate(x, gram, abc, *, cubic):
@@ -189,9 +205,9 @@ def _ns_step_separate(x, gram, abc, *, cubic):
 
   GEMM operands are in ``x.dtype``; products are accumulated in the coefficients' (>= f32)
   dtype, combined there, and each intermediate (``A``, ``bA + cA²``, new ``X``) is rounded
-  to ``x.dtype`` once, like PyTorch's fused ``addmm``/``baddbmm`` epilogues. With bf16
-  this reproduces NVIDIA's bf16 ("medium") reference bit for bit on the goldens, and bf16
-  never rounds the coefficients themselves.
+  to ``x.dtype`` once, like PyTorch's fused ``addmm``/``baddbmm`` epilogues. With bf16 on
+  the CPU this reproduces NVIDIA's bf16 ("medium") reference bit for bit on the goldens,
+  and bf16 never rounds the coefficients themselves.
   """
   dt = x.dtype
   acc = abc.dtype
@@ -207,15 +223,17 @@ def _ns_step_fused(x, gram, abc, *, cubic):
 
   The update is then one GEMM whose (>= f32) accumulation is rounded once, as it is
   written, to ``x.dtype``; the polynomial is accumulated in the coefficients' dtype and
-  rounded once. Against :func:`_ns_step_separate` this adds one rounding of the
-  polynomial's diagonal: at bf16 the result stays 2–4× closer to the float32 iteration
-  than an all-bf16 one (optax.contrib's), measured by ``benchmarks/bench_xla_ns.py``.
+  rounded once. Against :func:`_ns_step_separate` this rounds the polynomial with its
+  ``aI`` term: for a quintic that changes the rounding of its diagonal; a cubic's
+  ``aI + bA`` is rounded where the separate form rounds no polynomial. At bf16 the result
+  stays 2–6× closer to the float32 iteration than an all-bf16 one (optax.contrib's),
+  measured by ``benchmarks/bench_xla_ns.py``.
   """
   dt = x.dtype
   acc = abc.dtype
   a, b, c = abc[0], abc[1], abc[2]
   poly = a * jnp.eye(gram.shape[-1], dtype=acc) + b * gram.astype(acc)
-  if not cubic:  # c == 0: one GEMM fewer (NVIDIA's cubic path).
+  if not cubic:  # a cubic (c == 0) needs no A², one GEMM fewer (NVIDIA's cubic path).
     poly = poly + c * _mm(gram, gram, acc)
   return _mm(_round_to(poly, dt), x, dt)
 

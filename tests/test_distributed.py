@@ -213,6 +213,10 @@ def test_distributing_what_has_no_orthogonalize_stage_warns():
       jax.eval_shape(tx.update, params, tx.init(params), params)  # it is said at trace time
     said = any("no orthogonalize stage" in str(w.message) for w in caught)
     assert said == (name not in opt_lib.ORTHOGONALIZING), name
+  nested = distributed.distribute(distributed.distribute(muon(0.02), mesh), mesh)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.eval_shape(nested.update, params, nested.init(params), params)
 
 
 def test_bf16_communication_is_lossless_for_bf16_newton_schulz():
