@@ -14,7 +14,8 @@ For every ``bench_kernels.py`` shape, bf16, AOL + 4 (``turbo_aol``) and Frobeniu
   write bf16, combinations in float32), ``bf16_all`` (everything in bf16, as optax),
   ``gram_bf16`` (the separate step with only the Gram GEMM writing bf16), ``fold`` /
   ``fold_bf16`` (``X ← (aI + bA + cA²)·X``: one GEMM writing bf16 per update, ``A²``
-  written in float32 / bf16; the step the library runs on accelerators);
+  written in float32 / bf16; the step the library runs on accelerators), ``fold_scan``
+  (``fold`` with the steps after the first in a ``lax.scan``, as the library runs them);
 
 and each output's relative distance to a float32 HIGHEST-precision run of the same
 iteration (so speed is never read without accuracy). Writes ``bench_xla_ns.json``;
@@ -63,6 +64,10 @@ def _swap(x):
   return jnp.swapaxes(x, -1, -2)
 
 
+#: The diagnostic formulations of ``--variants``.
+VARIANTS = ("astype", "bf16_out", "bf16_all", "gram_bf16", "fold", "fold_bf16", "fold_scan")
+
+
 def variant_fn(cfg, mode):
   """One formulation of the bf16 iteration (wide stacks), Frobenius / AOL as ours."""
   triples = cfg["coefficients"]
@@ -84,24 +89,29 @@ def variant_fn(cfg, mode):
       return out
     return sum(c * t.astype(f32) for c, t in terms).astype(bf)
 
+  def fold(X, A, a, b, c):
+    # X ← (aI + bA + cA²)·X: the a·X term folded into the polynomial, so the update is
+    # one GEMM writing bf16 (no float32 product to reread).
+    sq = jnp.matmul(A, A, preferred_element_type=bf if mode == "fold_bf16" else f32)
+    eye = jnp.eye(A.shape[-1], dtype=f32)
+    return jnp.matmul((a * eye + b * A.astype(f32) + c * sq.astype(f32)).astype(bf), X)
+
   def fn(x):
     xf = x.astype(f32)
     if not aol:
       xf = xf / (jnp.sqrt(jnp.sum(xf * xf, axis=(-2, -1), keepdims=True)) + eps)
     X = xf.astype(bf)
     for step, (a, b, c) in enumerate(triples):
+      if mode == "fold_scan" and step == 1:  # the other steps as a lax.scan (the library's)
+        body = lambda X, abc: (fold(X, jnp.matmul(X, _swap(X)), *abc), None)  # noqa: E731
+        return lax.scan(body, X, jnp.asarray(triples[1:], f32))[0]
       A = mm(X, _swap(X)).astype(bf)
       if step == 0 and aol:
         s = lax.rsqrt(jnp.maximum(jnp.sum(jnp.abs(A.astype(f32)), axis=-1), eps))
         X = (s[..., :, None] * X.astype(f32)).astype(bf)
         A = (s[..., :, None] * A.astype(f32) * s[..., None, :]).astype(bf)
-      if mode in ("fold", "fold_bf16"):
-        # X ← (aI + bA + cA²)·X: the a·X term folded into the polynomial, so the update
-        # is one GEMM writing bf16 (no float32 product to reread).
-        sq = jnp.matmul(A, A, preferred_element_type=bf if mode == "fold_bf16" else f32)
-        eye = jnp.eye(A.shape[-1], dtype=f32)
-        P = (a * eye + b * A.astype(f32) + c * sq.astype(f32)).astype(bf)
-        X = jnp.matmul(P, X)
+      if mode in ("fold", "fold_bf16", "fold_scan"):
+        X = fold(X, A, a, b, c)
         continue
       if mode == "gram_bf16":  # ours, with only the Gram GEMM writing bf16
         B = comb((b, A), (c, jnp.matmul(A, A, preferred_element_type=f32)))
@@ -137,6 +147,10 @@ def main():
   if args.shapes:
     shapes = bk.parse_shapes(args.shapes)
   variants = [v for v in args.variants.split(",") if v]
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown:
+    raise SystemExit(f"--variants: {', '.join(unknown)} unknown; choose from "
+                     f"{', '.join(VARIANTS)} (comma-separated, '' for none).")
   rows = []
   for shape in shapes:
     x = bk._ns_input(*shape)
