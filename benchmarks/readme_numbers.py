@@ -64,6 +64,13 @@ def _caption(source: Source, payload, *, machine: str | None = None,
   return text + (f" {note}" if note else "")
 
 
+def _table(lines, source: Source, payload, *, date: str, note: str) -> str:
+  """A Markdown table and its caption (the source's machine with the run's JAX)."""
+  return "\n".join(lines) + "\n\n" + _caption(
+      source, payload, machine=f"{source.machine}, JAX {payload['jax']}", date=date,
+      note=note) + "\n"
+
+
 def _date_in(text: str) -> str:
   m = re.search(r"\d{4}-\d{2}-\d{2}", text)
   return f" on {m.group(0)}" if m else ""
@@ -179,9 +186,7 @@ def kernels(results: pathlib.Path) -> str:
           f"Turbo-Muon kernel (AOL + 4) and its Dion-style 5-step kernel (Frobenius + 5), "
           f"measured on {PEERS.machine}{_date_in(peers.get('source', ''))} "
           f"(`benchmarks/results/{PEERS.file}`): another card, compare loosely.")
-  return "\n".join(lines) + "\n\n" + _caption(
-      KERNELS, payload, machine=f"{KERNELS.machine}, JAX {payload['jax']}",
-      date=payload["time"], note=note) + "\n"
+  return _table(lines, KERNELS, payload, date=payload["time"], note=note)
 
 
 XLA_PATH = Source("bench_xla_ns_h200.json", machine="one NVIDIA H200")
@@ -222,8 +227,9 @@ def peers(results: pathlib.Path) -> str:
     lines.append(
         f"| {_shape(r['shape'])} | {CONFIG_NAMES.get(r['config'], r['config'])} | "
         f"{fmt(r.get('ours_ms'), '.3f')} | {fmt(r.get('peer_ms'), '.3f')} | "
-        f"{fmt(r.get('speedup'), '.2f')}× | {fmt(r.get('frac_floor') and 100 * r['frac_floor'], '.0f')}"
-        f" | {fmt(r.get('ours_polar_dist'), '.4f')} | {fmt(r.get('peer_polar_dist'), '.4f')} |")
+        f"{fmt(r.get('speedup'), '.2f')}× | "
+        f"{fmt(r.get('frac_floor') and 100 * r['frac_floor'], '.0f')} | "
+        f"{fmt(r.get('ours_polar_dist'), '.4f')} | {fmt(r.get('peer_polar_dist'), '.4f')} |")
   verdicts = "; ".join(
       f"{t['what']}: {'met' if t['passed'] else 'not met'}" for t in payload["targets"].values())
   note = (f"Wall ms per call (20 calls, output fed back, median of 5), bf16, both in one "
@@ -232,9 +238,7 @@ def peers(results: pathlib.Path) -> str:
           f"Floor = one-triangle flops at the bf16 peak measured in the same run "
           f"({payload['peak_tflops']:.0f} TFLOP/s); distance = relative Frobenius distance to "
           f"the exact polar factor (float64 SVD), up to 4096. Targets: {verdicts}.")
-  return "\n".join(lines) + "\n\n" + _caption(
-      PEERS_SIDE_BY_SIDE, payload, machine=f"{PEERS_SIDE_BY_SIDE.machine}, JAX {payload['jax']}",
-      date=payload["date"], note=note) + "\n"
+  return _table(lines, PEERS_SIDE_BY_SIDE, payload, date=payload["date"], note=note)
 
 
 TINY = Source("tiny_compare_equal_time.json")
