@@ -87,6 +87,9 @@ OPTIMIZERS = {
 VARIANTS = {
     "muon/gram": lambda: ortho_optax.muon(orthogonalizer="gram_newton_schulz"),
     "turbo_muon/gram": lambda: ortho_optax.turbo_muon(orthogonalizer="gram_newton_schulz"),
+    # The references iterate in float32; bf16 takes the kernels on Hopper.
+    "oadamw/bf16": lambda: ortho_optax.oadamw(compute_dtype="bfloat16"),
+    "hybrid_auon/bf16": lambda: ortho_optax.hybrid_auon(compute_dtype="bfloat16"),
 }
 BASELINE = "optax.adamw"
 

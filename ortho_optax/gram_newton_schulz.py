@@ -61,11 +61,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from ortho_optax import orthogonalizers, validation
 from ortho_optax.coefficients import Coefficients
 from ortho_optax.newton_schulz import (
+    _behind_barrier_on_cpu,
     _checked_input,
     _gram,
     _mm,
@@ -265,14 +265,9 @@ def _segment_factor(gram, table, cubic):
   if table.shape[0] == 1:
     return q
   r = next_gram(r, z, abc)
-
-  def body(carry, abc):
-    q, r = carry
+  for abc in table[1:-1]:  # unrolled, as ortho_optax.newton_schulz's steps
     z = poly(r, abc)
-    return (step(q, r, z, abc), next_gram(r, z, abc)), None
-
-  if table.shape[0] > 2:
-    (q, r), _ = lax.scan(body, (q, r), table[1:-1])
+    q, r = step(q, r, z, abc), next_gram(r, z, abc)
   abc = table[-1]
   return step(q, r, poly(r, abc), abc)
 
@@ -288,6 +283,7 @@ def _xla_gram_newton_schulz(x, table, eps, *, preconditioning, compute_dtype, cu
   out_dtype = x.dtype
   acc = table.dtype
   X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
+  X = _behind_barrier_on_cpu(X)
   if preconditioning == "frobenius":
     gram = _gram(X)
   else:
@@ -297,18 +293,13 @@ def _xla_gram_newton_schulz(x, table, eps, *, preconditioning, compute_dtype, cu
     return _round_to(_mm(q, X, acc), X.dtype)
 
   # The first segment starts from the (preconditioned) first Gram matrix, the others
-  # from a fresh XXᵀ: a scan over the equal segments after the first, then the shorter
-  # tail, so the program does not grow with steps.
+  # from a fresh XXᵀ. Segments are unrolled, as ortho_optax.newton_schulz's steps (a
+  # lax.scan cost time at every iteration on a GPU).
   steps = table.shape[0]
   every = steps if restart_every is None else min(restart_every, steps)
   X = apply(_segment_factor(gram, table[:every], cubic), X)
-  full, tail = steps // every - 1, steps % every
-  if full:
-    def segment(X, block):
-      return apply(_segment_factor(_gram(X), block, cubic), X), None
-    X, _ = lax.scan(segment, X, table[every:every * (full + 1)].reshape(full, every, 3))
-  if tail:
-    X = apply(_segment_factor(_gram(X), table[steps - tail:], cubic), X)
+  for start in range(every, steps, every):
+    X = apply(_segment_factor(_gram(X), table[start:start + every], cubic), X)
   if transposed:
     X = _swap(X)
   return X.astype(out_dtype)

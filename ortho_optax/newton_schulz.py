@@ -16,8 +16,11 @@ NVIDIA Emerging-Optimizers              ``coefficients=<type>, eps=1e-15``
 Aurora ``polar``                        ``coefficients="aurora", steps=12``
 ======================================  =====================================================
 
-The iteration is a ``lax.scan`` over a ``(steps, 3)`` coefficient array, so the compiled
-program (and its memory) does not grow with ``steps``. On the CPU each step rounds like
+The steps are unrolled (the ``(steps, 3)`` coefficient table is traced, so one program
+serves every table of a length): in a ``lax.scan`` each step cost more on an H200, in
+proportion to the matrix (6 µs at 768², 56–69 µs on GPT-2 small's stacks, 180–200 µs at
+8192²: ``benchmarks/bench_xla_ns.py``, ``fold_scan`` against ``fold``), as a copy of the
+carried matrix per iteration would (not profiled). On the CPU each step rounds like
 the PyTorch references (``aX + (bA + cA²)X`` combined in float32); on accelerators a bf16
 (or float16) step runs as ``(aI + bA + cA²)·X`` with GEMMs that round as they write: one
 rounding more and a float32 round trip per GEMM less (:func:`_ns_step`).
@@ -173,6 +176,20 @@ def _fuses(dtype) -> bool:
   term that the separate form keeps exact.
   """
   return jnp.dtype(dtype).itemsize < 4
+
+
+def _behind_barrier_on_cpu(x):
+  """``x``, behind an optimization barrier on the CPU (for steps below float32).
+
+  XLA's CPU runtime has no GEMM for bf16 operands with a float32 result when a transpose
+  is folded into an operand ("Unsupported element type for DotThunk"): a transposed input,
+  such as a stack of one square Flax kernel in its ``(out, in)`` view, reaches the first
+  GEMM that way once the steps are unrolled. The barrier keeps transposes out of the GEMMs;
+  accelerators do not need it.
+  """
+  if not _fuses(x.dtype):
+    return x
+  return lax.platform_dependent(x, cpu=lax.optimization_barrier, default=lambda x: x)
 
 
 def _step_gram(x):
@@ -497,15 +514,14 @@ def newton_schulz_many(
 def _xla_newton_schulz(x, table, eps, *, preconditioning, compute_dtype, cubic):
   out_dtype = x.dtype
   X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
+  X = _behind_barrier_on_cpu(X)
   rest = table
   if preconditioning != "frobenius":
     X, gram = _precondition_first_step(X, preconditioning, eps)
     X = _ns_step(X, gram, table[0], cubic)
     rest = table[1:]
-  if rest.shape[0]:
-    def body(X, abc):
-      return _ns_step(X, _step_gram(X), abc, cubic), None
-    X, _ = lax.scan(body, X, rest)
+  for abc in rest:  # unrolled: see the module docstring
+    X = _ns_step(X, _step_gram(X), abc, cubic)
   if transposed:
     X = _swap(X)
   return X.astype(out_dtype)

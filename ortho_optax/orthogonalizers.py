@@ -97,7 +97,7 @@ def _concatenate(pieces):
 
 
 class XlaNewtonSchulz:
-  """Newton–Schulz in XLA (``lax.scan`` over the coefficient table), any platform.
+  """Newton–Schulz in XLA (the steps unrolled, the coefficient table traced), any platform.
 
   Args:
     spec: what to compute.

@@ -136,19 +136,23 @@ def test_bad_model_config_is_refused(user_gpt):
     user_gpt.get_config("base")
 
 
-def test_gram_variants_are_named_only(bench):
+def test_variants_are_named_only(bench):
   assert not set(bench.VARIANTS) & set(bench.parse_args([]).optimizers)
   assert bench.parse_args(["--optimizers", "optax.adamw", "muon/gram"]).optimizers == [
       "optax.adamw", "muon/gram"]
   params = {"w": jax.numpy.ones((8, 32)) * jax.numpy.arange(32.0)}
   grads = {"w": jax.random.normal(jax.random.key(0), (8, 32))}
-  for name, default in (("muon/gram", oo.muon), ("turbo_muon/gram", oo.turbo_muon)):
+  # Gram NS against NS, both bf16: their roundings differ by ~2% of the update; bf16
+  # against the float32 iteration: Keller's quintic leaves σ anywhere in ~[0.7, 1.1].
+  for name, default, bound in (("muon/gram", oo.muon, 0.05),
+                               ("turbo_muon/gram", oo.turbo_muon, 0.05),
+                               ("oadamw/bf16", oo.oadamw, 0.3),
+                               ("hybrid_auon/bf16", oo.hybrid_auon, 0.3)):
     tx, ref = bench.VARIANTS[name](), default()
     got, _ = tx.update(grads, tx.init(params), params)
     want, _ = ref.update(grads, ref.init(params), params)
-    # bf16 Newton-Schulz both ways: their roundings differ by about 2% of the update.
     gap = numpy.linalg.norm(got["w"] - want["w"]) / numpy.linalg.norm(want["w"])
-    assert 0 < gap < 0.05, (name, gap)
+    assert 0 < gap < bound, (name, gap)
 
 
 def test_first_step_times_the_parts_and_reports_bad_cases(monkeypatch, tmp_path, capsys):

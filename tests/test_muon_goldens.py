@@ -219,8 +219,10 @@ def test_defaults_follow_the_references():
   d = lambda f: {k: p.default for k, p in inspect.signature(f).parameters.items()}
   m, t, a = d(muon), d(turbo_muon), d(adaptive_muon)
   # AuON repo's Muon (SPEC 1.4).
-  assert (m["learning_rate"], m["momentum"], m["weight_decay"], m["ns_steps"]) == (
-      0.02, 0.95, 0.01, 5)
+  from ortho_optax.optimizers import _common
+  # Step counts default to None (optax.inject_hyperparams keeps them static): 5 steps.
+  assert m["ns_steps"] is None and a["ns_steps"] is None and _common.NS_STEPS == 5
+  assert (m["learning_rate"], m["momentum"], m["weight_decay"]) == (0.02, 0.95, 0.01)
   assert (m["nesterov"], m["coefficients"], m["scale_mode"], m["eps"]) == (
       True, "muon", "shape_scaling", 1e-7)
   assert jnp.dtype(m["compute_dtype"]) == jnp.bfloat16  # a name: not a schedule to optax
@@ -232,8 +234,13 @@ def test_defaults_follow_the_references():
   # NVIDIA AdaptiveMuon (SPEC 5.4/5.5).
   assert (a["learning_rate"], a["momentum"], a["weight_decay"], a["nesterov"]) == (
       3e-4, 0.95, 0.01, False)
-  assert (a["coefficients"], a["ns_steps"], a["scale_mode"], a["weight_decay_method"]) == (
-      "quintic", 5, "spectral", "decoupled")
+  assert (a["coefficients"], a["scale_mode"], a["weight_decay_method"]) == (
+      "quintic", "spectral", "decoupled")
+  g = {"w": jax.random.normal(jax.random.key(0), (8, 24))}
+  for f in (muon, adaptive_muon):
+    by_default, explicit = f(backend="xla"), f(ns_steps=5, backend="xla")
+    np.testing.assert_array_equal(by_default.update(g, by_default.init(g), g)[0]["w"],
+                                  explicit.update(g, explicit.init(g), g)[0]["w"])
   assert (a["moment2_method"], a["beta2"], a["eps"]) == ("adamuon", 0.95, 1e-8)
 
 

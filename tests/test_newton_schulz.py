@@ -133,10 +133,10 @@ def test_step_form_follows_the_platform(platform, bf16_dots):
   the Gram and update GEMMs write bf16 themselves (the fused step), ``A²`` float32."""
   import re
   x = jnp.ones((32, 48), jnp.bfloat16)
-  fn = jax.jit(lambda x: newton_schulz(x, backend="xla"))
+  fn = jax.jit(lambda x: newton_schulz(x, steps=5, backend="xla"))
   text = fn.trace(x).lower(lowering_platforms=(platform,)).as_text()
-  assert len(re.findall(r"dot_general.*-> tensor<[0-9x]*bf16>", text)) == bf16_dots
-  assert len(re.findall(r"dot_general.*-> tensor<[0-9x]*f32>", text)) == 3 - bf16_dots
+  assert len(re.findall(r"dot_general.*-> tensor<[0-9x]*bf16>", text)) == 5 * bf16_dots
+  assert len(re.findall(r"dot_general.*-> tensor<[0-9x]*f32>", text)) == 5 * (3 - bf16_dots)
 
 
 def test_float32_steps_have_one_form_everywhere():
@@ -147,16 +147,19 @@ def test_float32_steps_have_one_form_everywhere():
   assert "platform_index" in str(jax.make_jaxpr(lambda x: newton_schulz(x, **bf16))(x))
 
 
-def test_loop_is_not_unrolled():
+def test_steps_are_unrolled_and_one_program_serves_every_table_of_a_length():
+  """No XLA loop (on a GPU each iteration of one cost time); the table is traced."""
+  from ortho_optax.newton_schulz import _xla_newton_schulz
   x = _rand((32, 48))
-  for steps in (3, 12):
-    jaxpr = str(jax.make_jaxpr(lambda x: newton_schulz(x, steps=steps, **F32))(x))
-    assert "scan" in jaxpr or "while" in jaxpr
-    # One loop body whatever the step count: the program does not grow with steps.
-    assert jaxpr.count("dot_general") <= 4
-  hlo = jax.jit(lambda x: newton_schulz(x, steps=9, coefficients="quintic", **F32)).lower(
-      x).as_text()
-  assert "while" in hlo
+  for steps, coefficients in ((3, "muon"), (9, "quintic")):
+    f = jax.jit(lambda x: newton_schulz(x, steps=steps, coefficients=coefficients, **F32))
+    hlo = f.lower(x).as_text()
+    assert "stablehlo.while" not in hlo
+    assert hlo.count("stablehlo.dot_general") == 3 * steps
+  before = _xla_newton_schulz._cache_size()
+  for coefficients in ("quintic", "polar_express", [(3.0, -3.2, 1.2)] * 5):
+    newton_schulz(x, steps=5, coefficients=coefficients, order="cycle", **F32)
+  assert _xla_newton_schulz._cache_size() == before + 1
 
 
 @pytest.mark.parametrize("preconditioning", PRECONDITIONINGS)
@@ -356,3 +359,14 @@ def test_newton_schulz_many_matches_one_array_calls():
     newton_schulz_many(xs, of_transpose=[True])
   with pytest.raises(ValueError, match="preconditioning"):
     newton_schulz_many(xs, preconditioning="bogus")
+
+
+@pytest.mark.parametrize("preconditioning", ["frobenius", "aol"])
+def test_a_transposed_bf16_stack_runs_on_the_cpu(preconditioning):
+  """A stack of one transposed square matrix (a Flax kernel in its (out, in) view) once
+  reached XLA's CPU runtime as a bf16 GEMM with a folded transpose, which it cannot run."""
+  y = _rand((16, 16), seed=3)
+  kw = dict(preconditioning=preconditioning, backend="xla")
+  got = jax.jit(lambda y: newton_schulz(jnp.stack([y.T]), **kw))(y)
+  want = newton_schulz(jnp.asarray(np.ascontiguousarray(np.asarray(y).T))[None], **kw)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -262,35 +262,54 @@ def test_inject_hyperparams_with_inject_static_args(name):
   assert "learning_rate" in state.hyperparams
 
 
-@pytest.mark.parametrize("name,arg", [("aurora", "pp_iterations"),
-                                      ("riemannian_aurora", "outer_steps"),
-                                      ("muon", "ns_steps"), ("oadamw", "update_proj_gap")])
-def test_int_hyperparameter_made_an_array_says_how_to_keep_it_static(name, arg):
+@pytest.mark.parametrize("name", NAMES)
+def test_plain_inject_hyperparams_keeps_the_step_counts_static(name):
+  """No static_args: step counts default to None, so optax leaves them alone; the injected
+  learning rate drives the orthogonalized leaves."""
   factory = oo.OPTIMIZERS[name]
-  static = tuple(a for a in ("ns_steps",) if a != arg and a in oo.inject_static_args(factory))
-  tx = optax.inject_hyperparams(factory, static_args=static)(learning_rate=0.01)
+  tx = optax.inject_hyperparams(factory)(learning_rate=0.01)
+  params = _mixed_params(jnp.float32)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  u1, _ = update(params, state, params)
+  state.hyperparams["learning_rate"] = jnp.asarray(0.02)
+  u2, _ = update(params, state, params)
+  ortho = [k for k in params if params[k].ndim == 2 and min(params[k].shape) > 1][0]
+  np.testing.assert_allclose(u2[ortho], 2 * u1[ortho], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,arg,value", [("aurora", "pp_iterations", 3),
+                                            ("riemannian_aurora", "outer_steps", 2),
+                                            ("muon", "ns_steps", 6),
+                                            ("oadamw", "update_proj_gap", 2)])
+def test_int_hyperparameter_made_an_array_says_how_to_keep_it_static(name, arg, value):
+  factory = oo.OPTIMIZERS[name]
+  tx = optax.inject_hyperparams(factory)(learning_rate=0.01, **{arg: value})
   params = _mixed_params(jnp.float32)
   with pytest.raises(ValueError, match=f"{arg}.*static_args=ortho_optax.inject_static_args"):
     state = tx.init(params)
     jax.jit(tx.update)(params, state, params)
+  fixed = optax.inject_hyperparams(factory, static_args=oo.inject_static_args(factory))(
+      learning_rate=0.01, **{arg: value})
+  fixed.init(params)
 
 
 def test_restart_period_under_inject_hyperparams():
   """Unused by standard Newton-Schulz, an injected ``restart_every`` is harmless there; Gram
   Newton-Schulz's loop needs it static and says how."""
   params = _mixed_params(jnp.float32)
-  tx = optax.inject_hyperparams(oo.muon, static_args="ns_steps")(learning_rate=0.01)
+  tx = optax.inject_hyperparams(oo.muon)(learning_rate=0.01)
   jax.jit(tx.update)(params, tx.init(params), params)
-  gram = optax.inject_hyperparams(oo.muon, static_args=("ns_steps", "orthogonalizer"))(
-      learning_rate=0.01, orthogonalizer="gram_newton_schulz")
+  gram = optax.inject_hyperparams(oo.muon)(learning_rate=0.01,
+                                          orthogonalizer="gram_newton_schulz")
   with pytest.raises(ValueError, match="restart_every.*static_args=ortho_optax.inject_static_args"):
     gram.init(params)
 
 
 def test_dtype_made_a_schedule_says_how_to_keep_it_static():
   with pytest.raises(ValueError, match="compute_dtype.*inject_static_args"):
-    optax.inject_hyperparams(oo.muon, static_args="ns_steps")(
-        compute_dtype=jnp.float32).init(_mixed_params(jnp.float32))
+    optax.inject_hyperparams(oo.muon)(compute_dtype=jnp.float32).init(
+        _mixed_params(jnp.float32))
 
 
 # --- 6. complex parameters ----------------------------------------------------------------

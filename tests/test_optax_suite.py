@@ -55,21 +55,12 @@ OPTIMIZER_KWARGS["oadamw"] = {"learning_rate": 1e-2}  # one learning rate for bo
 CASES = tuple({"opt_name": name, "opt_kwargs": kwargs, "wrapper_name": None,
                "wrapper_kwargs": None} for name, kwargs in OPTIMIZER_KWARGS.items())
 
-_LOOP_COUNTS = ("Aurora's loop counts (pp_iterations, outer_steps, cg_steps, "
-                "retraction_steps) fix loop lengths like ns_steps, which optax's own list "
-                "keeps static; they raise a ValueError naming "
-                "static_args=ortho_optax.inject_static_args(f) (tested in "
-                "test_optax_behaviour.py)")
 _ONE_D = ("1-D target: only the AdamW branch (optax.adamw) runs, the same for every "
           "optimizer with an AdamW fallback; run for muon (and oadamw, whose fallback is "
           "its own StableAdamW core)")
 
 #: ``(test name, optimizer or parameter substring) -> reason`` of the skipped tests.
-SKIPS = {
-    ("test_optimizers_can_be_wrapped_in_inject_hyperparams", "aurora"): _LOOP_COUNTS,
-    ("test_optimizers_can_be_wrapped_in_inject_hyperparams", "riemannian_aurora"):
-        _LOOP_COUNTS,
-}
+SKIPS = {}
 for _name in oo.OPTIMIZERS:
   if _name not in ("muon", "oadamw"):
     for _target in ("_setup_parabola", "_setup_rosenbrock"):

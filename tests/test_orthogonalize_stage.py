@@ -233,12 +233,16 @@ def test_aol_on_square_flax_kernels_follows_the_output_axis():
     reason="XLA of JAX 0.10 sinks the pinned transpose into every leaf on the CPU (9 "
            "transposes for 8 leaves): slower there, the same values")
 def test_square_flax_kernels_cost_one_batched_transpose_each_way():
-  # 8 square (in, out) kernels reach NS in their (out, in) view through one transpose of
-  # the whole stack and come back through one: not 2 per leaf (XLA would sink a plain
-  # transpose of the concatenation into every operand; the stage pins it).
+  # Square (in, out) kernels reach NS in their (out, in) view through one transpose of the
+  # whole stack and come back through one: not 2 per leaf (XLA would sink a plain transpose
+  # of the concatenation into every operand; the stage pins it). The CPU compiler may add
+  # a layout transpose or two inside the iteration, never one per leaf.
   import ortho_optax as oo
-  tree = {f"h{i}/q": _rand((64, 64), 20 + i) for i in range(8)}
-  tx = oo.muon(learning_rate=0.02, backend="xla", label_fn=lambda t: {k: "ortho" for k in t})
-  state = tx.init(tree)
-  hlo = jax.jit(lambda g, s: tx.update(g, s, tree)).lower(tree, state).compile().as_text()
-  assert hlo.count(" transpose(") <= 2, hlo.count(" transpose(")
+
+  def transposes(leaves):
+    tree = {f"h{i}/q": _rand((64, 64), 20 + i) for i in range(leaves)}
+    tx = oo.muon(learning_rate=0.02, backend="xla", label_fn=lambda t: {k: "ortho" for k in t})
+    state = tx.init(tree)
+    hlo = jax.jit(lambda g, s: tx.update(g, s, tree)).lower(tree, state).compile().as_text()
+    return hlo.count(" transpose(")
+  assert transposes(8) == transposes(3) <= 4, (transposes(8), transposes(3))

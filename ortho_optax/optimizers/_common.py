@@ -15,6 +15,17 @@ from ortho_optax import routing
 from ortho_optax import validation
 
 
+#: Newton–Schulz steps when ``ns_steps`` is ``None``. Step counts default to ``None`` in the
+#: optimizers' signatures: ``optax.inject_hyperparams`` turns every int argument it is not
+#: told to keep static into an array, and a step count must stay a Python int.
+NS_STEPS = 5
+
+
+def default_if_none(value, default):
+  """``default`` for ``None`` (a step count left at its default), else ``value``."""
+  return default if value is None else value
+
+
 def newton_schulz_stage(orthogonalizer: str = "newton_schulz", *, restart_every=2,
                         **stage_kwargs) -> optax.GradientTransformation:
   """The orthogonalize stage of a Newton–Schulz optimizer, with the method it names.

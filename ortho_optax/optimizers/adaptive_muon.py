@@ -21,7 +21,7 @@ def adaptive_muon(
     eps: float = 1e-8,
     nesterov: bool = False,
     weight_decay_method: str = "decoupled",
-    ns_steps: int = 5,
+    ns_steps: Optional[int] = None,
     coefficients: Any = "quintic",
     preconditioning: str = "frobenius",
     ns_eps: float = 1e-7,

@@ -102,7 +102,7 @@ def hybrid_auon(
     momentum: float = 0.95,
     weight_decay: float = 0.0,
     gamma: float = 1.5,
-    ns_steps: int = 5,
+    ns_steps: Optional[int] = None,
     *,
     compute_dtype: Optional[Any] = "float32",
     adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
@@ -129,7 +129,7 @@ def hybrid_auon(
 
   Args:
     learning_rate, momentum, weight_decay, gamma: as :func:`auon`.
-    ns_steps: Newton-Schulz iterations, an int >= 1.
+    ns_steps: Newton-Schulz iterations, an int >= 1 (``None``: 5).
     compute_dtype: dtype of the Newton-Schulz iteration. The reference runs in the
       parameter dtype (float32), so the default is ``jnp.float32``; ``jnp.bfloat16`` is
       the faster Muon-style choice; ``None`` uses the update dtype.
@@ -149,6 +149,7 @@ def hybrid_auon(
     ``auon/optimizer.py::HybridAuON`` (commit bba2e82); K. Jordan et al., "Muon", 2024,
     https://kellerjordan.github.io/posts/muon/.
   """
+  ns_steps = _common.default_if_none(ns_steps, _common.NS_STEPS)
   validation.check_int("ns_steps", ns_steps, 1)  # named `steps` by the stage
   orth = _common.newton_schulz_stage(
       orthogonalizer, restart_every=restart_every, steps=ns_steps, coefficients="muon",

@@ -108,12 +108,19 @@ def _aurora_branch(orth, learning_rate, weight_decay, momentum, nesterov, dims, 
   return skip_nonfinite_updates(chain)
 
 
+#: The reference's step counts, taken where the signatures say ``None``: a plain
+#: ``optax.inject_hyperparams(aurora)`` then keeps them static (it turns every int it is
+#: not told to keep static into an array).
+PP_ITERATIONS = 2
+RIEMANNIAN_STEPS = dict(outer_steps=3, cg_steps=20, retraction_steps=2)
+
+
 def aurora(
     learning_rate: optax.ScalarOrSchedule = 0.05,
     weight_decay: float = 0.025,
     momentum: float = 0.95,
     nesterov: bool = True,
-    pp_iterations: int = 2,
+    pp_iterations: Optional[int] = None,
     pp_beta: float = 0.5,
     eps: float = 1e-7,
     compute_dtype: Optional[Any] = "bfloat16",
@@ -142,7 +149,7 @@ def aurora(
     momentum: ``mu`` in ``[0, 1)``.
     nesterov: feed the Nesterov blend (``True``) or the buffer itself.
     pp_iterations: row-balancing passes, an int ``>= 1`` (1 = polar of the
-      row-normalised matrix).
+      row-normalised matrix; ``None``: 2, the reference's).
     pp_beta: damping exponent ``> 0`` of the balancing (0.5 = undamped).
     eps: ``> 0``, floors row norms and the Frobenius normalisation.
     compute_dtype: dtype of the polar iteration. ``jnp.bfloat16`` is the published
@@ -162,6 +169,7 @@ def aurora(
     "Aurora: A Leverage-Aware Spectral Optimizer", arXiv 2606.27715, 2026 (Tilde
     Research); tilde-research/aurora-release ``src/aurora.py::aurora`` (commit 3d79a5c).
   """
+  pp_iterations = _common.default_if_none(pp_iterations, PP_ITERATIONS)
   validation.check_static(pp_iterations=pp_iterations)
   dims = _common.masked_dimension_numbers(dimension_numbers)
   orth = orth_stages.orthogonalize(
@@ -181,10 +189,10 @@ def riemannian_aurora(
     weight_decay: float = 0.025,
     momentum: float = 0.95,
     nesterov: bool = True,
-    outer_steps: int = 3,
-    cg_steps: int = 20,
+    outer_steps: Optional[int] = None,
+    cg_steps: Optional[int] = None,
     riemannian_eta: float = 0.1,
-    retraction_steps: int = 2,
+    retraction_steps: Optional[int] = None,
     eps: float = 1e-7,
     compute_dtype: Optional[Any] = "bfloat16",
     *,
@@ -211,10 +219,11 @@ def riemannian_aurora(
   Args:
     learning_rate, weight_decay, momentum, nesterov, eps, compute_dtype: as
       :func:`aurora`.
-    outer_steps: ascent steps, an int ``>= 0`` (0: the plain polar factor).
-    cg_steps: maximum CG iterations, an int ``>= 0``.
+    outer_steps: ascent steps, an int ``>= 0`` (0: the plain polar factor; ``None``: 3).
+    cg_steps: maximum CG iterations, an int ``>= 0`` (``None``: 20).
     riemannian_eta: ascent step size ``>= 0``.
-    retraction_steps: retraction passes, an int ``>= 0``.
+    retraction_steps: retraction passes, an int ``>= 0`` (``None``: 2). The step counts'
+      ``None`` defaults are the reference's values (:data:`RIEMANNIAN_STEPS`).
     adam_*, adam_tx, label_fn, dimension_numbers, backend, mu_dtype: as :func:`aurora`.
 
   Returns:
@@ -224,6 +233,10 @@ def riemannian_aurora(
     "Aurora: A Leverage-Aware Spectral Optimizer", arXiv 2606.27715, 2026 (Tilde
     Research); tilde-research/aurora-release ``src/riemannian_aurora.py`` (commit 3d79a5c).
   """
+  outer_steps, cg_steps, retraction_steps = (
+      _common.default_if_none(v, RIEMANNIAN_STEPS[k]) for k, v in (
+          ("outer_steps", outer_steps), ("cg_steps", cg_steps),
+          ("retraction_steps", retraction_steps)))
   validation.check_static(outer_steps=outer_steps, cg_steps=cg_steps,
                           retraction_steps=retraction_steps)
   dims = _common.masked_dimension_numbers(dimension_numbers)

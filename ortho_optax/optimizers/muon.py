@@ -9,11 +9,14 @@ applied to the hidden matrices, with every other parameter sent to AdamW by
 :func:`ortho_optax.optimizers._common.with_adamw_fallback`.
 
 ``optax.inject_hyperparams`` can drive the floating-point hyperparameters
-(``learning_rate``, ``momentum``, ``weight_decay``, ...) of the whole optimizer;
-the structural ones (step counts, names, dtypes, callables) must be static::
+(``learning_rate``, ``momentum``, ``weight_decay``, ...) of the whole optimizer. Step
+counts default to ``None`` (and names and dtypes are strings), so a plain
+``optax.inject_hyperparams(muon)(learning_rate=0.02)`` keeps them static; a structural
+argument given explicitly (``ns_steps=6``, ``compute_dtype=jnp.float32``) must be named
+static::
 
   opt = optax.inject_hyperparams(muon, static_args=inject_static_args(muon))(
-      learning_rate=0.02)
+      learning_rate=0.02, ns_steps=6)
   state.hyperparams["learning_rate"] = 0.01  # later, e.g. from a controller
 """
 
@@ -72,7 +75,7 @@ def orthogonalized_chain(
     nesterov: bool,
     weight_decay,
     weight_decay_method: str,
-    ns_steps: int,
+    ns_steps: Optional[int],
     coefficients,
     preconditioning: str,
     eps,
@@ -98,6 +101,7 @@ def orthogonalized_chain(
   (:func:`ortho_optax.validation.check_dtype`, so names such as ``"bf16"`` work).
   """
   # The stage calls it `steps`; the error names the optimizer's argument.
+  ns_steps = _common.default_if_none(ns_steps, _common.NS_STEPS)
   validation.check_int("ns_steps", ns_steps, 1)
 
   first, last = weight_decay_stages(learning_rate, weight_decay, weight_decay_method)
@@ -122,7 +126,7 @@ def muon(
     learning_rate: optax.ScalarOrSchedule = 0.02,
     momentum: float = 0.95,
     nesterov: bool = True,
-    ns_steps: int = 5,
+    ns_steps: Optional[int] = None,
     coefficients: Any = "muon",
     preconditioning: str = "frobenius",
     scale_mode: str = "shape_scaling",
@@ -172,7 +176,8 @@ def muon(
     learning_rate: lr of the orthogonalized branch; a number or an ``optax.Schedule``.
     momentum: EMA coefficient in ``[0, 1)``.
     nesterov: feed ``(1 - mu) g + mu m`` (True) or ``m`` to Newton-Schulz.
-    ns_steps: Newton-Schulz steps (>= 1).
+    ns_steps: Newton-Schulz steps, an int >= 1 (``None``: 5). Step counts default to
+      ``None`` so that a plain ``optax.inject_hyperparams(muon)`` keeps them static.
     coefficients: preset name of :data:`ortho_optax.coefficients.PRESETS` or a
       sequence of ``(a, b, c)`` triples.
     preconditioning: ``"frobenius"``, ``"spectral"``, ``"aol"`` or ``"schatten"``

@@ -53,8 +53,8 @@ def oadamw(
     max_lr: Optional[float] = None,
     kahan_sum: Optional[bool] = None,
     muon: bool = True,
-    ns_steps: int = 5,
-    update_proj_gap: int = 1,
+    ns_steps: Optional[int] = None,
+    update_proj_gap: Optional[int] = None,
     *,
     compute_dtype: Optional[Any] = "float32",
     label_fn: Any = None,
@@ -79,9 +79,10 @@ def oadamw(
       them, as the reference; float32 leaves never carry a buffer).
     muon: orthogonalize the ``"ortho"`` leaves; ``False`` gives plain StableAdamW
       everywhere.
-    ns_steps: Newton-Schulz iterations, an int ``>= 1``.
+    ns_steps: Newton-Schulz iterations, an int ``>= 1`` (``None``: 5).
     update_proj_gap: recompute the Newton-Schulz output every ``update_proj_gap``
-      steps (an int ``>= 1``; 1 = every step).
+      steps (an int ``>= 1``; ``None`` or 1: every step). Step counts default to ``None``
+      so that a plain ``optax.inject_hyperparams(oadamw)`` keeps them static.
     compute_dtype: dtype of the Newton-Schulz iteration (reference: float32).
     label_fn: routing (:func:`ortho_optax.routing.default_label_fn` when ``None``).
     dimension_numbers: per-leaf :class:`ortho_optax.MatrixDims` (``None``: Flax
@@ -104,6 +105,8 @@ def oadamw(
   validation.check_bool("muon", muon)
   # Checked with muon=False too: a bad name is an error whether or not it is used.
   validation.check_choice("orthogonalizer", orthogonalizer, NEWTON_SCHULZ_METHODS)
+  ns_steps = _common.default_if_none(ns_steps, _common.NS_STEPS)
+  update_proj_gap = _common.default_if_none(update_proj_gap, 1)
   validation.check_int("ns_steps", ns_steps, 1)  # named `steps` by the stage
   validation.check_static(update_proj_gap=update_proj_gap)
 
