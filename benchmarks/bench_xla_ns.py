@@ -14,10 +14,9 @@ For every ``bench_kernels.py`` shape, bf16, AOL + 4 (``turbo_aol``) and Frobeniu
   write bf16, combinations in float32), ``bf16_all`` (everything in bf16, as optax),
   ``gram_bf16`` (the separate step with only the Gram GEMM writing bf16), ``fold`` /
   ``fold_bf16`` (``X ← (aI + bA + cA²)·X``: one GEMM writing bf16 per update, ``A²``
-  written in float32 / bf16; the step the library runs on accelerators), ``fold_scan``
-  (``fold`` with the steps after the first in a ``lax.scan``, as the library runs them),
-  ``ours_unroll`` (the library's own stages, its preconditioning and step forms, with the
-  steps unrolled instead of scanned);
+  written in float32 / bf16; the step the library runs on accelerators, with plain
+  preconditioning), ``fold_scan`` (``fold`` with the steps after the first in a
+  ``lax.scan``: what the scan costs);
 
 and each output's relative distance to a float32 HIGHEST-precision run of the same
 iteration (so speed is never read without accuracy). Writes ``bench_xla_ns.json``;
@@ -27,7 +26,6 @@ prints a table last.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -41,7 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402  (timing loop, shapes, coefficient tables)
 
 import ortho_optax as oo  # noqa: E402
-ns = importlib.import_module("ortho_optax.newton_schulz")  # the module (the package exports the function)
 from optax.contrib import _muon as optax_muon  # noqa: E402
 
 CONFIGS = {
@@ -68,31 +65,11 @@ def _swap(x):
 
 
 #: The diagnostic formulations of ``--variants``.
-VARIANTS = ("astype", "bf16_out", "bf16_all", "gram_bf16", "fold", "fold_bf16", "fold_scan",
-            "ours_unroll")
-
-
-def ours_unrolled_fn(cfg):
-  """The library's XLA iteration, stage by stage, with the steps unrolled."""
-  table = jnp.asarray(cfg["coefficients"], jnp.float32)
-  pre, eps, bf = cfg["preconditioning"], cfg["eps"], jnp.bfloat16
-
-  def fn(x):
-    X, transposed = ns._orient_and_precondition(x, eps, pre, bf)
-    steps = list(table)
-    if pre != "frobenius":
-      X, gram = ns._precondition_first_step(X, pre, eps)
-      X = ns._ns_step(X, gram, steps.pop(0), False)
-    for abc in steps:
-      X = ns._ns_step(X, ns._step_gram(X), abc, False)
-    return (_swap(X) if transposed else X).astype(x.dtype)
-  return fn
+VARIANTS = ("astype", "bf16_out", "bf16_all", "gram_bf16", "fold", "fold_bf16", "fold_scan")
 
 
 def variant_fn(cfg, mode):
   """One formulation of the bf16 iteration (wide stacks), Frobenius / AOL as ours."""
-  if mode == "ours_unroll":
-    return ours_unrolled_fn(cfg)
   triples = cfg["coefficients"]
   aol = cfg["preconditioning"] == "aol"
   eps = cfg["eps"]
@@ -125,7 +102,7 @@ def variant_fn(cfg, mode):
       xf = xf / (jnp.sqrt(jnp.sum(xf * xf, axis=(-2, -1), keepdims=True)) + eps)
     X = xf.astype(bf)
     for step, (a, b, c) in enumerate(triples):
-      if mode == "fold_scan" and step == 1:  # the other steps as a lax.scan (the library's)
+      if mode == "fold_scan" and step == 1:  # the other steps as a lax.scan
         body = lambda X, abc: (fold(X, jnp.matmul(X, _swap(X)), *abc), None)  # noqa: E731
         return lax.scan(body, X, jnp.asarray(triples[1:], f32))[0]
       A = mm(X, _swap(X)).astype(bf)

@@ -17,10 +17,9 @@ Aurora ``polar``                        ``coefficients="aurora", steps=12``
 ======================================  =====================================================
 
 The steps are unrolled (the ``(steps, 3)`` coefficient table is traced, so one program
-serves every table of a length): in a ``lax.scan`` each step cost more on an H200, in
-proportion to the matrix (6 µs at 768², 56–69 µs on GPT-2 small's stacks, 180–200 µs at
-8192²: ``benchmarks/bench_xla_ns.py``, ``fold_scan`` against ``fold``), as a copy of the
-carried matrix per iteration would (not profiled). On the CPU each step rounds like
+serves every table of a length): in a ``lax.scan`` each step cost more on an H200, the more
+the larger the matrix (6 µs at 768², 56–69 µs on GPT-2 small's stacks, 180–200 µs at 8192²:
+``benchmarks/bench_xla_ns.py``, ``fold_scan`` against ``fold``). On the CPU each step rounds like
 the PyTorch references (``aX + (bA + cA²)X`` combined in float32); on accelerators a bf16
 (or float16) step runs as ``(aI + bA + cA²)·X`` with GEMMs that round as they write: one
 rounding more and a float32 round trip per GEMM less (:func:`_ns_step`).
@@ -182,9 +181,9 @@ def _behind_barrier_on_cpu(x):
   """``x``, behind an optimization barrier on the CPU (for steps below float32).
 
   XLA's CPU runtime has no GEMM for bf16 operands with a float32 result when a transpose
-  is folded into an operand ("Unsupported element type for DotThunk"): a transposed input,
-  such as a stack of one square Flax kernel in its ``(out, in)`` view, reaches the first
-  GEMM that way once the steps are unrolled. The barrier keeps transposes out of the GEMMs;
+  is folded into an operand ("Unsupported element type for DotThunk"): XLA folds the
+  transpose of a transposed input, such as a stack of one square Flax kernel in its
+  ``(out, in)`` view, into the first GEMM. The barrier keeps transposes out of the GEMMs;
   accelerators do not need it.
   """
   if not _fuses(x.dtype):

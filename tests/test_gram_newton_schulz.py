@@ -141,7 +141,7 @@ def test_jit_and_default_bf16_runs():
 
 
 def _dots(jaxpr):
-  """``[(flops, count)]`` of the dot_generals of a jaxpr (scans counted by their length)."""
+  """``[(flops, count)]`` of the dot_generals of a jaxpr."""
   found = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
@@ -155,8 +155,7 @@ def _dots(jaxpr):
     for name in ("jaxpr", "call_jaxpr"):
       sub = eqn.params.get(name)
       if sub is not None:
-        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        found += [(f * times, c * times) for f, c in _dots(getattr(sub, "jaxpr", sub))]
+        found += _dots(getattr(sub, "jaxpr", sub))
   return found
 
 

@@ -233,10 +233,10 @@ def riemannian_aurora(
     "Aurora: A Leverage-Aware Spectral Optimizer", arXiv 2606.27715, 2026 (Tilde
     Research); tilde-research/aurora-release ``src/riemannian_aurora.py`` (commit 3d79a5c).
   """
-  outer_steps, cg_steps, retraction_steps = (
-      _common.default_if_none(v, RIEMANNIAN_STEPS[k]) for k, v in (
-          ("outer_steps", outer_steps), ("cg_steps", cg_steps),
-          ("retraction_steps", retraction_steps)))
+  outer_steps = _common.default_if_none(outer_steps, RIEMANNIAN_STEPS["outer_steps"])
+  cg_steps = _common.default_if_none(cg_steps, RIEMANNIAN_STEPS["cg_steps"])
+  retraction_steps = _common.default_if_none(retraction_steps,
+                                             RIEMANNIAN_STEPS["retraction_steps"])
   validation.check_static(outer_steps=outer_steps, cg_steps=cg_steps,
                           retraction_steps=retraction_steps)
   dims = _common.masked_dimension_numbers(dimension_numbers)

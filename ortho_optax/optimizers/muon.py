@@ -13,7 +13,8 @@ applied to the hidden matrices, with every other parameter sent to AdamW by
 counts default to ``None`` (and names and dtypes are strings), so a plain
 ``optax.inject_hyperparams(muon)(learning_rate=0.02)`` keeps them static; a structural
 argument given explicitly (``ns_steps=6``, ``compute_dtype=jnp.float32``) must be named
-static::
+static, and so must ``restart_every`` with ``orthogonalizer="gram_newton_schulz"`` (its
+default, 2, is an int: ``None`` means "never restart")::
 
   opt = optax.inject_hyperparams(muon, static_args=inject_static_args(muon))(
       learning_rate=0.02, ns_steps=6)

@@ -106,7 +106,7 @@ def oadamw(
   # Checked with muon=False too: a bad name is an error whether or not it is used.
   validation.check_choice("orthogonalizer", orthogonalizer, NEWTON_SCHULZ_METHODS)
   ns_steps = _common.default_if_none(ns_steps, _common.NS_STEPS)
-  update_proj_gap = _common.default_if_none(update_proj_gap, 1)
+  update_proj_gap = _common.default_if_none(update_proj_gap, 1)  # every step
   validation.check_int("ns_steps", ns_steps, 1)  # named `steps` by the stage
   validation.check_static(update_proj_gap=update_proj_gap)
 
