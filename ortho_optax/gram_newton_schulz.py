@@ -65,7 +65,6 @@ import jax.numpy as jnp
 from ortho_optax import orthogonalizers, validation
 from ortho_optax.coefficients import Coefficients
 from ortho_optax.newton_schulz import (
-    _behind_barrier_on_cpu,
     _checked_input,
     _gram,
     _mm,
@@ -283,7 +282,6 @@ def _xla_gram_newton_schulz(x, table, eps, *, preconditioning, compute_dtype, cu
   out_dtype = x.dtype
   acc = table.dtype
   X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
-  X = _behind_barrier_on_cpu(X)
   if preconditioning == "frobenius":
     gram = _gram(X)
   else:

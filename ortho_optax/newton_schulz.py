@@ -312,15 +312,15 @@ def _precondition_first_step(x, preconditioning, eps):
 
 def _orient_and_precondition(x, eps, preconditioning, compute_dtype):
   """Wide orientation + the elementwise part of the preconditioning (``None``: none,
-  ``x`` is already preconditioned)."""
+  ``x`` is already preconditioned), behind :func:`_behind_barrier_on_cpu`."""
   transposed = x.shape[-2] > x.shape[-1]
   if transposed:
     x = _swap(x)
-  if preconditioning is None:
-    return x, transposed
   if preconditioning == "aol":
-    return _aol_prescale(x, compute_dtype), transposed
-  return _frobenius_normalize(x, eps, compute_dtype), transposed
+    x = _aol_prescale(x, compute_dtype)
+  elif preconditioning is not None:
+    x = _frobenius_normalize(x, eps, compute_dtype)
+  return _behind_barrier_on_cpu(x), transposed
 
 
 def _checked_input(x, name="newton_schulz"):
@@ -513,7 +513,6 @@ def newton_schulz_many(
 def _xla_newton_schulz(x, table, eps, *, preconditioning, compute_dtype, cubic):
   out_dtype = x.dtype
   X, transposed = _orient_and_precondition(x, eps, preconditioning, compute_dtype)
-  X = _behind_barrier_on_cpu(X)
   rest = table
   if preconditioning != "frobenius":
     X, gram = _precondition_first_step(X, preconditioning, eps)

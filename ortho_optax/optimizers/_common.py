@@ -26,6 +26,14 @@ def default_if_none(value, default):
   return default if value is None else value
 
 
+def checked_ns_steps(ns_steps) -> int:
+  """``ns_steps`` (:data:`NS_STEPS` for ``None``), checked: an int >= 1. The stage calls it
+  ``steps``; the error names the optimizer's argument."""
+  ns_steps = default_if_none(ns_steps, NS_STEPS)
+  validation.check_int("ns_steps", ns_steps, 1)
+  return ns_steps
+
+
 def newton_schulz_stage(orthogonalizer: str = "newton_schulz", *, restart_every=2,
                         **stage_kwargs) -> optax.GradientTransformation:
   """The orthogonalize stage of a Newton–Schulz optimizer, with the method it names.

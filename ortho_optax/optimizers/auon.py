@@ -149,8 +149,7 @@ def hybrid_auon(
     ``auon/optimizer.py::HybridAuON`` (commit bba2e82); K. Jordan et al., "Muon", 2024,
     https://kellerjordan.github.io/posts/muon/.
   """
-  ns_steps = _common.default_if_none(ns_steps, _common.NS_STEPS)
-  validation.check_int("ns_steps", ns_steps, 1)  # named `steps` by the stage
+  ns_steps = _common.checked_ns_steps(ns_steps)
   orth = _common.newton_schulz_stage(
       orthogonalizer, restart_every=restart_every, steps=ns_steps, coefficients="muon",
       preconditioning="frobenius", eps=1e-7,

@@ -101,9 +101,7 @@ def orthogonalized_chain(
   checked by the stage that owns it; ``compute_dtype`` is resolved here
   (:func:`ortho_optax.validation.check_dtype`, so names such as ``"bf16"`` work).
   """
-  # The stage calls it `steps`; the error names the optimizer's argument.
-  ns_steps = _common.default_if_none(ns_steps, _common.NS_STEPS)
-  validation.check_int("ns_steps", ns_steps, 1)
+  ns_steps = _common.checked_ns_steps(ns_steps)
 
   first, last = weight_decay_stages(learning_rate, weight_decay, weight_decay_method)
   momentum_tx = ema_momentum(momentum, nesterov=nesterov, bias_correction=bias_correction,

@@ -105,9 +105,8 @@ def oadamw(
   validation.check_bool("muon", muon)
   # Checked with muon=False too: a bad name is an error whether or not it is used.
   validation.check_choice("orthogonalizer", orthogonalizer, NEWTON_SCHULZ_METHODS)
-  ns_steps = _common.default_if_none(ns_steps, _common.NS_STEPS)
+  ns_steps = _common.checked_ns_steps(ns_steps)
   update_proj_gap = _common.default_if_none(update_proj_gap, 1)  # every step
-  validation.check_int("ns_steps", ns_steps, 1)  # named `steps` by the stage
   validation.check_static(update_proj_gap=update_proj_gap)
 
   def core():
