@@ -22,7 +22,8 @@ Method: every (model, optimizer) pair is built fresh from the same seed and batc
 first step is timed wall-clock, compilation included (``compile_s``). Then ``--rounds``
 interleaved rounds time all optimizers in turn (order reversed on odd rounds, so none
 always runs on the coolest GPU): 2 warm-up steps, then ``--steps`` steps with one
-``block_until_ready`` at the end; ``ms_per_step`` is the median over rounds of the block
+``block_until_ready`` at the end (the objects alive are frozen out of the garbage
+collector's passes first, ``gc.freeze``); ``ms_per_step`` is the median over rounds of the block
 time divided by ``--steps``. ``vs_adamw`` is ``ms_per_step / adamw's - 1`` (0.05 = 5%
 slower). ``peak_mem_gb`` (1e9 bytes) is the compiled step's own footprint from XLA's
 ``memory_analysis()``: arguments + outputs + temporaries - aliased bytes; the process-wide
@@ -55,6 +56,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import pathlib
@@ -304,22 +306,32 @@ def time_rounds(timed: list[Run], args, meta: dict, save) -> None:
   """The interleaved timing rounds; a run that fails is recorded and dropped.
 
   One untimed round first: the GPU idles at a low clock through the compilations, and
-  whichever optimizer were timed first would pay for its ramp-up.
+  whichever optimizer were timed first would pay for its ramp-up. Then the objects alive
+  (every model and optimizer state of the run) are moved out of the garbage collector's
+  reach (``gc.freeze``): a user's loop holds one model, and the collector's full passes
+  over all of them landed in random timed blocks (20-55 ms a step on an H200).
   """
   for run in timed:
     run.time_block(args.steps, record=False)
-  for rnd in range(args.rounds):
-    meta["status"] = f"timing round {rnd + 1}/{args.rounds}"
-    for run in (timed if rnd % 2 == 0 else timed[::-1]):
-      try:
-        run.time_block(args.steps)
-      except Exception as e:  # pylint: disable=broad-except
-        run.row["error"] = f"timing round {rnd + 1}: {_error(e)}"
-        run.release()
-    timed[:] = [run for run in timed if run.model is not None]
-    save()
-    print(f"[round {rnd + 1}/{args.rounds}] " + ", ".join(
-        f"{run.name} {run.row['round_ms'][-1]:.2f}" for run in timed) + " ms/step", flush=True)
+  gc.collect()
+  gc.freeze()
+  meta["gc"] = "gc.freeze() after the compile phase and the untimed round"
+  try:
+    for rnd in range(args.rounds):
+      meta["status"] = f"timing round {rnd + 1}/{args.rounds}"
+      for run in (timed if rnd % 2 == 0 else timed[::-1]):
+        try:
+          run.time_block(args.steps)
+        except Exception as e:  # pylint: disable=broad-except
+          run.row["error"] = f"timing round {rnd + 1}: {_error(e)}"
+          run.release()
+      timed[:] = [run for run in timed if run.model is not None]
+      save()
+      print(f"[round {rnd + 1}/{args.rounds}] " + ", ".join(
+          f"{run.name} {run.row['round_ms'][-1]:.2f}" for run in timed) + " ms/step",
+          flush=True)
+  finally:
+    gc.unfreeze()  # main() also runs in-process (tests, notebooks)
 
 
 def parse_args(argv):

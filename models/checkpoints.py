@@ -81,6 +81,15 @@ def read_meta(out_dir, step: int) -> dict:
   return json.loads((directory(out_dir) / str(step) / META / "metadata").read_text())
 
 
+def _entry_paths(tree) -> set[str]:
+  """The ``a/b/0`` paths of a nested dict / list tree's leaves."""
+  def key(k):
+    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))[0]
+  return {"/".join(key(k) for k in path) for path, leaf in leaves if leaf is not None}
+
+
 class Checkpoints:
   """The checkpoints of one run (a thin layer over ``orbax.checkpoint.CheckpointManager``).
 
@@ -111,10 +120,13 @@ class Checkpoints:
     """The state of checkpoint ``step``, in the structure, dtypes and shardings of ``like``.
 
     Raises:
-      ValueError: when the arrays cannot be read (a damaged checkpoint).
+      ValueError: when the checkpoint holds other entries than ``like`` (another optimizer
+        state layout), naming some of them; when the arrays cannot be read (a damaged
+        checkpoint).
     """
     ocp = self._ocp
     target = nnx.to_pure_dict(like)
+    self._check_layout(step, target)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
@@ -126,6 +138,32 @@ class Checkpoints:
     state = jax.tree.map(lambda x: x, like)  # a copy to fill in
     nnx.replace_by_pure_dict(state, restored)
     return state
+
+  def _check_layout(self, step: int, target) -> None:
+    """Raises when checkpoint ``step``'s entries differ from ``target``'s (when its metadata
+    can be read at all: a damaged checkpoint is left to :meth:`restore` to report)."""
+    reader = self._ocp.StandardCheckpointer()
+    try:
+      saved = reader.metadata(self.directory / str(step) / STATE)
+      saved = getattr(saved, "item_metadata", saved)
+      saved = _entry_paths(getattr(saved, "tree", saved))
+    except Exception:  # pylint: disable=broad-except
+      return
+    finally:
+      reader.close()
+    if not saved:
+      return
+    wanted = _entry_paths(target)
+    if saved == wanted:
+      return
+    only_saved, only_wanted = sorted(saved - wanted), sorted(wanted - saved)
+    raise ValueError(
+        f"checkpoint {self.directory / str(step)} holds another state layout than this run's "
+        f"model and optimizer: {len(only_saved)} entries only in the checkpoint "
+        f"{only_saved[:3]}, {len(only_wanted)} only in this run {only_wanted[:3]}. It was "
+        "written by another optimizer configuration or another version of ortho-optax "
+        "(oadamw's state layout changed on 2026-12-02); resume it with the code and "
+        "configuration that wrote it, or start a new --out.")
 
   def close(self) -> None:
     """Waits for a background save to finish and releases orbax's resources."""

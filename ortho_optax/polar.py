@@ -188,37 +188,62 @@ def _hp_matmul(a, b):
   return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
 
 
-def _solve_row_norm_multipliers(u, r, q, cg_steps):
-  """CG for ``(r_eff I − P∘P) λ = q`` with ``P = UUᵀ``, never forming P (one matrix).
+#: Largest ``batch * m * m`` (elements: 1 GiB in float32, 2 GiB in float64) for which the
+#: CG operator of :func:`_solve_row_norm_multipliers` is formed explicitly.
+EXPLICIT_CG_OPERATOR_ELEMENTS = 2**28
+
+
+def explicit_cg_operator(batch: int, m: int, n: int, cg_steps: int) -> bool:
+  """Whether the CG of a ``batch`` of tall ``m x n`` matrices forms ``P∘P`` (``m x m``).
+
+  Formed, it costs one ``m x n x m`` product and then a matrix-vector product per CG
+  iteration, so the iterations run as a fixed-count loop (no host round trip per
+  iteration on a GPU, where a ``while`` loop reads its predicate back every iteration).
+  Implicit, every iteration costs two ``m x n x n`` products and the loop exits early.
+  Formed when it costs at most the implicit loop run to ``cg_steps`` iterations
+  (``m <= 2 cg_steps n``; the early exit is not counted) and fits
+  :data:`EXPLICIT_CG_OPERATOR_ELEMENTS`. ``batch`` is the stack of one call: a
+  ``jax.vmap`` over the call multiplies the memory without this check seeing it.
+  """
+  return batch * m * m <= EXPLICIT_CG_OPERATOR_ELEMENTS and m <= 2 * cg_steps * n
+
+
+def _solve_row_norm_multipliers(u, r, q, cg_steps, explicit):
+  """CG for ``(r_eff I − P∘P) λ = q`` with ``P = UUᵀ`` (one matrix).
 
   ``r_eff = r + max(0, max_i ‖U_i‖⁴ − r + 1e-3)`` regularises the operator. CG starts
   from 0 and stops (as the reference's ``break``s) when ``pᵀAp < 1e-30``, when the
   residual norm² is non-finite, or when ``‖res‖ < 1e-8 · max(‖q‖, 1e-12)``. A
-  non-finite solution is replaced by zeros.
+  non-finite solution is replaced by zeros. ``explicit`` (see
+  :func:`explicit_cg_operator`) forms ``P∘P`` and runs ``cg_steps`` iterations whose
+  updates stop at the first stop condition, which is the early exit's result; otherwise
+  ``P`` is never formed and the loop exits early.
   """
   h_sq = jnp.square(jnp.sum(jnp.square(u), axis=-1))
   r_eff = r + jnp.maximum(jnp.max(h_sq) - r + 1e-3, 0.0)
 
-  def matvec(v):
-    t = _hp_matmul(_swap(u), v[:, None] * u)  # Uᵀ diag(v) U, (n, n)
-    return r_eff * v - jnp.sum(_hp_matmul(u, t) * u, axis=-1)
+  if explicit:
+    pp = jnp.square(_hp_matmul(u, _swap(u)))  # (P∘P)_ij = (U_i · U_j)², (m, m)
+    matvec = lambda v: r_eff * v - _hp_matmul(pp, v[:, None])[:, 0]
+  else:
+    def matvec(v):
+      t = _hp_matmul(_swap(u), v[:, None] * u)  # Uᵀ diag(v) U, (n, n)
+      return r_eff * v - jnp.sum(_hp_matmul(u, t) * u, axis=-1)
 
   q_norm = jnp.maximum(jnp.linalg.norm(q), 1e-12)
 
-  def cond(state):
-    it, _, _, _, _, stop = state
-    return jnp.logical_and(it < cg_steps, jnp.logical_not(stop))
-
   def body(state):
-    it, sol, res, p, rs_old, _ = state
+    it, sol, res, p, rs_old, stop = state
     ap = matvec(p)
     denom = jnp.sum(p * ap)
-    proceed = jnp.logical_not(denom < 1e-30)  # NaN proceeds, as in the reference
+    positive = jnp.logical_not(denom < 1e-30)  # NaN proceeds, as in the reference
+    proceed = jnp.logical_and(jnp.logical_not(stop), positive)
     alpha = rs_old / jnp.where(proceed, denom, 1.0)
     sol = jnp.where(proceed, sol + alpha * p, sol)
     res = jnp.where(proceed, res - alpha * ap, res)
     rs_new = jnp.sum(res * res)
-    stop = jnp.logical_or(jnp.logical_not(proceed), jnp.logical_not(jnp.isfinite(rs_new)))
+    stop = jnp.logical_or(stop, jnp.logical_not(positive))
+    stop = jnp.logical_or(stop, jnp.logical_not(jnp.isfinite(rs_new)))
     stop = jnp.logical_or(stop, jnp.sqrt(rs_new) < 1e-8 * q_norm)
     p = jnp.where(stop, p, res + (rs_new / jnp.maximum(rs_old, 1e-30)) * p)
     rs_old = jnp.where(stop, rs_old, rs_new)
@@ -226,20 +251,29 @@ def _solve_row_norm_multipliers(u, r, q, cg_steps):
 
   init = (jnp.asarray(0, jnp.int32), jnp.zeros_like(q), q, q, jnp.sum(q * q),
           jnp.asarray(False))
-  # The reference's early exit, as a while loop. On a GPU every iteration waits for the
-  # host (Riemannian Aurora's GPT-2-small step: 265 ms on an H200, host-bound); measured
-  # worse alternatives: a fixed-count fori_loop (511 ms, all cg_steps iterations run) and
-  # full unrolling (a 185 s first-step compilation).
-  _, sol, _, _, _, _ = lax.while_loop(cond, body, init)
+  if explicit:
+    _, sol, _, _, _, _ = lax.fori_loop(0, cg_steps, lambda _, st: body(st), init)
+  else:
+    # The reference's early exit, as a while loop (on a GPU every iteration waits for
+    # the host to read the predicate).
+    def cond(state):
+      it, _, _, _, _, stop = state
+      return jnp.logical_and(it < cg_steps, jnp.logical_not(stop))
+    _, sol, _, _, _, _ = lax.while_loop(cond, body, init)
   return jnp.where(jnp.all(jnp.isfinite(sol)), sol, jnp.zeros_like(sol))
 
 
-def _riemannian_balanced_polar_2d(g, outer_steps, cg_steps, riemannian_eta, retraction_steps,
-                                  eps, polar_fn):
-  """One tall float matrix ``g`` (m > n) -> its approximately balanced-Stiefel polar."""
-  m, n = g.shape
+def _riemannian_balanced_polar_stack(g, outer_steps, cg_steps, riemannian_eta,
+                                     retraction_steps, eps, polar_fn, explicit_cg):
+  """A stack ``(b, m, n)`` of tall float matrices -> their approximately balanced-Stiefel
+  polar factors. Every matrix is independent (its own CG early exits and non-finite
+  break); the polar calls take the whole stack, so they run on the kernels where
+  :func:`ortho_optax.newton_schulz.newton_schulz` would."""
+  _, m, n = g.shape
   r = n / m
   target_row_norm = math.sqrt(r)
+  solve = jax.vmap(lambda u, q: _solve_row_norm_multipliers(u, r, q, cg_steps, explicit_cg))
+  per_matrix = lambda flag: flag[:, None, None]
   u0 = polar_fn(g)
 
   def retract(_, y):
@@ -251,18 +285,18 @@ def _riemannian_balanced_polar_2d(g, outer_steps, cg_steps, riemannian_eta, retr
     utg = _hp_matmul(_swap(u), g)
     b = 0.5 * (utg + _swap(utg))
     q = jnp.sum(g * u, axis=-1) - jnp.sum(_hp_matmul(u, b) * u, axis=-1)
-    q = q - jnp.mean(q)
-    lam = _solve_row_norm_multipliers(u, r, q, cg_steps)
-    lam = lam - jnp.mean(lam)
-    s = b - _hp_matmul(_swap(u), lam[:, None] * u)
-    z = g - _hp_matmul(u, s) - lam[:, None] * u
+    q = q - jnp.mean(q, axis=-1, keepdims=True)
+    lam = solve(u, q)
+    lam = lam - jnp.mean(lam, axis=-1, keepdims=True)
+    s = b - _hp_matmul(_swap(u), lam[..., None] * u)
+    z = g - _hp_matmul(u, s) - lam[..., None] * u
     # The reference `break`s out of the outer loop when Z is non-finite.
-    done = jnp.logical_or(done, jnp.logical_not(jnp.all(jnp.isfinite(z))))
-    y = u + riemannian_eta * jnp.where(done, 0.0, z)
+    done = jnp.logical_or(done, jnp.logical_not(jnp.all(jnp.isfinite(z), axis=(-2, -1))))
+    y = u + riemannian_eta * jnp.where(per_matrix(done), 0.0, z)
     y = lax.fori_loop(0, retraction_steps, retract, y)
-    return jnp.where(done, u, y), done
+    return jnp.where(per_matrix(done), u, y), done
 
-  u, _ = lax.fori_loop(0, outer_steps, outer, (u0, jnp.asarray(False)))
+  u, _ = lax.fori_loop(0, outer_steps, outer, (u0, jnp.zeros(g.shape[:1], bool)))
   return u
 
 
@@ -285,8 +319,10 @@ def riemannian_balanced_polar(
   ascent steps whose row-norm Lagrange multipliers come from ``cg_steps`` of CG, each
   followed by ``retraction_steps`` rounds of (row normalisation, Aurora polar). Square
   matrices have no leverage freedom and get :func:`aurora_polar`, as in
-  ``riemannian_aurora``. The reference is 2-D only; here leading batch axes are mapped
-  over (each matrix keeps its own CG early exits).
+  ``riemannian_aurora``. The reference is 2-D only; here the matrices of a stack are
+  independent (each keeps its own CG stop) and the polar calls take the whole stack. The
+  CG forms ``P∘P`` (a ``batch x m x m`` temporary, up to 1 GiB) where that is cheaper,
+  see :func:`explicit_cg_operator`.
 
   Args:
     x: array of rank >= 2.
@@ -316,28 +352,32 @@ def riemannian_balanced_polar(
     return aurora_polar(x, steps=steps, compute_dtype=compute_dtype, backend=backend)
   if x.size == 0:  # an empty stack or a 0 x n matrix: nothing to balance
     return x
+  m, n = max(x.shape[-2:]), min(x.shape[-2:])
+  explicit_cg = explicit_cg_operator(math.prod(x.shape[:-2]), m, n, cg_steps)
   return _riemannian_balanced_polar_jit(
       x, jnp.asarray(riemannian_eta, _accum_dtype(x.dtype)),
       jnp.asarray(eps, _accum_dtype(x.dtype)), outer_steps=outer_steps, cg_steps=cg_steps,
       retraction_steps=retraction_steps, compute_dtype=compute_dtype, steps=steps,
-      backend=backend)
+      backend=backend, explicit_cg=explicit_cg)
 
 
 # Jitted so that an eager call compiles once instead of dispatching op by op; inside an
-# outer jit this inlines. The step counts and dtypes are static, eta and eps traced.
+# outer jit this inlines. The step counts, dtypes and the CG form are static, eta and eps
+# traced.
 @functools.partial(jax.jit, static_argnames=("outer_steps", "cg_steps", "retraction_steps",
-                                             "compute_dtype", "steps", "backend"))
+                                             "compute_dtype", "steps", "backend",
+                                             "explicit_cg"))
 def _riemannian_balanced_polar_jit(x, riemannian_eta, eps, *, outer_steps, cg_steps,
-                                   retraction_steps, compute_dtype, steps, backend):
+                                   retraction_steps, compute_dtype, steps, backend,
+                                   explicit_cg):
   polar_fn = lambda y: aurora_polar(y, steps=steps, compute_dtype=compute_dtype, backend=backend)
   y, transposed = _to_tall(x)
   acc = _accum_dtype(x.dtype)
   lead = y.shape[:-2]
   stack = y.astype(acc).reshape((-1,) + y.shape[-2:])
-  one = lambda g: _riemannian_balanced_polar_2d(
-      g, outer_steps, cg_steps, riemannian_eta, retraction_steps, eps,
-      lambda v: polar_fn(v).astype(acc))
-  out = jax.vmap(one)(stack).reshape(lead + y.shape[-2:])
+  out = _riemannian_balanced_polar_stack(
+      stack, outer_steps, cg_steps, riemannian_eta, retraction_steps, eps,
+      lambda v: polar_fn(v).astype(acc), explicit_cg).reshape(lead + y.shape[-2:])
   if transposed:
     out = _swap(out)
   return out.astype(x.dtype)

@@ -17,6 +17,7 @@ from ortho_optax.optimizers._common import find_states
 from ortho_optax.optimizers import auon as auon_lib
 from ortho_optax.optimizers import aurora as aurora_lib
 from ortho_optax.optimizers import oadamw as oadamw_lib
+from ortho_optax.stages import kahan as kahan_stages
 from ortho_optax.stages import momentum as momentum_stages
 from ortho_optax.stages import stable_adamw as stable_adamw_stages
 
@@ -311,6 +312,24 @@ def test_stable_adamw_takes_the_limit_for_a_gradient_whose_square_overflows():
   # A non-finite gradient still gives a non-finite update (nothing hidden).
   u, _ = tx.update({"b": jnp.array([1.0, jnp.inf, 1.0]), "w": jnp.full(2, jnp.nan)}, state, p)
   assert not np.all(np.isfinite(np.asarray(u["b"]))) and np.all(np.isnan(np.asarray(u["w"])))
+
+
+def test_oadamw_keeps_one_set_of_moments_for_both_branches():
+  # Both branches run the same StableAdamW core, so it runs once after the routing:
+  # one mu/nu tree without masked copies, and no Kahan tree for float32 leaves.
+  p = {"w": jnp.ones((4, 8)), "b": jnp.ones((8,)), "i": jnp.zeros((2,), jnp.int32)}
+  tx = oadamw_lib.oadamw(1e-3)
+  state = tx.init(p)
+  (core,) = _find_states(state, stable_adamw_stages.StableAdamWState)
+  assert set(core.mu) == {"w", "b", "i"}
+  assert isinstance(core.mu["i"], optax.MaskedNode)  # the int leaf is frozen
+  assert not any(isinstance(core.mu[k], optax.MaskedNode) for k in ("w", "b"))
+  (kahan,) = _find_states(state, kahan_stages.KahanSummationState)
+  assert kahan.compensation is None
+  u, _ = tx.update({"w": jnp.ones((4, 8)), "b": jnp.ones((8,)), "i": jnp.zeros((2,), jnp.int32)},
+                   state, p)
+  np.testing.assert_array_equal(u["i"], 0)
+  assert float(jnp.abs(u["w"]).max()) > 0 and float(jnp.abs(u["b"]).max()) > 0
 
 
 def test_oadamw_runs_float16_leaves_in_float32():

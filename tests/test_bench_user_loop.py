@@ -1,5 +1,6 @@
 """benchmarks/bench_user_loop.py and its user-written model benchmarks/user_gpt.py."""
 
+import gc
 import importlib
 import json
 import math
@@ -45,6 +46,8 @@ def test_tiny_run_writes_rows_for_every_optimizer(bench, tmp_path, capsys, monke
   assert (meta["preset"], meta["batch"], meta["seq"], meta["rounds"], meta["steps"]) == (
       "tiny", 2, 16, 1, 1)
   assert meta["jax"] == jax.__version__ and "--optimizers" in meta["command"]
+  # The timing rounds froze what was alive out of the collector's passes, and let go after.
+  assert meta["gc"].startswith("gc.freeze()") and gc.get_freeze_count() == 0
   assert [r["optimizer"] for r in rows] == ["optax.adamw", "broken", *names[1:]]
   assert all(set(r) == ROW_KEYS for r in rows), rows
   # A failure is recorded in its row and the run goes on.

@@ -211,3 +211,21 @@ def test_trainer_is_bit_deterministic(full, tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   other = train_lib.train(_cfg(seed=1, checkpoint_every=0), progress=False)
   assert _losses(other) != _losses(full_result)
+
+
+def test_a_checkpoint_of_another_state_layout_names_the_entries(tmp_path):
+  # Same configuration, other code (e.g. an older ortho-optax whose optimizer state had
+  # other entries): the error names them instead of orbax's tree dump.
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  saved = nnx.State({"model": {"w": jnp.ones(3)}, "opt": {"mu": jnp.zeros(3)}})
+  ck = ckpt_lib.Checkpoints(tmp_path)
+  ck.save(1, saved, {"step": 1})
+  ck.close()
+  ck = ckpt_lib.Checkpoints(tmp_path)
+  like = nnx.State({"model": {"w": jnp.ones(3)}, "opt": {"0": {"mu": jnp.zeros(3)}}})
+  with pytest.raises(ValueError, match=r"another state layout.*\['opt/mu'\].*\['opt/0/mu'\]"):
+    ck.restore(1, like)
+  restored = ck.restore(1, saved)  # the same layout restores
+  np.testing.assert_array_equal(restored["model"]["w"], 1.0)
+  ck.close()

@@ -164,3 +164,15 @@ def test_kahan_sum_validation():
   from ortho_optax.optimizers.muon import muon
   with pytest.raises(ValueError, match="kahan_sum"):
     muon(kahan_sum="yes")
+
+
+def test_kahan_state_is_none_without_low_precision_leaves():
+  # A tree of None buffers would still be a tree nnx.jit walks on every step.
+  params = {"w": jnp.ones((3,), jnp.float32), "v": {"x": jnp.ones((2, 2), jnp.float32)}}
+  tx = kahan_summation()
+  state = tx.init(params)
+  assert state.compensation is None
+  u = {"w": jnp.full((3,), 1e-4), "v": {"x": jnp.full((2, 2), 2e-4)}}
+  out, new_state = jax.jit(tx.update)(u, state, params)
+  assert new_state.compensation is None
+  jax.tree.map(np.testing.assert_array_equal, out, u)

@@ -13,6 +13,8 @@ from flax import nnx
 
 from ortho_optax import routing
 from ortho_optax.matrix_view import path_str
+from ortho_optax.optimizers._common import find_states
+from ortho_optax.stages.stable_adamw import StableAdamWState
 from test_optax_conventions import NAMES, OPTIMIZERS, make
 
 VOCAB, DIM, HIDDEN = 16, 8, 16
@@ -86,6 +88,16 @@ def test_nnx_optimizer_trains(name):
   assert not np.allclose(model.embed.embedding[...], embed0)
   assert not np.allclose(model.fc.kernel[...], fc0)
 
+  if name == "oadamw":
+    # The routing first (Newton-Schulz on the hidden kernel only), then one StableAdamW
+    # core with moments for every leaf, in one tree.
+    assert isinstance(optimizer.opt_state[0], optax.MultiTransformState)
+    (core,) = find_states(optimizer.opt_state, lambda x: isinstance(x, StableAdamWState))
+    moments = _paths(core.mu)
+    assert not any(isinstance(v, optax.MaskedNode) for v in moments.values())
+    assert any(k.endswith("fc/kernel") for k in moments)
+    assert any(k.endswith("embed/embedding") for k in moments)
+    return
   # Routing inside the optimizer state: the orthogonalized branch holds buffers only for
   # the hidden kernel, the element-wise branch for everything else.
   inner = optimizer.opt_state.inner_states

@@ -7,10 +7,14 @@ import pytest
 
 from conftest import golden_tolerance, load_golden
 from ortho_optax.newton_schulz import newton_schulz
+import importlib
+import re
+
 from ortho_optax.polar import (aurora_polar, cosh_normalize, leverage_uniform_polar, polar,
                                riemannian_balanced_polar)
 
 F32 = dict(compute_dtype=jnp.float32, backend="xla")
+polar_module = importlib.import_module("ortho_optax.polar")  # the package exports polar()
 
 
 def _rand(shape, seed=0):
@@ -109,9 +113,12 @@ def test_leverage_zero_input_and_bad_args():
 # ----------------------------------------------------------------------------- riemannian
 
 
-def test_riemannian_matches_aurora_golden_steps(highest_precision):
+@pytest.mark.parametrize("explicit_cg", [True, False])
+def test_riemannian_matches_aurora_golden_steps(highest_precision, explicit_cg, monkeypatch):
   """The golden is the Riemannian Aurora optimizer; its update direction is this
-  function (square -> polar) times sqrt(max(1, rows/cols)). Momentum is recomputed here."""
+  function (square -> polar) times sqrt(max(1, rows/cols)). Momentum is recomputed here.
+  Both CG forms: the golden's shapes take the explicit one by default."""
+  monkeypatch.setattr(polar_module, "explicit_cg_operator", lambda *_: explicit_cg)
   arrays, meta = load_golden("aurora/riemannian_steps_fp32.npz")
   h = meta["hyperparameters"]
   f = jax.jit(lambda u: riemannian_balanced_polar(
@@ -149,6 +156,38 @@ def test_riemannian_balances_batches_and_is_finite():
   # Wide input = transposed tall input.
   np.testing.assert_allclose(np.asarray(f(jnp.swapaxes(x, -1, -2))), np.swapaxes(out, -1, -2),
                              atol=1e-4)
+
+
+def test_riemannian_cg_forms_agree_and_the_explicit_one_never_waits_for_the_host(monkeypatch):
+  # Explicit: P∘P formed once, a fixed-count loop (XLA knows every trip count, so a GPU
+  # never reads a predicate back); implicit: the early-exit while loop. The two operators
+  # are equal in exact arithmetic: compared in float64, where rounding cannot move the
+  # unconverged CG iterates apart (float32 results differ by ~1e-4 on this input).
+  x = _rand((3, 40, 10), seed=3) * jnp.linspace(0.3, 3.0, 40)[:, None]
+  assert polar_module.explicit_cg_operator(3, 40, 10, 20)
+  run_explicit = lambda a: riemannian_balanced_polar(a, **F32)
+  explicit = jax.jit(run_explicit).lower(x).compile().as_text()
+  loops = re.findall(r"\swhile\(", explicit)
+  assert loops and len(re.findall(r"known_trip_count", explicit)) == len(loops)
+  f64 = dict(compute_dtype=jnp.float64, backend="xla")
+  with jax.enable_x64(True):
+    x64 = jnp.asarray(np.asarray(x), jnp.float64)
+    explicit_out = np.asarray(jax.jit(lambda a: riemannian_balanced_polar(a, **f64))(x64))
+  monkeypatch.setattr(polar_module, "explicit_cg_operator", lambda *_: False)
+  run_implicit = lambda a: riemannian_balanced_polar(a, **F32)  # a new trace
+  implicit = jax.jit(run_implicit).lower(x).compile().as_text()
+  assert len(re.findall(r"known_trip_count", implicit)) < len(re.findall(r"\swhile\(", implicit))
+  with jax.enable_x64(True):
+    implicit_out = np.asarray(jax.jit(lambda a: riemannian_balanced_polar(a, **f64))(x64))
+  assert explicit_out.dtype == np.float64
+  np.testing.assert_allclose(implicit_out, explicit_out, atol=1e-9)
+
+
+def test_explicit_cg_operator_choice():
+  assert polar_module.explicit_cg_operator(12, 3072, 768, 20)  # GPT-2 small's MLP stack
+  assert not polar_module.explicit_cg_operator(4, 16384, 4096, 20)  # 4 GiB of P∘P
+  assert not polar_module.explicit_cg_operator(1, 4000, 10, 20)  # costlier than 20 iterations
+  assert not polar_module.explicit_cg_operator(1, 40, 10, 0)
 
 
 def test_riemannian_bad_args():

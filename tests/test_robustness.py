@@ -74,7 +74,7 @@ def _float_leaves_with_path(tree):
 def _state_part(name, path):
   """Which part of the optimizer a state leaf belongs to, from its key path."""
   if name == "oadamw" and (".mu[" in path or ".nu[" in path):
-    return "stable_adamw"  # OAdamW's StableAdamW core, on both branches
+    return "stable_adamw"  # OAdamW's StableAdamW core, behind the routing
   if "compensation" in path:
     return "kahan"
   if "['adam']" in path:

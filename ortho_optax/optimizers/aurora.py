@@ -213,7 +213,10 @@ def riemannian_aurora(
   ``outer_steps`` Riemannian ascent steps on the manifold of matrices with orthonormal
   columns and uniform row norms (multipliers from ``cg_steps`` conjugate-gradient
   iterations), each retracted by ``retraction_steps`` row-normalise + polar passes.
-  The reference has no finite check here; this port applies the same skip-and-count
+  Where it is cheaper (GPT-sized stacks), the CG forms ``P∘P = (UUᵀ)∘(UUᵀ)`` of a stack
+  of same-shape tall ``m x n`` matrices once per ascent step: a ``batch x m x m``
+  float32 temporary of up to 1 GiB
+  (:func:`ortho_optax.polar.explicit_cg_operator`). The reference has no finite check here; this port applies the same skip-and-count
   guard as :func:`aurora`.
 
   Args:

@@ -10,9 +10,9 @@ Hidden matrices (label ``"ortho"``) are orthogonalized *before* the Adam moments
 so the moments are EMAs of orthogonalized gradients and Adam's element-wise
 normalisation is applied on top (the final update is not orthogonal; step 1 is
 ``sign(NS(g))``). Every other float leaf (label ``"adam"``) goes through the same
-StableAdamW core without Newton-Schulz: OAdamW has no separate AdamW. Each branch keeps
-its own step counter, which is the reference's per-tensor counter in the Muon group
-(every leaf of the branch steps together) and its per-group counter otherwise.
+StableAdamW core without Newton-Schulz: OAdamW has no separate AdamW. So the core runs
+once, after the routing, on every trainable leaf; its one step counter is the
+reference's per-tensor and per-group counters, which all step together.
 
 Differences from the reference, all deliberate:
 
@@ -34,8 +34,10 @@ Differences from the reference, all deliberate:
 # reads the learning rate's annotation, optax.ScalarOrSchedule, from the signature.
 from typing import Any, Optional
 
+import jax
 import optax
 
+from ortho_optax import routing
 from ortho_optax import validation
 from ortho_optax.optimizers import _common
 from ortho_optax.orthogonalizers import NEWTON_SCHULZ_METHODS
@@ -94,8 +96,9 @@ def oadamw(
       latter's restart period, as in :func:`ortho_optax.optimizers.muon.muon`.
 
   Returns:
-    An ``optax.GradientTransformation`` (an ``optax.multi_transform`` with branches
-    ``"ortho"`` = NS + core and ``"adam"`` = core).
+    An ``optax.GradientTransformation``: ``optax.chain`` of the routing (an
+    ``optax.multi_transform`` with branches ``"ortho"`` = NS, ``"adam"`` = identity and
+    ``"frozen"`` = zero) and the StableAdamW core (+ Kahan) on every trainable leaf.
 
   References:
     jeb1399/OAdamW ``oadamw.py`` (commit 867bef6) with torch-optimi 0.3.3
@@ -109,30 +112,31 @@ def oadamw(
   update_proj_gap = _common.default_if_none(update_proj_gap, 1)  # every step
   validation.check_static(update_proj_gap=update_proj_gap)
 
-  def core():
-    # float16 leaves run in float32 like the AdamW branch: a float16 v overflows for
-    # |g| > 256 (and underflows for small ones), which would freeze the leaf silently.
-    stage = _common.float16_in_float32(stable_adamw_stages.stable_adamw(
-        learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-        decouple_lr=decouple_lr, max_lr=max_lr, mu_dtype=mu_dtype))
-    if kahan_sum is False:
-      return stage
-    return optax.chain(stage, kahan_stages.kahan_summation())
+  core = _common.float16_in_float32(stable_adamw_stages.stable_adamw(
+      learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+      decouple_lr=decouple_lr, max_lr=max_lr, mu_dtype=mu_dtype))
+  if kahan_sum is not False:
+    core = optax.chain(core, kahan_stages.kahan_summation())
 
   if muon:
-    orth = _common.newton_schulz_stage(
+    ortho_tx = _common.newton_schulz_stage(
         orthogonalizer, restart_every=restart_every, steps=ns_steps, coefficients="muon",
         preconditioning="frobenius",
         eps=1e-7, compute_dtype=validation.check_dtype("compute_dtype", compute_dtype),
         backend=backend,
         update_proj_gap=update_proj_gap,
         dimension_numbers=_common.masked_dimension_numbers(dimension_numbers))
-    ortho_tx = optax.chain(orth, core())
   else:
-    ortho_tx = core()
-  return _common.with_adamw_fallback(
-      ortho_tx, adam_tx=core(), label_fn=label_fn, dimension_numbers=dimension_numbers,
+    ortho_tx = optax.identity()
+  labels = routing.checked_labels(label_fn, dimension_numbers)
+  # Both branches share one core, after the routing: one set of moments for the whole
+  # tree rather than two masked copies (each a full tree that nnx.jit walks every step).
+  routed = _common.with_adamw_fallback(
+      ortho_tx, adam_tx=optax.identity(), label_fn=labels,
       name="oadamw" if muon else None)
+  trainable = lambda params: jax.tree.map(lambda label: label != routing.FROZEN,
+                                          labels(params))
+  return optax.chain(routed, optax.masked(core, trainable))
 
 
 __all__ = ["oadamw"]

@@ -35,7 +35,9 @@ LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 class KahanSummationState(NamedTuple):
-  """Compensation buffers; ``None`` for full-precision leaves."""
+  """Compensation buffers: a tree with ``None`` for full-precision leaves, or ``None``
+  alone when no leaf is low-precision (a tree of ``None`` would cost ``nnx.jit`` a
+  Python visit per node on every step)."""
   compensation: Any
 
 
@@ -75,11 +77,15 @@ def kahan_summation(compensation_dtype: Optional[Any] = None) -> optax.GradientT
     comp = [jnp.zeros(p.shape, p.dtype if compensation_dtype is None else compensation_dtype)
             if _is_low(p) else None
             for p in leaves]
+    if all(c is None for c in comp):
+      return KahanSummationState(compensation=None)
     return KahanSummationState(compensation=jax.tree.unflatten(treedef, comp))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(NO_PARAMS)
+    if state.compensation is None:
+      return updates, state
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = treedef.flatten_up_to(params)
     c_leaves = treedef.flatten_up_to(state.compensation)
