@@ -196,7 +196,12 @@ def gram_newton_schulz(
     restart_every: steps between restarts (``X ← QX``, ``R ← XXᵀ``, ``Q ← I``), which keep
       the iteration stable in low precision; ``None``: never restart (one Gram matrix,
       fewest flops), which is unstable in bf16 on ill-conditioned inputs and even in
-      float32 over long schedules (10 ``deepseekv4`` steps).
+      float32 over long schedules (10 ``deepseekv4`` steps). Square and nearly square
+      matrices, which the optimizers never send to Gram NS (:func:`prefers_gram`), are
+      less stable in bf16 still. On the CPU, with 8-step ``polar_express``, one of 30
+      Gaussian bf16 16 × 16 matrices gave a non-finite result at ``restart_every=2``, and
+      26 of 40 64 × 64 ones without restarts; 5-step ``muon``, ``polar_express``,
+      ``quintic`` and ``cans`` gave none at 2. Use :func:`ortho_optax.newton_schulz` there.
     backend: ``"xla"``, ``"pallas"`` (the Hopper kernels of
       :func:`ortho_optax.pallas.gram_newton_schulz`; RuntimeError if unavailable) or
       ``"auto"`` (the kernels on a Hopper GPU for bf16 compute, ``frobenius``/``aol``
