@@ -172,12 +172,17 @@ def jsonable(x):
 
 
 def write_reports(out_dir, runs: Sequence[dict], title: str, best: dict | None = None) -> None:
-  """Writes ``results.json``, ``loss.png`` and ``results.md`` into ``out_dir``."""
+  """Writes ``results.json``, ``loss.png`` and ``results.md`` into ``out_dir``.
+
+  ``best`` (a sweep's best run per optimizer) becomes ``results.json``'s ``"best"``:
+  ``{optimizer: {"lr", "final_val_loss"}}``; a single run (``None``) has no such key.
+  """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  payload = {"title": title, "runs": list(runs),
-             "best": {k: {"lr": v["config"]["lr"], "final_val_loss": v["final_val_loss"]}
-                      for k, v in (best or {}).items()}}
+  payload = {"title": title, "runs": list(runs)}
+  if best is not None:
+    payload["best"] = {k: {"lr": v["config"]["lr"], "final_val_loss": v["final_val_loss"]}
+                       for k, v in best.items()}
   (out / "results.json").write_text(json.dumps(jsonable(payload), indent=1))
   plot_losses(runs, out / "loss.png", title)
   r0 = runs[0]

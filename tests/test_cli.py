@@ -165,6 +165,8 @@ def test_commands_without_out_write_under_runs(tmp_path, monkeypatch, capsys):
       assert sorted(r["config"]["lr"] for r in runs) == [0.002, 0.004]
       assert "| adamw | 0.004 |" in out and "| adamw | 0.002 |" in out
       assert results["best"]["adamw"]["lr"] in (0.002, 0.004)
+    else:
+      assert "best" not in results  # one run: nothing was swept
     for r in runs:
       t = r["timings"]
       assert t["compile_s"] > 0 and t["train_s"] > 0 and t["steps_timed"] == 3
