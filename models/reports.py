@@ -4,7 +4,9 @@ A run's result is the dict :func:`ortho_optax.models.train.train` returns; its
 ``timings`` are what was measured: ``compile_s`` (tracing and compiling the step),
 ``train_s`` (wall time of the training steps alone, evaluation and checkpoints
 excluded), ``eval_s``, ``checkpoint_s``, and the derived ``step_s`` (train_s / steps) and
-``tokens_per_s``. :func:`write_reports` writes ``results.json``, ``results.md`` and
+``tokens_per_s``, all of this process; ``total_train_s`` and ``total_steps_timed`` add those
+of the processes a resumed run continues (as its checkpoint recorded them; the table's
+``train s`` is ``total_train_s``). :func:`write_reports` writes ``results.json``, ``results.md`` and
 ``loss.png`` into an output folder.
 """
 
@@ -97,7 +99,7 @@ def markdown_table(runs: Sequence[dict], best: dict | None = None) -> str:
     step_s = t.get("step_s", t.get("median_step_s"))
     lines.append(
         f"| {c['optimizer']} | {c['lr']:g} | {val_s} | {_cell(r['final_train_loss'], '.4f')} | "
-        f"{r['completed_steps']} | {_cell(t.get('train_s'), '.1f')} | "
+        f"{r['completed_steps']} | {_cell(t.get('total_train_s', t.get('train_s')), '.1f')} | "
         f"{_cell(None if step_s is None else 1e3 * step_s, '.1f')} | "
         f"{_cell(t.get('compile_s'), '.1f')} | {_cell(t.get('tokens_per_s'), ',.0f')} |")
   return "\n".join(lines) + "\n"
@@ -192,5 +194,6 @@ def write_reports(out_dir, runs: Sequence[dict], title: str, best: dict | None =
           f"{c['batch_size']}×{c['model_config']['seq_len']} tokens, {c['schedule']} schedule, "
           f"seed {c['seed']}; machine: {m['device']} ({m['backend']}), {m['date']}. "
           "train s: wall time of the training steps (evaluation, checkpoints and "
-          "compilation excluded); compile s: tracing and compiling the step.\n\n")
+          "compilation excluded; a resumed run's counts every process's steps); compile s: "
+          "tracing and compiling the step.\n\n")
   (out / "results.md").write_text(head + markdown_table(runs, best))

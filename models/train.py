@@ -294,7 +294,9 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None, progress: b
     put = batch_placer(mesh)
     step = TrainStep(model, optimizer, *put(*sampler.lazy(start)), mesh=mesh)
 
-    # 3. The steps, timed by one clock that evaluation and checkpoints pause.
+    # 3. The steps, timed by one clock that evaluation and checkpoints pause. A checkpoint
+    # records the training time so far, so that a resumed run reports the whole run's.
+    before = history.get("timed", {"train_s": 0.0, "steps": 0})
     clock = Clock()
     timings = {"compile_s": step.compile_s, "eval_s": 0.0, "checkpoint_s": 0.0}
     done, diverged_at = start, None
@@ -328,6 +330,8 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None, progress: b
             history["val_loss"].append((done, evaluate(step, dataset.val, cfg, seq_len, put)))
           t1 = time.perf_counter()
           if checkpointing:
+            history["timed"] = {"train_s": before["train_s"] + clock.seconds,
+                                "steps": before["steps"] + done - start}
             checkpoints.save(done, step.state, {"run": record, "history": history})
           timings["eval_s"] += t1 - t0
           timings["checkpoint_s"] += time.perf_counter() - t1
@@ -348,7 +352,9 @@ def train(cfg: TrainConfig, dataset: data_lib.Dataset | None = None, progress: b
       "step_s": train_s / steps_run if steps_run else None,
       "median_step_s": float(np.median(losses.step_times)) if losses.step_times else
                        (train_s / steps_run if steps_run else None),
-      "tokens_per_s": cfg.batch_size * seq_len * steps_run / train_s if train_s else None})
+      "tokens_per_s": cfg.batch_size * seq_len * steps_run / train_s if train_s else None,
+      "total_train_s": before["train_s"] + train_s,
+      "total_steps_timed": before["steps"] + steps_run})
   val = history["val_loss"]
   result = {
       "config": dataclasses.asdict(cfg) | {"lr": cfg.peak_lr(),

@@ -78,6 +78,12 @@ def test_resume_is_bit_identical(full, interrupted, tmp_path, capsys):
   assert "resumed from step 3" in capsys.readouterr().err
   assert ckpt_lib.complete_steps(out) == [5, 6]
   assert resumed["resumed_from"] == 3
+  # This process timed steps 4-6; the checkpoint carried the first process's 3 steps.
+  t = resumed["timings"]
+  assert t["steps_timed"] == 3 and t["total_steps_timed"] == STEPS
+  assert t["total_train_s"] > t["train_s"] > 0
+  assert full_result["timings"]["total_steps_timed"] == STEPS
+  assert full_result["timings"]["total_train_s"] == full_result["timings"]["train_s"]
   assert [s for s, _ in resumed["train_loss"]] == list(range(STEPS))
   assert _losses(resumed) == _losses(full_result)  # exact float equality
   assert [tuple(v) for v in resumed["val_loss"]] == [tuple(v) for v in full_result["val_loss"]]
