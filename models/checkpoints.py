@@ -31,6 +31,7 @@ from typing import Callable
 import jax
 from flax import nnx
 
+from ortho_optax.matrix_view import path_str
 from ortho_optax.models import config as config_lib
 
 STATE, META = "state", "meta"
@@ -83,11 +84,9 @@ def read_meta(out_dir, step: int) -> dict:
 
 def _entry_paths(tree) -> set[str]:
   """The ``a/b/0`` paths of a nested dict / list tree's leaves."""
-  def key(k):
-    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
   leaves = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))[0]
-  return {"/".join(key(k) for k in path) for path, leaf in leaves if leaf is not None}
+  return {path_str(path) for path, leaf in leaves if leaf is not None}
 
 
 class Checkpoints:

@@ -128,12 +128,12 @@ def oadamw(
         dimension_numbers=_common.masked_dimension_numbers(dimension_numbers))
   else:
     ortho_tx = optax.identity()
-  labels = routing.checked_labels(label_fn, dimension_numbers)
   # Both branches share one core, after the routing: one set of moments for the whole
   # tree rather than two masked copies (each a full tree that nnx.jit walks every step).
   routed = _common.with_adamw_fallback(
-      ortho_tx, adam_tx=optax.identity(), label_fn=labels,
-      name="oadamw" if muon else None)
+      ortho_tx, adam_tx=optax.identity(), label_fn=label_fn,
+      dimension_numbers=dimension_numbers, name="oadamw" if muon else None)
+  labels = routing.checked_labels(label_fn, dimension_numbers)
   trainable = lambda params: jax.tree.map(lambda label: label != routing.FROZEN,
                                           labels(params))
   return optax.chain(routed, optax.masked(core, trainable))
