@@ -17,9 +17,11 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Tuple, Union
 
+import ml_dtypes
 import numpy as np
 
 from ortho_optax.validation import check_choice, check_int
@@ -51,7 +53,8 @@ _POLAR_EXPRESS: tuple[Triple, ...] = (
     (1.8750, -1.2500, 0.3750),
 )
 
-#: CANS (Chebyshev-accelerated NS) as tabulated by NVIDIA Emerging-Optimizers.
+#: CANS (Chebyshev-accelerated NS) as tabulated by NVIDIA Emerging-Optimizers. Its first
+#: triple leaves no margin above σ = 1, so it diverges in bfloat16 (see :func:`rounding_growth`).
 _CANS: tuple[Triple, ...] = (
     (8.4703, -25.1081, 18.6293),
     (4.1828, -3.1087, 0.5806),
@@ -117,6 +120,10 @@ DEFAULT_ORDERS: dict[str, str] = {
 }
 
 ORDERS = ("cycle", "repeat_last")
+
+#: How far a schedule may carry a singular value just above 1 before it counts as diverging
+#: (every preset but ``cans`` stays below 1.6, see :func:`rounding_growth`).
+UNSTABLE_GROWTH = 2.0
 
 Coefficients = Union[str, Sequence[Sequence[float]], Sequence[float]]
 
@@ -226,3 +233,32 @@ def resolve_coefficients(
   if order == "cycle":
     return tuple(table[i % len(table)] for i in range(steps))
   return tuple(table[min(i, len(table) - 1)] for i in range(steps))
+
+
+@functools.lru_cache(maxsize=256)
+def rounding_growth(triples: tuple[Triple, ...], dtype_name: str) -> float:
+  """The largest ``|p_k(…p_1(σ))|`` of a schedule over ``σ ∈ [0, 1 + u]``.
+
+  Normalisation puts the singular values in ``[0, 1]`` in exact arithmetic; rounding the
+  normalised matrix to the iterations' dtype moves the largest one up by as much as ``u``,
+  that dtype's unit roundoff (2⁻⁸ in bfloat16), for a matrix with one dominant singular
+  value. A schedule whose composition stays near 1 on that interval tolerates it; CANS's
+  first polynomial has ``p(1) ≈ 1.99`` and ``p'(1) ≈ 26``, so ``1 + 2⁻⁸`` leaves the
+  interval its later steps were fitted on and grows without bound.
+
+  Args:
+    triples: the schedule, as :func:`resolve_coefficients` returns it.
+    dtype_name: the iterations' dtype (a name ``ml_dtypes.finfo`` knows, e.g. ``"bfloat16"``).
+
+  Returns:
+    The largest absolute value of the composition on a 20,001-point grid (``inf`` where it
+    overflows float64).
+  """
+  u = float(ml_dtypes.finfo(dtype_name).eps) / 2
+  s = np.linspace(0.0, 1.0 + u, 20001)
+  with np.errstate(over="ignore", invalid="ignore"):
+    for a, b, c in triples:
+      s2 = s * s
+      s = s * (a + s2 * (b + c * s2))
+  top = float(np.max(np.abs(s)))
+  return top if math.isfinite(top) else math.inf

@@ -36,10 +36,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax import lax
 
@@ -47,7 +49,7 @@ from ortho_optax import validation
 from ortho_optax.newton_schulz import (PRECONDITIONINGS, _accum_dtype, _aol_prescale, _aol_scales,
                                        _gram, _orient_and_precondition, _round_to,
                                        _xla_newton_schulz)
-from ortho_optax.coefficients import resolve_coefficients
+from ortho_optax.coefficients import UNSTABLE_GROWTH, resolve_coefficients, rounding_growth
 
 BACKENDS = ("auto", "xla", "pallas")
 #: Preconditionings the kernels implement (the others run on XLA).
@@ -89,7 +91,28 @@ class NewtonSchulzSpec:
 
   def dtype_for(self, dtype) -> np.dtype:
     """The iterations' dtype for a stack of ``dtype``."""
-    return jnp.dtype(dtype if self.compute_dtype is None else self.compute_dtype)
+    if self.compute_dtype is not None:
+      return self.compute_dtype
+    warn_if_rounding_diverges(self.triples, dtype)
+    return jnp.dtype(dtype)
+
+
+def warn_if_rounding_diverges(triples, dtype) -> None:
+  """A ``UserWarning`` where rounding the normalised input to ``dtype`` makes the schedule
+  ``triples`` diverge (:func:`ortho_optax.coefficients.rounding_growth`)."""
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return
+  growth = rounding_growth(tuple(triples), dtype.name)
+  if growth > UNSTABLE_GROWTH:
+    u = float(ml_dtypes.finfo(dtype.name).eps) / 2
+    warnings.warn(
+        f"Newton–Schulz coefficients starting {tuple(triples[0])} ({len(triples)} steps) "
+        f"diverge in {dtype.name}: a normalised singular value of 1 + {u:.3g} (the rounding "
+        f"of {dtype.name}) ends at {growth:.3g} instead of about 1: rounding errors grow "
+        f"from step to step, and small, low-rank or flat-spectrum matrices get results far "
+        f"from orthogonal. Iterate in float32 (compute_dtype='float32') or use coefficients "
+        f"with a margin above 1, such as 'polar_express'.", UserWarning, stacklevel=4)
 
 
 def _concatenate(pieces):
@@ -347,10 +370,10 @@ class PallasGramNewtonSchulz(PallasNewtonSchulz):
 
 
 def _tma_concatenate(pieces):
-  """``jnp.concatenate(pieces)`` by TMA copies where they are worth their compilation
+  """``jnp.concatenate(pieces)`` by TMA copies where the copy kernel takes the pieces
   (:func:`ortho_optax.pallas.stack.prefers`; :func:`ortho_optax.pallas.stack.concatenate`
-  is 4.5x XLA's bf16 concatenate on an H200, 0.134 → 0.030 ms for 48×768² and 0.268 →
-  0.059 ms for 24×768×3072, but a kernel of many pieces is slow to compile)."""
+  copies 24 768×3072 bf16 pieces in 0.25 ms on an H200, where XLA's concatenate takes
+  0.47 ms)."""
   if len(pieces) == 1:
     return pieces[0]
   from ortho_optax.pallas import stack
@@ -438,6 +461,8 @@ def _newton_schulz_spec(steps, coefficients, order, preconditioning, eps, comput
   triples = tuple(tuple(float(v) for v in t)
                   for t in resolve_coefficients(coefficients, steps, order))
   eps = float(eps) if validation.is_python_number(eps) else eps
+  if cdt is not None:
+    warn_if_rounding_diverges(triples, cdt)
   return NewtonSchulzSpec(triples, preconditioning, eps, cdt)
 
 

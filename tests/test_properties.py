@@ -330,8 +330,38 @@ def test_cans_in_bfloat16_diverges_on_flat_spectra():
   assert abs(s_exact.max() - 1) < 0.05
   s32 = _svals(_ns("cans", "frobenius", jnp.float32, 1e-7)(jnp.asarray(q, jnp.float32)))
   np.testing.assert_allclose(s32, s_exact, atol=1e-3)
-  s16 = _svals(_ns("cans", "frobenius", jnp.bfloat16, 1e-7)(jnp.asarray(q, jnp.float32)))
+  with pytest.warns(UserWarning, match="diverge in bfloat16"):
+    s16 = _svals(_ns("cans", "frobenius", jnp.bfloat16, 1e-7)(jnp.asarray(q, jnp.float32)))
   assert np.all(np.isfinite(s16)) and s16.max() > 100, s16
+
+
+def test_a_table_that_diverges_in_its_compute_dtype_warns_when_built():
+  """``cans`` has no margin above σ = 1 (p₁(1) ≈ 1.99, p₁'(1) ≈ 26): building it for bf16
+  or fp16 iterations warns, naming the remedy, from the optimizer's constructor or, with
+  ``compute_dtype=None``, when a bf16 stack is traced. Every other preset, and ``cans`` in
+  float32, builds silently."""
+  import warnings
+
+  import ortho_optax as oo
+  from ortho_optax import orthogonalizers
+  from ortho_optax.coefficients import UNSTABLE_GROWTH, rounding_growth
+
+  with pytest.warns(UserWarning, match=r"diverge in bfloat16.*compute_dtype='float32'"):
+    oo.muon(learning_rate=0.02, coefficients="cans")
+  with pytest.warns(UserWarning, match="diverge in float16"):
+    orthogonalizers.newton_schulz_orthogonalizer(coefficients="cans", compute_dtype="float16")
+  with pytest.warns(UserWarning, match="diverge in bfloat16"):
+    newton_schulz(jnp.ones((4, 4), jnp.bfloat16), coefficients="cans", compute_dtype=None,
+                  backend="xla")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    oo.muon(learning_rate=0.02, coefficients="cans", compute_dtype=jnp.float32)
+    newton_schulz(jnp.ones((4, 4)), coefficients="cans", compute_dtype=None, backend="xla")
+    for preset, steps in PRESET_STEPS.items():
+      if preset != "cans":
+        orthogonalizers.newton_schulz_orthogonalizer(coefficients=preset, steps=steps)
+        assert rounding_growth(resolve_coefficients(preset, steps), "bfloat16") < 1.6
+  assert rounding_growth(resolve_coefficients("cans", 5), "bfloat16") > UNSTABLE_GROWTH
 
 
 def test_cubic5_collapses_singular_values_near_0_58():
@@ -469,8 +499,15 @@ def test_leverage_uniform_polar_balances_rows(case):
   if m != n:
     row_sq = np.sum(tall ** 2, axis=-1)
     target = min(m, n) / max(m, n)
-    # Two damped passes bring the leverage scores most of the way to uniform.
-    assert np.abs(row_sq - target).max() < 0.35 * target + 0.05, row_sq
+    # Two damped passes move the leverage scores toward uniform, from those of the plain
+    # polar factor: the largest deviation from min/max ends below 90% of the polar's
+    # (at most 85% in 1,500 float32 draws of these shapes; 53% for a (2, 5, 12) draw
+    # whose polar deviates by 0.45, where no fixed bound near the target holds).
+    x_tall = _np(x) if m >= n else np.swapaxes(_np(x), -1, -2)
+    u, _, vt = np.linalg.svd(x_tall, full_matrices=False)
+    polar_dev = np.abs(np.sum((u @ vt) ** 2, axis=-1) - target).max()
+    tol = 0.01 if dtype == jnp.float32 else 0.05
+    assert np.abs(row_sq - target).max() <= 0.9 * polar_dev + tol, (row_sq, polar_dev)
 
 
 # ---------------------------------------------------------------------------------------
