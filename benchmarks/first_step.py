@@ -10,7 +10,8 @@ cache, so the numbers are what a first run pays::
   python benchmarks/first_step.py --cases trainer:muon --xla-stacks   # stacks by XLA's concatenate
 
 ``--xla-stacks`` builds every kernel stack with XLA's concatenate (no TMA copy kernel), to
-measure what the copy kernel costs to compile. Writes ``<out>/first_step.json`` (one row
+measure what the copy kernel costs to compile; ``--chunk-pieces N`` sets how many pieces
+one copy launch takes. Writes ``<out>/first_step.json`` (one row
 per case, rewritten after each) and prints one JSON line per case.
 """
 
@@ -115,18 +116,25 @@ def main(argv=None) -> int:
   p.add_argument("--preset", default="small", help="small (GPT-2 small) or tiny (CPU check)")
   p.add_argument("--xla-stacks", action="store_true",
                  help="build every kernel stack with XLA's concatenate (no TMA copy kernel)")
+  p.add_argument("--chunk-pieces", type=int, default=None,
+                 help="pieces per TMA copy launch (default: "
+                      "ortho_optax.pallas.stack.CHUNK_PIECES)")
   p.add_argument("--out", default=".", help="folder of first_step.json")
   args = p.parse_args(argv)
   batch = (32, 1024) if args.preset == "small" else (2, 16)
   if args.xla_stacks:
     from ortho_optax.pallas import stack  # pylint: disable=import-outside-toplevel
     stack.prefers = lambda *a, **k: False
+  from ortho_optax.pallas import stack  # pylint: disable=import-outside-toplevel
+  if args.chunk_pieces is not None:
+    stack.CHUNK_PIECES = args.chunk_pieces
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   rows = []
   for case in args.cases:
     try:
-      row = {"case": case, "xla_stacks": args.xla_stacks, **run_case(case, args.preset, batch)}
+      row = {"case": case, "xla_stacks": args.xla_stacks, "chunk_pieces": stack.CHUNK_PIECES,
+             **run_case(case, args.preset, batch)}
     except Exception as e:  # pylint: disable=broad-except
       row = {"case": case, "error": f"{type(e).__name__}: {str(e)[:400]}"}
     rows.append(row)

@@ -255,10 +255,9 @@ def test_stack_supports_and_rejects_with_clear_errors():
     stack.concatenate([jnp.zeros((1, 40, 40), jnp.bfloat16)] * 2)
 
 
-@pytest.mark.parametrize("count,by_tma", [(2, True), (24, True), (25, False), (48, False)])
-def test_kernel_stacks_use_tma_copies_only_for_few_pieces(monkeypatch, count, by_tma):
-  # The copy kernel's compile time grows faster than its piece count: many pieces are
-  # stacked by XLA's concatenate instead (same values).
+@pytest.mark.parametrize("count", [2, 24, 48])
+def test_kernel_stacks_use_tma_copies_for_any_piece_count(monkeypatch, count):
+  # Long stacks are copied in chunks by one kernel, so their count does not matter.
   from ortho_optax.orthogonalizers import NewtonSchulzSpec, PallasNewtonSchulz
   from ortho_optax.pallas import stack
   monkeypatch.setattr(opl, "is_available", lambda: True)
@@ -270,9 +269,40 @@ def test_kernel_stacks_use_tma_copies_only_for_few_pieces(monkeypatch, count, by
   pieces = [jnp.full((1, 128, 128), i, jnp.float32) for i in range(count)]
   out = orth.stack(pieces)
   assert out.on_kernels and out.matrices.dtype == jnp.bfloat16
-  assert calls == ([count] if by_tma else [])
+  assert calls == [count]
   np.testing.assert_array_equal(np.asarray(out.matrices[:, 0, 0], np.float32), np.arange(count))
-  assert stack.prefers(pieces) == by_tma
+  assert stack.prefers(pieces)
+
+
+@needs_interpreter
+def test_stack_concatenate_launches_one_kernel_per_distinct_chunk(monkeypatch):
+  # 7 equal pieces in chunks of 3: launches of 3, 3 and 1 pieces, two compiled kernels
+  # (the two full chunks share one: the row they start at is an operand, not a constant),
+  # every element where jnp.concatenate puts it.
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from ortho_optax.pallas import stack
+  monkeypatch.setattr(stack, "CHUNK_PIECES", 3)
+  stack._build.cache_clear()
+  keys = jax.random.split(jax.random.key(5), 7)
+  pieces = [jax.random.normal(k, (2, 32, 256), jnp.float32).astype(jnp.bfloat16)
+            for k in keys]
+  cfg = stack.StackConfig(block_rows=32)
+  with plgpu.force_gpu_interpret_mode():
+    jaxpr = jax.make_jaxpr(lambda ps: stack.concatenate(ps, config=cfg))(pieces)
+    out = jax.jit(lambda ps: stack.concatenate(ps, config=cfg))(pieces)
+  def launches(jaxpr):  # kernel launches (plgpu.kernel wraps each in a custom_vmap_call)
+    names = []
+    for e in jaxpr.eqns:
+      if e.primitive.name in ("custom_vmap_call", "mpmd_map", "core_map", "pallas_call"):
+        names.append(e.primitive.name)
+      elif "jaxpr" in e.params:
+        inner = e.params["jaxpr"]
+        names += launches(getattr(inner, "jaxpr", inner))
+    return names
+
+  assert len(launches(jaxpr.jaxpr)) == 3, jaxpr
+  assert stack._build.cache_info().currsize == 2
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.concatenate(pieces)))
 
 
 @needs_interpreter
