@@ -122,11 +122,12 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=".", help="folder of first_step.json")
   args = p.parse_args(argv)
   batch = (32, 1024) if args.preset == "small" else (2, 16)
-  if args.xla_stacks:
-    from ortho_optax.pallas import stack  # pylint: disable=import-outside-toplevel
-    stack.prefers = lambda *a, **k: False
   from ortho_optax.pallas import stack  # pylint: disable=import-outside-toplevel
+  if args.xla_stacks:
+    stack.prefers = lambda *a, **k: False
   if args.chunk_pieces is not None:
+    if args.chunk_pieces < 1:
+      p.error(f"--chunk-pieces must be >= 1, got {args.chunk_pieces}")
     stack.CHUNK_PIECES = args.chunk_pieces
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

@@ -46,10 +46,12 @@ import numpy as np
 from jax import lax
 
 from ortho_optax import validation
-from ortho_optax.newton_schulz import (PRECONDITIONINGS, _accum_dtype, _aol_prescale, _aol_scales,
-                                       _gram, _orient_and_precondition, _round_to,
+from ortho_optax.newton_schulz import (PRECONDITIONINGS, SPECTRAL_TOLERANCE, _accum_dtype,
+                                       _aol_prescale, _aol_scales, _gram,
+                                       _orient_and_precondition, _round_to,
                                        _xla_newton_schulz)
-from ortho_optax.coefficients import UNSTABLE_GROWTH, resolve_coefficients, rounding_growth
+from ortho_optax.coefficients import (UNSTABLE_GROWTH, resolve_coefficients, rounding_growth,
+                                      schedule_max)
 
 BACKENDS = ("auto", "xla", "pallas")
 #: Preconditionings the kernels implement (the others run on XLA).
@@ -92,27 +94,28 @@ class NewtonSchulzSpec:
   def dtype_for(self, dtype) -> np.dtype:
     """The iterations' dtype for a stack of ``dtype``."""
     if self.compute_dtype is not None:
-      return self.compute_dtype
+      return jnp.dtype(self.compute_dtype)
     warn_if_rounding_diverges(self.triples, dtype)
     return jnp.dtype(dtype)
 
 
-def warn_if_rounding_diverges(triples, dtype) -> None:
-  """A ``UserWarning`` where rounding the normalised input to ``dtype`` makes the schedule
-  ``triples`` diverge (:func:`ortho_optax.coefficients.rounding_growth`)."""
+def warn_if_rounding_diverges(triples, dtype, remedy: str | None = None) -> None:
+  """A ``UserWarning`` where rounding to ``dtype`` makes the schedule ``triples`` diverge
+  (:func:`ortho_optax.coefficients.rounding_growth` above
+  :data:`ortho_optax.coefficients.UNSTABLE_GROWTH`); ``remedy`` ends the message."""
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     return
-  growth = rounding_growth(tuple(triples), dtype.name)
+  growth = rounding_growth(triples, dtype.name)
   if growth > UNSTABLE_GROWTH:
-    u = float(ml_dtypes.finfo(dtype.name).eps) / 2
+    steps = f"{len(triples)} step{'s' if len(triples) != 1 else ''}"
+    remedy = remedy or ("Iterate in float32 (compute_dtype='float32') or use coefficients "
+                        "with a margin above 1, such as 'polar_express'.")
     warnings.warn(
-        f"Newton–Schulz coefficients starting {tuple(triples[0])} ({len(triples)} steps) "
-        f"diverge in {dtype.name}: a normalised singular value of 1 + {u:.3g} (the rounding "
-        f"of {dtype.name}) ends at {growth:.3g} instead of about 1: rounding errors grow "
-        f"from step to step, and small, low-rank or flat-spectrum matrices get results far "
-        f"from orthogonal. Iterate in float32 (compute_dtype='float32') or use coefficients "
-        f"with a margin above 1, such as 'polar_express'.", UserWarning, stacklevel=4)
+        f"Newton–Schulz coefficients starting {tuple(triples[0])} ({steps}) diverge in "
+        f"{dtype.name}: its rounding can raise the singular values they reach by a factor "
+        f"of {growth:.3g} over exact arithmetic, so small, low-rank or flat-spectrum "
+        f"matrices get results far from orthogonal. {remedy}", UserWarning, stacklevel=4)
 
 
 def _concatenate(pieces):
@@ -221,7 +224,8 @@ class PallasNewtonSchulz(XlaNewtonSchulz):
 
   Raises:
     RuntimeError: ``forced`` off a Hopper GPU.
-    ValueError: ``forced`` with a preconditioning the kernels lack.
+    ValueError: ``forced`` with a preconditioning the kernels lack or a ``compute_dtype``
+      other than bfloat16 (the kernels iterate in bf16).
   """
   backend = "pallas"
 
@@ -231,6 +235,16 @@ class PallasNewtonSchulz(XlaNewtonSchulz):
     self.forced = forced
     self.fallback = XlaNewtonSchulz(spec) if fallback is None else fallback
     if forced:
+      if spec.compute_dtype is not None and spec.dtype_for(None) != jnp.bfloat16:
+        raise ValueError(
+            f"backend='pallas' iterates in bfloat16, got compute_dtype="
+            f"{spec.dtype_for(None).name!r}; use backend='xla' or 'auto' to iterate in it.")
+      if spec.compute_dtype is None:  # every stack the kernels take iterates in bf16
+        warn_if_rounding_diverges(
+            spec.triples, jnp.bfloat16,
+            remedy="backend='pallas' iterates in bfloat16: use backend='xla' with "
+                   "compute_dtype='float32', or coefficients with a margin above 1, such "
+                   "as 'polar_express'.")
       from ortho_optax import pallas  # local: keeps the XLA path free of the GPU module
       if not pallas.is_available():
         raise RuntimeError(
@@ -461,9 +475,24 @@ def _newton_schulz_spec(steps, coefficients, order, preconditioning, eps, comput
   triples = tuple(tuple(float(v) for v in t)
                   for t in resolve_coefficients(coefficients, steps, order))
   eps = float(eps) if validation.is_python_number(eps) else eps
+  if preconditioning == "spectral":
+    _check_spectral_tolerance(triples, coefficients)
   if cdt is not None:
     warn_if_rounding_diverges(triples, cdt)
   return NewtonSchulzSpec(triples, preconditioning, eps, cdt)
+
+
+def _check_spectral_tolerance(triples, coefficients) -> None:
+  """Spectral preconditioning can leave σ_max a little above 1 (its estimate is a lower
+  bound); a schedule that diverges there would return NaN for ordinary matrices."""
+  top = schedule_max(triples, SPECTRAL_TOLERANCE)
+  if top > 2.0:
+    raise ValueError(
+        f"preconditioning='spectral' scales by a power-iteration estimate of σ_max that can "
+        f"fall short, leaving singular values up to {SPECTRAL_TOLERANCE} to the steps, but "
+        f"coefficients={coefficients!r} carry them to {top:.3g} there (they are fitted on "
+        f"[0, 1]). Use preconditioning='frobenius' or 'schatten' (upper bounds of σ_max) "
+        f"with them, or coefficients such as 'muon' or 'quintic'.")
 
 
 def gram_newton_schulz_orthogonalizer(

@@ -457,12 +457,12 @@ def routing_report(params, label_fn=None, dimension_numbers=None) -> str:
     AdamW); optax.contrib.muon (every 2-D leaf, or leaves given dimension numbers).
   """
   labels = resolve_labels(params, label_fn, dimension_numbers)
-  flat_params = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]
-  flat_labels = jax.tree_util.tree_leaves(labels, is_leaf=lambda x: x is None or _is_variable(x))
-  flat_labels = [_leaf_array(lbl) for lbl in flat_labels]
-  if len(flat_labels) != len(flat_params):
-    raise ValueError(
-        f"label_fn returned {len(flat_labels)} labels for {len(flat_params)} parameters.")
+  flat_params, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
+  # Up to the parameters' structure: a None parameter (no leaf) has a None label.
+  try:
+    flat_labels = [_leaf_array(lbl) for lbl in treedef.flatten_up_to(labels)]
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"label_fn's labels do not have the parameters' structure: {e}") from None
   dims_by_path = _dims_by_path(params, dimension_numbers)
 
   rows = [("path", "shape", "dtype", "label", "reason", "matrix view (batch, out, in)")]

@@ -78,6 +78,8 @@ def concatenate(pieces: Sequence[jax.Array], config: StackConfig = StackConfig()
   Returns:
     The concatenation along axis 0.
 
+  Under ``jax.vmap`` the pieces are stacked by XLA's concatenate.
+
   Raises:
     ValueError: for pieces :func:`supports` rejects, naming the shapes and dtypes.
   """
@@ -88,13 +90,26 @@ def concatenate(pieces: Sequence[jax.Array], config: StackConfig = StackConfig()
         f"number of {config.block_rows}×{LANES} elements; got "
         f"{[(tuple(p.shape), str(p.dtype)) for p in pieces]}.")
   out_shape = (sum(p.shape[0] for p in pieces),) + pieces[0].shape[1:]
-  flat = tuple(p.reshape(p.size // LANES, LANES) for p in pieces)
-  return _copy_in_chunks(flat, config, CHUNK_PIECES).reshape(out_shape)
+  flat = [p.reshape(p.size // LANES, LANES) for p in pieces]
+
+  @jax.custom_batching.custom_vmap
+  def copy(*flat):
+    return _copy_in_chunks(flat, config, CHUNK_PIECES)
+
+  @copy.def_vmap
+  def _copy_batched(axis_size, in_batched, *flat):
+    # The launches share one mutable buffer, which has no batch axis: under vmap every
+    # member would write the same rows. XLA's concatenate keeps the members apart.
+    flat = [f if b else jnp.broadcast_to(f, (axis_size,) + f.shape)
+            for f, b in zip(flat, in_batched)]
+    return jnp.concatenate(flat, axis=1), True
+
+  return copy(*flat).reshape(out_shape)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _copy_in_chunks(flat, config: StackConfig, chunk_pieces: int):
-  """The ``(rows, LANES)`` pieces ``flat`` stacked, ``chunk_pieces`` per launch."""
+  """The ``(rows, LANES)`` pieces ``flat`` stacked, ``chunk_pieces`` (>= 1) per launch."""
   dtype = jnp.dtype(flat[0].dtype)
   # Every launch writes its rows of this one buffer (a mutable array: no copy between).
   out = jax.empty_ref(jax.ShapeDtypeStruct((sum(f.shape[0] for f in flat), LANES), dtype))

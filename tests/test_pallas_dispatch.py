@@ -275,10 +275,30 @@ def test_kernel_stacks_use_tma_copies_for_any_piece_count(monkeypatch, count):
 
 
 @needs_interpreter
+def test_stack_concatenate_under_vmap_keeps_the_members_apart(monkeypatch):
+  # The launches share one buffer without a batch axis; under vmap the stack is XLA's
+  # concatenate, batched and unbatched pieces mixed.
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from ortho_optax.pallas import stack
+  monkeypatch.setattr(stack, "CHUNK_PIECES", 2)
+  cfg = stack.StackConfig(block_rows=32)
+  keys = jax.random.split(jax.random.key(7), 3)
+  a, b, c = [jax.random.normal(k, (2, n, 32, 256)).astype(jnp.bfloat16)
+             for k, n in zip(keys, (1, 2, 1))]
+  cat = lambda *ps: stack.concatenate(ps, config=cfg)
+  with plgpu.force_gpu_interpret_mode():
+    out = jax.jit(jax.vmap(cat))(a, b, c)
+    mixed = jax.vmap(cat, in_axes=(0, None, 0))(a, b[0], c)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.concatenate([a, b, c], 1)))
+  np.testing.assert_array_equal(
+      np.asarray(mixed), np.asarray(jnp.concatenate([a, jnp.stack([b[0]] * 2), c], 1)))
+
+
+@needs_interpreter
 def test_stack_concatenate_launches_one_kernel_per_distinct_chunk(monkeypatch):
-  # 7 equal pieces in chunks of 3: launches of 3, 3 and 1 pieces, two compiled kernels
-  # (the two full chunks share one: the row they start at is an operand, not a constant),
-  # every element where jnp.concatenate puts it.
+  # 7 equal pieces in chunks of 3: launches of 3, 3 and 1 pieces of two kernels (the two
+  # full chunks share one: the row they start at is an operand, not a constant, so XLA
+  # sees the same kernel twice), every element where jnp.concatenate puts it.
   import jax.experimental.pallas.mosaic_gpu as plgpu
   from ortho_optax.pallas import stack
   monkeypatch.setattr(stack, "CHUNK_PIECES", 3)
@@ -290,14 +310,16 @@ def test_stack_concatenate_launches_one_kernel_per_distinct_chunk(monkeypatch):
   with plgpu.force_gpu_interpret_mode():
     jaxpr = jax.make_jaxpr(lambda ps: stack.concatenate(ps, config=cfg))(pieces)
     out = jax.jit(lambda ps: stack.concatenate(ps, config=cfg))(pieces)
-  def launches(jaxpr):  # kernel launches (plgpu.kernel wraps each in a custom_vmap_call)
+  def launches(jaxpr):  # kernel launches, through every sub-jaxpr (jit, custom_vmap)
     names = []
     for e in jaxpr.eqns:
-      if e.primitive.name in ("custom_vmap_call", "mpmd_map", "core_map", "pallas_call"):
+      if e.primitive.name in ("mpmd_map", "core_map", "pallas_call"):
         names.append(e.primitive.name)
-      elif "jaxpr" in e.params:
-        inner = e.params["jaxpr"]
-        names += launches(getattr(inner, "jaxpr", inner))
+        continue
+      for v in e.params.values():
+        inner = getattr(v, "jaxpr", v)  # a ClosedJaxpr or a Jaxpr
+        if hasattr(inner, "eqns"):
+          names += launches(inner)
     return names
 
   assert len(launches(jaxpr.jaxpr)) == 3, jaxpr
@@ -307,11 +329,14 @@ def test_stack_concatenate_launches_one_kernel_per_distinct_chunk(monkeypatch):
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_stack_concatenate_in_cpu_interpreter(dtype):
-  # Bit-exact concatenation of pieces of different batch sizes; blocks of 32 rows so the
-  # 64-row pieces take two CTAs each.
+@pytest.mark.parametrize("chunk_pieces", [1, 2, 3, 12])
+def test_stack_concatenate_in_cpu_interpreter(monkeypatch, dtype, chunk_pieces):
+  # Bit-exact concatenation of pieces of different batch sizes, in launches of 1 to 4
+  # pieces (each chunk starts at its own row); blocks of 32 rows so the 64-row pieces take
+  # two CTAs each.
   import jax.experimental.pallas.mosaic_gpu as plgpu
   from ortho_optax.pallas import stack
+  monkeypatch.setattr(stack, "CHUNK_PIECES", chunk_pieces)
   keys = jax.random.split(jax.random.key(3), 4)
   pieces = [jax.random.normal(k, (b, 64, 256), jnp.float32).astype(dtype)
             for k, b in zip(keys, (1, 3, 1, 2))]

@@ -203,6 +203,22 @@ def test_stack_concatenate_is_exact(dtype, block_rows):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.concatenate(pieces)))
 
 
+def test_stack_concatenate_chunks_and_vmap_are_exact():
+  # 26 pieces: launches of 12, 12 and 2 into one buffer; under vmap (an ensemble's
+  # update) every member gets its own stack.
+  from ortho_optax.pallas import stack
+  _gpu.poison_allocator()
+  keys = jax.random.split(_gpu.random_key(), 26)
+  pieces = [jax.random.normal(k, (2, 1 + i % 3, 768, 768), jnp.float32).astype(jnp.bfloat16)
+            for i, k in enumerate(keys)]
+  plain = jax.jit(lambda ps: stack.concatenate(ps))([p[0] for p in pieces])
+  np.testing.assert_array_equal(np.asarray(plain),
+                                np.asarray(jnp.concatenate([p[0] for p in pieces])))
+  batched = jax.jit(jax.vmap(stack.concatenate))(pieces)
+  np.testing.assert_array_equal(np.asarray(batched),
+                                np.asarray(jnp.concatenate(pieces, axis=1)))
+
+
 @pytest.mark.parametrize("aol", [True, False])
 def test_newton_schulz_many_gpt2_set_vs_f32_reference(aol):
   # The GPT-2-small set grouped (one launch per GEMM for both stacks, LPT schedule) plus

@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+import ortho_optax as oo
 from ortho_optax import routing, validation
 from ortho_optax.matrix_view import TORCH_LAYOUT, MatrixDims
 from ortho_optax.optimizers import _common
@@ -288,3 +289,19 @@ def test_a_bad_label_pytree_fails_at_construction(label_fn, where):
   with pytest.raises(ValueError, match=r"label_fn must be None, a callable params -> labels, "
                                        rf"or a pytree of labels in .*at '{where}'"):
     oo.muon(label_fn=label_fn)
+
+
+def test_routing_report_takes_none_leaves_and_names_a_label_tree_mismatch():
+  # None parameters have no leaf (and a None label); a label tree of another structure
+  # is a ValueError that says so, not a count mismatch.
+  report = oo.routing_report({"w": jnp.ones((8, 16)), "b": None})
+  assert "w" in report and "ortho: 1 leaves" in report
+  with pytest.raises(ValueError, match="labels do not have the parameters' structure"):
+    oo.routing_report({"w": jnp.ones((8, 16)), "b": jnp.ones(3)},
+                      label_fn=lambda p: {"w": "adam"})
+
+
+@pytest.mark.parametrize("make", [oo.auon, oo.hybrid_auon, oo.aurora, oo.riemannian_aurora])
+def test_adam_tx_that_is_not_a_transformation_fails_at_construction(make):
+  with pytest.raises(ValueError, match="adam_tx must be an optax.GradientTransformation.*'foo'"):
+    make(adam_tx="foo")

@@ -138,6 +138,11 @@ def with_adamw_fallback(
     non-matrix parameters); Liu et al., "Muon is Scalable for LLM Training",
     arXiv 2502.16982, 2025.
   """
+  if adam_tx is not None and not (callable(getattr(adam_tx, "init", None))
+                                  and callable(getattr(adam_tx, "update", None))):
+    raise ValueError(
+        f"adam_tx must be an optax.GradientTransformation (with init and update) or None, "
+        f"got {adam_tx!r}.")
   if adam_tx is None:
     check_adam(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay,
                adam_nesterov)
