@@ -386,8 +386,8 @@ class PallasGramNewtonSchulz(PallasNewtonSchulz):
 def _tma_concatenate(pieces):
   """``jnp.concatenate(pieces)`` by TMA copies where the copy kernel takes the pieces
   (:func:`ortho_optax.pallas.stack.prefers`; :func:`ortho_optax.pallas.stack.concatenate`
-  copies 24 768×3072 bf16 pieces in 0.25 ms on an H200, where XLA's concatenate takes
-  0.47 ms)."""
+  copies 24 768×3072 bf16 pieces in 0.23 ms on an H200, where XLA's concatenate takes
+  0.44 ms)."""
   if len(pieces) == 1:
     return pieces[0]
   from ortho_optax.pallas import stack

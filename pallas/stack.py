@@ -32,7 +32,7 @@ LANES = 256
 #: chunks share one compiled kernel. The kernel has a branch and a TMA descriptor per
 #: piece, and its compile time grows faster than the count: on an H200 (JAX 0.11.2) one
 #: kernel of 12 pieces compiled in 0.8–1.0 s and one of 24 in 3.1–4.5 s; two launches of
-#: the 12-piece kernel for 24 pieces compile in 0.96 s.
+#: the 12-piece kernel for 24 pieces compile in 1.0–1.1 s.
 CHUNK_PIECES = 12
 
 
@@ -60,8 +60,8 @@ def supports(pieces: Sequence[jax.Array], config: StackConfig = StackConfig()) -
 
 def prefers(pieces: Sequence[jax.Array], config: StackConfig = StackConfig()) -> bool:
   """Whether to stack ``pieces`` by :func:`concatenate` rather than XLA's concatenate:
-  whenever :func:`supports` takes them (on an H200 the copies take 0.25 ms for 24
-  768×3072 bf16 pieces where XLA's concatenate takes 0.47 ms, and 0.23 vs 0.42 ms for
+  whenever :func:`supports` takes them (on an H200 the copies take 0.23 ms for 24
+  768×3072 bf16 pieces where XLA's concatenate takes 0.44 ms, and 0.24 vs 0.37 ms for
   48 768² ones; ``benchmarks/compile_profile.py``)."""
   return supports(pieces, config)
 
