@@ -41,7 +41,6 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax import lax
 
@@ -235,10 +234,11 @@ class PallasNewtonSchulz(XlaNewtonSchulz):
     self.forced = forced
     self.fallback = XlaNewtonSchulz(spec) if fallback is None else fallback
     if forced:
-      if spec.compute_dtype is not None and spec.dtype_for(None) != jnp.bfloat16:
+      if spec.compute_dtype is not None and jnp.dtype(spec.compute_dtype) != jnp.bfloat16:
         raise ValueError(
             f"backend='pallas' iterates in bfloat16, got compute_dtype="
-            f"{spec.dtype_for(None).name!r}; use backend='xla' or 'auto' to iterate in it.")
+            f"{jnp.dtype(spec.compute_dtype).name!r}; use backend='xla' or 'auto' to iterate "
+            f"in it.")
       if spec.compute_dtype is None:  # every stack the kernels take iterates in bf16
         warn_if_rounding_diverges(
             spec.triples, jnp.bfloat16,

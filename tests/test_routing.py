@@ -285,7 +285,6 @@ def test_dims_from_model_views_conv_kernels_by_type():
 @pytest.mark.parametrize("label_fn, where", [("adam_all", "<root>"), (3, "<root>"),
                                              ({"w": "ortho", "b": "adm"}, "b")])
 def test_a_bad_label_pytree_fails_at_construction(label_fn, where):
-  import ortho_optax as oo
   with pytest.raises(ValueError, match=r"label_fn must be None, a callable params -> labels, "
                                        rf"or a pytree of labels in .*at '{where}'"):
     oo.muon(label_fn=label_fn)
